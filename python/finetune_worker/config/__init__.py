@@ -1,0 +1,163 @@
+"""Job configs: parse, infer the kind, validate everything at once.
+
+``parse_job_config(raw)`` accepts a JSON text (str/bytes), a dict, or ``("file", path)``
+and returns ``(kind, model)`` with ``model`` a validated pydantic model, or raises
+:class:`~finetune_worker.errors.ConfigError` listing every problem with its JSON path.
+Models may define ``environment_issues(self) -> list[ConfigIssue]`` for checks that look at
+the file system (paths exist, output directory state); those run after the schema checks
+and are reported together with them, before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from finetune_worker.errors import ConfigError, ConfigIssue
+
+#: kind -> "module:Class" of its pydantic model (imported lazily: pydantic models are cheap,
+#: but each kind's module is owned by its feature).
+KIND_MODELS: dict[str, str] = {
+    "train": "finetune_worker.config.train:TrainConfig",
+    "merge_lora": "finetune_worker.config.merge:MergeLoraConfig",
+    "merge": "finetune_worker.config.merge:MergeKitConfig",
+    "evaluate": "finetune_worker.config.evaluate:EvaluateConfig",
+    "generate": "finetune_worker.config.evaluate:GenerateConfig",
+}
+
+TEST_KINDS: dict[str, str] = {"test_steps": "finetune_worker.testjobs:TestStepsConfig"}
+
+
+def test_jobs_enabled() -> bool:
+    """Test-only job kinds exist only when the worker was started with FINETUNE_WORKER_TEST_JOBS=1."""
+    return os.environ.get("FINETUNE_WORKER_TEST_JOBS") == "1"
+
+
+def known_kinds() -> dict[str, str]:
+    kinds = dict(KIND_MODELS)
+    if test_jobs_enabled():
+        kinds.update(TEST_KINDS)
+    return kinds
+
+
+def model_class(kind: str) -> type[BaseModel]:
+    module_name, cls_name = known_kinds()[kind].split(":")
+    cls: type[BaseModel] = getattr(importlib.import_module(module_name), cls_name)
+    return cls
+
+
+def load_raw(raw: Any) -> dict[str, Any]:
+    """Turn any accepted config form into a dict, or raise ConfigError naming what is wrong."""
+    source = "<config>"
+    if isinstance(raw, tuple) and len(raw) == 2 and str(raw[0]) == "file":
+        path = raw[1].decode() if isinstance(raw[1], (bytes, bytearray)) else str(raw[1])
+        source = path
+        try:
+            raw = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([ConfigIssue("", f"cannot read config file {path}: {exc.strerror or exc}")]) from None
+    elif isinstance(raw, (str, os.PathLike)) and not str(raw).lstrip().startswith("{") and Path(str(raw)).is_file():
+        source = str(raw)
+        raw = Path(str(raw)).read_text(encoding="utf-8")
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError([ConfigIssue("", f"config is not UTF-8 text (byte {exc.start})")]) from None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                [ConfigIssue("", f"invalid JSON in {source} at line {exc.lineno}, column {exc.colno}: {exc.msg}")]
+            ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigIssue("", f"a job config must be a JSON object, got {type(raw).__name__}")])
+    return {str(k): v for k, v in raw.items()}
+
+
+def infer_kind(data: dict[str, Any]) -> str:
+    """The job kind: ``"job"`` if given, else from the keys (so the seed formats need no ``job``)."""
+    if "job" in data:
+        kind = data["job"]
+        if not isinstance(kind, str) or kind not in known_kinds():
+            raise ConfigError(
+                [ConfigIssue("job", f"unknown job kind; expected one of {sorted(KIND_MODELS)}", kind)]
+            )
+        return kind
+    keys = set(data)
+    if "yaml_config_path" in keys:
+        return "merge"
+    if "adapter_path" in keys and "base_model_path" in keys:
+        return "merge_lora"
+    if keys & {"model_name", "training_parameters"}:
+        return "train"
+    if "prompts" in keys:
+        return "generate"
+    if "model_path" in keys and "dataset" in keys:
+        return "evaluate"
+    raise ConfigError(
+        [
+            ConfigIssue(
+                "job",
+                "cannot tell the job kind: set \"job\" to one of "
+                f"{sorted(KIND_MODELS)} (or use a seed format: model_name/training_parameters for "
+                "training, base_model_path/adapter_path for a LoRA merge, yaml_config_path for MergeKit)",
+            )
+        ]
+    )
+
+
+def issues_from_validation(exc: ValidationError) -> list[ConfigIssue]:
+    out: list[ConfigIssue] = []
+    for err in exc.errors():
+        path = json_path(err.get("loc", ()))
+        message = err.get("msg", "invalid value")
+        if err.get("type") == "extra_forbidden":
+            message = "unknown key (not part of this job's config; see `finetune-worker schema`)"
+        value = err.get("input") if err.get("type") != "missing" else None
+        if isinstance(value, dict):
+            value = None  # don't echo whole sub-documents back
+        out.append(ConfigIssue(path, message, value))
+    return out
+
+
+def json_path(loc: Any) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def parse_job_config(raw: Any) -> tuple[str, BaseModel]:
+    """Parse and fully validate a job config; raise ConfigError with every problem at once."""
+    data = load_raw(raw)
+    kind = infer_kind(data)
+    cls = model_class(kind)
+    try:
+        model = cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(issues_from_validation(exc)) from None
+    check = getattr(model, "environment_issues", None)
+    if check is not None:
+        issues = list(check())
+        if issues:
+            raise ConfigError(issues)
+    return kind, model
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of every production job kind (``finetune-worker schema``)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "finetune-worker job config",
+        "oneOf": [model_class(kind).model_json_schema() for kind in KIND_MODELS],
+    }

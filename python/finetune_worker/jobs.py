@@ -1,0 +1,325 @@
+"""Job queue, the one runner thread, and the context a job handler runs with.
+
+One GPU, one job: jobs run in FIFO order on a single runner thread. The main thread
+only submits, queries and cancels, which all return at once. A job handler is a plain
+function ``run(ctx: JobContext) -> dict`` living in its own module (see ``HANDLERS``); it is
+imported lazily on the runner thread, so torch and transformers never slow the main
+thread. It reports through ``ctx`` and returns the ``completed`` payload, raises
+:class:`JobCancelled` when it stopped on request, or raises anything else to fail.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import os
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_worker.errors import JobCancelled, JobFailed
+from finetune_worker.events import Event
+
+log = logging.getLogger("finetune_worker.jobs")
+
+#: job kind -> "module:function" of its handler, imported on first use by the runner thread.
+HANDLERS: dict[str, str] = {
+    "train": "finetune_worker.training.job:run",
+    "merge_lora": "finetune_worker.merging.lora:run",
+    "merge": "finetune_worker.merging.mergekit_job:run",
+    "evaluate": "finetune_worker.evaluation.job:run_evaluate",
+    "generate": "finetune_worker.evaluation.job:run_generate",
+    # Test-only kind; its config model is registered only when FINETUNE_WORKER_TEST_JOBS=1
+    # (see finetune_worker.config), so no production config can reach it.
+    "test_steps": "finetune_worker.testjobs:run",
+}
+
+#: Event sink: called with every event of every job, from whichever thread emits it.
+Sink = Callable[["JobRecord", Event], None]
+
+
+@dataclass
+class JobRecord:
+    """Everything ``status`` reports about a job. Mutated only under ``JobManager._lock``."""
+
+    job_id: str
+    kind: str
+    config: Any  # the validated pydantic model
+    reply_to: Any = None  # opaque (a pid term in port mode)
+    state: str = "queued"  # queued | running | completed | failed | cancelled
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    total_steps: int | None = None
+    phase: str | None = None
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "kind": self.kind,
+            "state": self.state,
+            "phase": self.phase,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "metrics": dict(self.last_metrics),
+            "outputs": dict(self.outputs),
+            "error": self.error,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
+
+
+class JobContext:
+    """What a handler gets: its config, a way to report, and the cancel flag."""
+
+    def __init__(self, manager: JobManager, record: JobRecord):
+        self._manager = manager
+        self._record = record
+        self.cancel_event = threading.Event()
+
+    @property
+    def job_id(self) -> str:
+        return self._record.job_id
+
+    @property
+    def kind(self) -> str:
+        return self._record.kind
+
+    @property
+    def config(self) -> Any:
+        return self._record.config
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def check_cancelled(self, step: int = 0, checkpoint: str | None = None) -> None:
+        """Raise :class:`JobCancelled` if a cancel was asked for (call it at safe points)."""
+        if self.cancel_event.is_set():
+            raise JobCancelled(step=step, checkpoint=checkpoint)
+
+    def emit(self, type: str, **payload: Any) -> None:
+        """Send one event to the job's subscriber (and keep ``status`` up to date)."""
+        self._manager._emit(self._record, type, payload)
+
+    def phase(self, name: str) -> None:
+        self.emit("phase", phase=name)
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit("log", level=level, message=message)
+
+
+class JobManager:
+    """The FIFO, the runner thread and the job table."""
+
+    def __init__(self, sink: Sink, *, job_prefix: str | None = None):
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._queue: deque[JobRecord] = deque()
+        self._jobs: dict[str, JobRecord] = {}
+        self._current: tuple[JobRecord, JobContext] | None = None
+        self._closing = False
+        self._ids = itertools.count(1)
+        self._prefix = job_prefix or f"job-{os.getpid()}-{int(time.time()) % 100000}"
+        self._runner = threading.Thread(target=self._run_loop, name="finetune-runner", daemon=True)
+        self._runner.start()
+
+    # ---- called from the main thread; all return at once -----------------------------------
+
+    def submit(self, kind: str, config: Any, reply_to: Any = None) -> str:
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the worker is shutting down and accepts no new jobs")
+            job_id = f"{self._prefix}-{next(self._ids)}"
+            record = JobRecord(job_id=job_id, kind=kind, config=config, reply_to=reply_to)
+            self._jobs[job_id] = record
+            self._queue.append(record)
+            position = len(self._queue) + (1 if self._current else 0)
+            self._wakeup.notify_all()
+        self._emit(record, "queued", {"position": position, "kind": kind})
+        return job_id
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            record = self._jobs.get(job_id)
+            return record.to_status() if record else None
+
+    def jobs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r.to_status() for r in self._jobs.values()]
+
+    def queue_length(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def running(self) -> str | None:
+        with self._lock:
+            return self._current[0].job_id if self._current else None
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job at once, or ask the running one to stop at its next step boundary."""
+        with self._lock:
+            record = self._jobs.get(job_id)
+            if record is None:
+                return False
+            if record.state == "queued" and record in self._queue:
+                self._queue.remove(record)
+                record.state = "cancelled"
+                record.finished_at = time.time()
+                queued_cancel = True
+            elif self._current and self._current[0] is record:
+                self._current[1].cancel_event.set()
+                return True
+            else:
+                return True  # already finished: cancelling is a no-op, not an error
+        if queued_cancel:
+            self._sink(record, Event(record.job_id, "cancelled", {"step": 0, "checkpoint": None}))
+        return True
+
+    def close(self, grace_s: float) -> bool:
+        """Stop accepting jobs, cancel everything, and wait up to ``grace_s`` for the running job.
+
+        Returns True when the runner finished in time. The caller decides what to do
+        otherwise (the worker process exits anyway: no orphan may keep a GPU busy).
+        """
+        with self._lock:
+            self._closing = True
+            pending = list(self._queue)
+            self._queue.clear()
+            if self._current:
+                self._current[1].cancel_event.set()
+            self._wakeup.notify_all()
+        for record in pending:
+            record.state = "cancelled"
+            self._sink(record, Event(record.job_id, "cancelled", {"step": 0, "checkpoint": None}))
+        self._runner.join(timeout=max(0.0, grace_s))
+        return not self._runner.is_alive()
+
+    # ---- runner thread ------------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._wakeup.wait()
+                if self._closing and not self._queue:
+                    return
+                record = self._queue.popleft()
+                ctx = JobContext(self, record)
+                self._current = (record, ctx)
+                record.state = "running"
+                record.started_at = time.time()
+                waiting = list(self._queue)
+            for i, other in enumerate(waiting, start=1):
+                self._emit(other, "queued", {"position": i + 1, "kind": other.kind})
+            try:
+                self._run_one(record, ctx)
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def _run_one(self, record: JobRecord, ctx: JobContext) -> None:
+        self._emit(record, "started", {"kind": record.kind})
+        try:
+            handler = _load_handler(record.kind)
+            result = handler(ctx) or {}
+        except JobCancelled as exc:
+            self._finish(record, "cancelled", {"step": exc.step, "checkpoint": exc.checkpoint})
+        except JobFailed as exc:
+            self._finish(
+                record,
+                "failed",
+                {"error": exc.error, "message": exc.message, "hint": exc.hint, "details": exc.details},
+            )
+        except BaseException as exc:  # a job must never take the worker down with it
+            failure = classify_exception(exc)
+            log.error("job %s failed: %s\n%s", record.job_id, exc, traceback.format_exc())
+            self._finish(
+                record,
+                "failed",
+                {"error": failure.error, "message": failure.message, "hint": failure.hint},
+            )
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+        else:
+            if ctx.cancelled and result.get("cancelled"):
+                self._finish(record, "cancelled", {"step": record.step, "checkpoint": result.get("checkpoint")})
+            else:
+                self._finish(record, "completed", result)
+
+    def _finish(self, record: JobRecord, type: str, payload: dict[str, Any]) -> None:
+        with self._lock:
+            record.state = type
+            record.finished_at = time.time()
+        self._emit(record, type, payload)
+
+    def _emit(self, record: JobRecord, type: str, payload: dict[str, Any]) -> None:
+        event = Event(record.job_id, type, payload)
+        with self._lock:
+            _update_record(record, event)
+        try:
+            self._sink(record, event)
+        except Exception:  # a broken sink (closed pipe) must not kill the runner mid-job
+            log.exception("could not deliver %s event of job %s", type, record.job_id)
+
+
+def _update_record(record: JobRecord, event: Event) -> None:
+    p = event.payload
+    if event.type == "progress":
+        record.step = int(p.get("step", record.step) or 0)
+        if p.get("total_steps") is not None:
+            record.total_steps = int(p["total_steps"])
+    elif event.type in ("metrics", "eval"):
+        record.last_metrics.update({k: v for k, v in p.items() if isinstance(v, (int, float))})
+        if "step" in p:
+            record.step = int(p["step"])
+    elif event.type == "phase":
+        record.phase = p.get("phase")
+    elif event.type == "completed":
+        record.outputs = dict(p.get("outputs") or {})
+    elif event.type == "failed":
+        record.error = {k: p.get(k) for k in ("error", "message", "hint")}
+    elif event.type == "checkpoint":
+        record.outputs["last_checkpoint"] = p.get("path")
+
+
+def _load_handler(kind: str) -> Callable[[JobContext], dict[str, Any] | None]:
+    target = HANDLERS.get(kind)
+    if target is None:
+        raise JobFailed("invalid_config", f"no handler for job kind {kind!r}")
+    module_name, func_name = target.split(":")
+    module = importlib.import_module(module_name)
+    func: Callable[[JobContext], dict[str, Any] | None] = getattr(module, func_name)
+    return func
+
+
+def classify_exception(exc: BaseException) -> JobFailed:
+    """Name a failure we did not raise ourselves, with a hint of what to do about it."""
+    if isinstance(exc, JobFailed):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    lowered = text.lower()
+    if "out of memory" in lowered or isinstance(exc, MemoryError):
+        return JobFailed(
+            "out_of_memory",
+            text,
+            hint="Lower training_parameters.batch_size and raise gradient_accumulation_steps, enable "
+            "gradient_checkpointing, shorten data.max_seq_length, or load the model in 4-bit "
+            '(quantization: {"bits": 4}).',
+        )
+    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:  # ENOSPC
+        return JobFailed("disk_full", text, hint="Free disk space under output_dir or lower checkpoint.keep.")
+    if isinstance(exc, PermissionError):
+        return JobFailed("output_dir_not_writable", text, hint="Choose an output_dir this user can write to.")
+    return JobFailed("internal_error", text, hint="See the worker's stderr log for the traceback.")
