@@ -69,6 +69,10 @@ KNOWN_KEYS: frozenset[str] = frozenset(
         "error", "hint", "details",
         # token / generation
         "index", "text", "prompt_index", "completions",
+        # replies: validate / status / jobs / info
+        "value", "job_id", "state", "submitted_at", "started_at", "finished_at", "last_checkpoint",
+        "version", "python", "torch", "transformers", "peft", "devices", "queue_length", "running",
+        "name", "memory_bytes", "type", "pid", "protocol",
     }
 )  # fmt: skip
 
