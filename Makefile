@@ -1,0 +1,70 @@
+# finetune-worker: every target does the setup it needs, so a fresh clone needs only
+#   make run    (the standalone demo on the embedded tiny model)
+#   make test   (Python and Elixir test suites)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FW := $(VENV)/bin/finetune-worker
+STAMP := $(VENV)/.installed
+TINY := .tiny/model
+PYTEST_ARGS ?=
+export PYTHONUNBUFFERED := 1
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export MIX_ENV ?= test
+
+.PHONY: setup elixir run test test-python test-elixir test-slow bench lint format clean
+
+setup: $(STAMP)
+
+# torch goes in first and pinned: where pip offers the local CPU wheel of 2.13.0 it takes that
+# in seconds instead of resolving a multi-GB CUDA build as a dependency of transformers.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e '.[test,dev,bench]'
+	touch $(STAMP)
+
+# Erlang/Elixir from the distribution (hex.pm is not needed: the bridge has no hex deps).
+elixir:
+	@command -v mix >/dev/null 2>&1 || bash scripts/install-elixir.sh
+
+$(TINY)/config.json: | $(STAMP)
+	$(FW) make-tiny-model $(TINY)
+
+run: setup $(TINY)/config.json
+	$(FW) run configs/tiny-lora.json
+
+test: test-python test-elixir
+
+test-python: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-elixir: setup elixir
+	mix test
+
+# pytest exits 5 when no test is marked slow: that is not a failure.
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+bench: setup $(TINY)/config.json
+	$(PY) -m bench.run
+
+lint: setup elixir
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/mypy python/finetune_worker/etf.py python/finetune_worker/events.py
+	mix format --check-formatted
+	mix compile --warnings-as-errors --force
+
+format: setup
+	$(VENV)/bin/ruff check --fix python tests bench
+	$(VENV)/bin/ruff format python tests bench
+	mix format
+
+clean:
+	rm -rf _build .tiny runs .pytest_cache
