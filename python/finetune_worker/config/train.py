@@ -1,0 +1,322 @@
+"""The ``train`` job config: the seed format plus optional richer sections.
+
+The seed document (``model_name``, ``training_parameters``, ``dataset``, ``output_dir``,
+``quantization``) is accepted exactly as written; everything else is optional with a default.
+Schema problems come from pydantic (all at once, with JSON paths); checks that need two fields
+or the file system live in :meth:`TrainConfig.environment_issues`, which runs before anything
+heavy loads. Nothing here imports torch: ``submit`` must answer at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune_worker.config.data import DataConfig
+from finetune_worker.errors import ConfigIssue
+
+#: Written into output_dir when a run starts; it tells a resumable run from somebody else's.
+RUN_MARKER = ".finetune-worker-run.json"
+
+PeftMethod = Literal[
+    "lora", "dora", "rslora", "loftq", "pissa", "full", "ia3", "prefix_tuning", "prompt_tuning"
+]
+LORA_FAMILY = frozenset({"lora", "dora", "rslora", "loftq", "pissa"})
+VIRTUAL_TOKEN_METHODS = frozenset({"prefix_tuning", "prompt_tuning"})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TrainingParameters(_Section):
+    """Optimization knobs (HF TrainingArguments underneath)."""
+
+    epochs: float = Field(3.0, gt=0, description="Passes over the training set; max_steps wins when set.")
+    batch_size: int = Field(4, gt=0, description="Examples per device per step (before accumulation).")
+    learning_rate: float = Field(
+        2e-4, gt=0, description="Peak learning rate; 2e-4 suits LoRA, use ~2e-5 for full."
+    )
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW decoupled weight decay; 0 keeps adapters unshrunk."
+    )
+    warmup_steps: float = Field(
+        0,
+        ge=0,
+        description="Linear warmup: an int is a step count, a float in (0, 1) a fraction of all steps.",
+    )
+    warmup_ratio: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Warmup as a fraction of all steps (mapped onto warmup_steps, as transformers 5 does).",
+    )
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr_scheduler: Literal[
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        "cosine_with_min_lr",
+        "warmup_stable_decay",
+    ] = Field("linear", description="Learning-rate schedule after warmup (a transformers SchedulerType).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    optimizer: Literal[
+        "adamw_torch",
+        "adamw_torch_fused",
+        "adafactor",
+        "sgd",
+        "adamw_8bit",
+        "paged_adamw_8bit",
+        "paged_adamw_32bit",
+    ] = Field(
+        "adamw_torch",
+        description="Optimizer; the 8-bit/paged ones need CUDA and fall back to adamw_torch on CPU with a warning.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA that supports it, fp16 on older CUDA, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~30% slower."
+    )
+    logging_steps: int = Field(10, gt=0, description="Send a metrics event every N optimizer steps.")
+
+
+class DatasetSection(_Section):
+    """Where the examples are (the seed's ``dataset``); how to read them is ``data``."""
+
+    path: str = Field(
+        ..., description="JSONL, JSON, CSV or TXT file; relative paths resolve against the cwd."
+    )
+    validation_split: float = Field(
+        0.1, ge=0, lt=1, description="Fraction held out for eval loss/perplexity; 0 disables evaluation."
+    )
+
+
+class Quantization(_Section):
+    """bitsandbytes loading of the base model (QLoRA when combined with a LoRA method)."""
+
+    bits: Literal[4, 8] = Field(4, description="4 = NF4/FP4 (QLoRA), 8 = LLM.int8.")
+    use_double_quant: bool = Field(True, description="Quantize the 4-bit scales too: ~0.4 bit/param saved.")
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type; NF4 fits normal weights best."
+    )
+
+
+class PeftSection(_Section):
+    """Which parameters train: an adapter method via peft, or ``full`` fine-tuning."""
+
+    method: PeftMethod = Field(
+        "lora", description="Adapter method, or 'full' to train the model's own weights."
+    )
+    r: int = Field(8, gt=0, description="LoRA rank: adapter capacity vs. size.")
+    alpha: float = Field(
+        16, gt=0, description="LoRA scale numerator (scale = alpha/r, or alpha/sqrt(r) for rslora)."
+    )
+    dropout: float = Field(
+        0.05, ge=0, lt=1, description="Dropout on the LoRA input; regularizes small datasets."
+    )
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="Modules to adapt: 'all-linear' (every linear but the LM head) or names."
+    )
+    num_virtual_tokens: int = Field(20, gt=0, description="Prefix/prompt tuning: learned virtual tokens.")
+    loftq_bits: Literal[4, 8] = Field(
+        4, description="LoftQ: bits of the quantization its init compensates for."
+    )
+    freeze_layers: int = Field(0, ge=0, description="Full fine-tuning: freeze the first N decoder layers.")
+    freeze_embeddings: bool = Field(False, description="Full fine-tuning: freeze the input embeddings.")
+
+
+class EvalSection(_Section):
+    """Evaluation during training on the held-out split (``dataset.validation_split``)."""
+
+    every_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N steps; default: once per epoch and at the end."
+    )
+    batch_size: int | None = Field(None, gt=0, description="Eval batch size; default: training batch size.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N evaluations without a lower eval loss (needs every_steps)."
+    )
+    early_stopping_threshold: float = Field(0.0, ge=0, description="Smallest eval-loss drop that counts.")
+
+
+class CheckpointSection(_Section):
+    """Atomic checkpoints (temp dir, renamed when complete) for resume and cancel."""
+
+    every_steps: int = Field(100, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
+    keep: int = Field(2, gt=0, description="Keep the N newest complete checkpoints; older ones are deleted.")
+
+
+class TrainConfig(_Section):
+    """A training job. The seed format is a valid instance as written."""
+
+    job: Literal["train"] = Field("train", description="Job kind; optional for the seed format.")
+    model_name: str = Field(..., description="Local model directory (this worker has no hub access).")
+    output_dir: str = Field(..., description="Where the adapter/model, summary.json and checkpoints go.")
+    training_parameters: TrainingParameters = Field(
+        default_factory=TrainingParameters, description="Optimization settings."
+    )
+    dataset: DatasetSection = Field(..., description="Training data file and validation split.")
+    data: DataConfig = Field(default_factory=DataConfig, description="How rows become token sequences.")
+    quantization: Quantization | None = Field(
+        None, description="Load the base in 4/8-bit; null loads it unquantized."
+    )
+    peft: PeftSection = Field(default_factory=PeftSection, description="Adapter method and its settings.")
+    eval: EvalSection = Field(
+        default_factory=EvalSection, description="Evaluation schedule and early stopping."
+    )
+    checkpoint: CheckpointSection = Field(
+        default_factory=CheckpointSection, description="Checkpoint schedule."
+    )
+    resume: Literal["auto"] | Literal[False] | str = Field(
+        "auto",
+        description="'auto': continue from the newest complete checkpoint in output_dir; false: start fresh; "
+        "or a checkpoint directory path.",
+    )
+    max_steps: int | None = Field(None, gt=0, description="Stop after N optimizer steps (overrides epochs).")
+    seed: int = Field(42, ge=0, description="Seeds model init of adapters, data shuffling and dropout.")
+    overwrite: bool = Field(
+        False, description="Allow starting fresh in an output_dir that holds another run."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; flash_attention_2 needs the flash_attn package and CUDA."
+    )
+
+    # ---- derived values -------------------------------------------------------------------
+
+    def resolved(self, value: str) -> Path:
+        """Relative paths resolve against the current working directory (the worker's)."""
+        return Path(os.path.abspath(os.path.expanduser(value)))
+
+    @property
+    def warmup(self) -> float:
+        """transformers 5 takes a ratio through ``warmup_steps`` (a float < 1)."""
+        tp = self.training_parameters
+        if tp.warmup_ratio is not None:
+            return tp.warmup_ratio
+        return int(tp.warmup_steps) if tp.warmup_steps >= 1 else tp.warmup_steps
+
+    def run_fingerprint(self) -> str:
+        """What makes two runs the same run: everything except how long and whether to resume."""
+        data = self.model_dump(mode="json")
+        for key in ("resume", "overwrite", "max_steps", "checkpoint", "eval"):
+            data.pop(key, None)
+        data["training_parameters"].pop("epochs", None)
+        data["training_parameters"].pop("logging_steps", None)
+        data["model_name"] = str(self.resolved(self.model_name))
+        data["dataset"]["path"] = str(self.resolved(self.dataset.path))
+        text = json.dumps(data, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    # ---- checks beyond the schema -----------------------------------------------------------
+
+    def semantic_issues(self) -> list[ConfigIssue]:
+        """Cross-field problems (no file system access)."""
+        issues: list[ConfigIssue] = []
+        tp, peft = self.training_parameters, self.peft
+        if tp.warmup_ratio is not None and tp.warmup_steps:
+            issues.append(
+                ConfigIssue(
+                    "training_parameters.warmup_ratio",
+                    "set warmup_steps or warmup_ratio, not both (warmup_steps also takes a float < 1 as a ratio)",
+                    tp.warmup_ratio,
+                )
+            )
+        if tp.warmup_steps >= 1 and tp.warmup_steps != int(tp.warmup_steps):
+            issues.append(
+                ConfigIssue(
+                    "training_parameters.warmup_steps",
+                    "a step count must be whole; use a float below 1 for a ratio",
+                    tp.warmup_steps,
+                )
+            )
+        if self.quantization is not None and peft.method == "full":
+            issues.append(
+                ConfigIssue(
+                    "quantization",
+                    "full fine-tuning cannot update quantized weights; remove quantization or use a LoRA method",
+                )
+            )
+        if self.quantization is not None and peft.method == "loftq":
+            issues.append(
+                ConfigIssue(
+                    "peft.method",
+                    "loftq quantizes the base itself while initializing; load it unquantized (remove quantization)",
+                    peft.method,
+                )
+            )
+        if peft.method != "full" and (peft.freeze_layers or peft.freeze_embeddings):
+            issues.append(
+                ConfigIssue(
+                    "peft.freeze_layers" if peft.freeze_layers else "peft.freeze_embeddings",
+                    "freezing applies to full fine-tuning only (adapter methods already freeze the base)",
+                )
+            )
+        if self.eval.early_stopping_patience is not None and self.dataset.validation_split == 0:
+            issues.append(
+                ConfigIssue(
+                    "eval.early_stopping_patience",
+                    "early stopping needs held-out data: set dataset.validation_split above 0",
+                )
+            )
+        if self.eval.early_stopping_patience is not None and self.eval.every_steps is None:
+            issues.append(
+                ConfigIssue(
+                    "eval.every_steps",
+                    "early stopping needs a step-based evaluation schedule: set eval.every_steps",
+                )
+            )
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            issues.append(
+                ConfigIssue(
+                    "attn_implementation",
+                    "flash_attention_2 needs the flash_attn package, which is not installed; use 'sdpa'",
+                    self.attn_implementation,
+                )
+            )
+        if isinstance(self.resume, str) and self.resume not in ("auto",) and not self.resume.strip():
+            issues.append(ConfigIssue("resume", "expected 'auto', false, or a checkpoint path", self.resume))
+        return issues
+
+    def environment_issues(self) -> list[ConfigIssue]:
+        """Problems a glance at the file system reveals; run at submit, before anything heavy."""
+        from finetune_worker.training.checkpoints import output_dir_issue, resume_path_issue
+
+        issues = self.semantic_issues()
+        model = self.resolved(self.model_name)
+        if not model.is_dir():
+            issues.append(
+                ConfigIssue(
+                    "model_name",
+                    f"no local model at '{self.model_name}'; this worker loads models from local paths (no hub access)",
+                )
+            )
+        data = self.resolved(self.dataset.path)
+        if not data.is_file():
+            issues.append(ConfigIssue("dataset.path", f"no dataset file at '{self.dataset.path}'"))
+        problem = output_dir_issue(self)
+        if problem is not None:
+            issues.append(ConfigIssue("output_dir", problem, self.output_dir))
+        problem = resume_path_issue(self)
+        if problem is not None:
+            issues.append(ConfigIssue("resume", problem, self.resume))
+        return issues
+
+
+def describe_defaults() -> dict[str, Any]:
+    """The effective defaults of every optional section (for docs and ``schema``)."""
+    return {
+        "training_parameters": TrainingParameters().model_dump(),
+        "peft": PeftSection().model_dump(),
+        "eval": EvalSection().model_dump(),
+        "checkpoint": CheckpointSection().model_dump(),
+    }

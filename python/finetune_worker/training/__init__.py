@@ -1,0 +1,1 @@
+"""Training jobs: model loading, data pipeline, Trainer wiring, events, checkpoints."""

@@ -1,0 +1,199 @@
+"""Checkpoint directories on disk: the run marker, atomic publication, discovery and rotation.
+
+HF Trainer writes ``checkpoint-N`` in place, file by file, so a kill mid-save leaves a folder
+that looks like a checkpoint. We make it write into ``output_dir/.staging/checkpoint-N``
+instead and publish it with one ``rename`` once every file is flushed: a ``checkpoint-N``
+folder either is complete or does not exist. Leftovers in ``.staging`` are just deleted.
+Pure file-system code (no torch), so config validation can use it at submit time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune_worker.config.train import TrainConfig
+
+RUN_MARKER = ".finetune-worker-run.json"
+STAGING = ".staging"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: Written by transformers' own jit checkpointing while a save is in progress.
+INCOMPLETE_SENTINEL = "checkpoint-is-incomplete.txt"
+#: Files a finished run leaves behind; their presence without our marker means "someone else's run".
+RUN_OUTPUTS = ("summary.json", "adapter_config.json", "model.safetensors", "trainer_state.json")
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint we can resume from: published, with trainer state, not mid-jit-save."""
+    return (
+        path.is_dir()
+        and (path / "trainer_state.json").is_file()
+        and not (path / INCOMPLETE_SENTINEL).exists()
+    )
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete ``checkpoint-N`` folders, oldest first (by step, not mtime: clocks lie)."""
+    if not output_dir.is_dir():
+        return []
+    found: list[tuple[int, Path]] = []
+    for child in output_dir.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and is_complete(child):
+            found.append((int(match.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    ckpts = complete_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def checkpoint_step(path: Path) -> int:
+    match = CHECKPOINT_RE.match(path.name)
+    if match:
+        return int(match.group(1))
+    state = json.loads((path / "trainer_state.json").read_text())
+    return int(state.get("global_step", 0))
+
+
+def staging_dir(output_dir: Path) -> Path:
+    return output_dir / STAGING
+
+
+def clear_staging(output_dir: Path) -> None:
+    """Remove half-written checkpoints of a killed run: they were never published."""
+    shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
+
+
+def publish(staged: Path, output_dir: Path) -> Path:
+    """Flush ``staged`` to disk and rename it into ``output_dir`` in one step."""
+    _fsync_tree(staged)
+    final = output_dir / staged.name
+    if final.exists():  # a re-save of the same step (resume at a saved step): replace it whole
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    _fsync_dir(output_dir)
+    return final
+
+
+def rotate(output_dir: Path, keep: int, protect: Path | None = None) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints; returns what was deleted."""
+    ckpts = complete_checkpoints(output_dir)
+    doomed = [p for p in ckpts[: max(0, len(ckpts) - keep)] if protect is None or p != protect]
+    for path in doomed:
+        # Rename first so a kill mid-delete cannot leave a half-deleted "complete" checkpoint.
+        trash = staging_dir(output_dir) / f"deleting-{path.name}-{time.monotonic_ns()}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+# ---- the run marker: which run owns this output_dir ------------------------------------------
+
+
+def read_marker(output_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((output_dir / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_marker(output_dir: Path, cfg: TrainConfig) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / (RUN_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"fingerprint": cfg.run_fingerprint(), "model_name": cfg.model_name}, indent=2))
+    os.replace(tmp, output_dir / RUN_MARKER)
+
+
+def holds_run(output_dir: Path) -> bool:
+    """Anything a training run leaves: our marker, checkpoints, or final outputs."""
+    if not output_dir.is_dir():
+        return False
+    if (output_dir / RUN_MARKER).exists() or any(CHECKPOINT_RE.match(p.name) for p in output_dir.iterdir()):
+        return True
+    return any((output_dir / name).exists() for name in RUN_OUTPUTS)
+
+
+def output_dir_issue(cfg: TrainConfig) -> str | None:
+    """Why ``output_dir`` cannot take this run, or None. Shared by submit-time and run-time checks."""
+    out = cfg.resolved(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        return f"'{cfg.output_dir}' exists and is not a directory"
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"'{cfg.output_dir}' is not writable by this user (nearest existing folder: {probe})"
+    if cfg.overwrite or not holds_run(out):
+        return None
+    marker = read_marker(out)
+    same = marker is not None and marker.get("fingerprint") == cfg.run_fingerprint()
+    if cfg.resume is False:
+        return (
+            f"'{cfg.output_dir}' holds an earlier run and resume is false; set \"overwrite\": true to "
+            'replace it, "resume": "auto" to continue it, or choose another output_dir'
+        )
+    if cfg.resume == "auto" and not same:
+        why = "a run with a different config" if marker else "files of a run this worker did not start"
+        return (
+            f"'{cfg.output_dir}' holds {why}; choose another output_dir, or set \"overwrite\": true "
+            "to replace it"
+        )
+    return None
+
+
+def resume_path_issue(cfg: TrainConfig) -> str | None:
+    if cfg.resume in ("auto", False):
+        return None
+    path = cfg.resolved(str(cfg.resume))
+    if not path.is_dir():
+        return f"no checkpoint directory at '{cfg.resume}'"
+    if not is_complete(path):
+        return f"'{cfg.resume}' is not a complete checkpoint (no trainer_state.json, or marked incomplete)"
+    return None
+
+
+def wipe_run(output_dir: Path) -> None:
+    """``overwrite``: remove what an earlier run left (only the files a run writes)."""
+    if not output_dir.is_dir():
+        return
+    clear_staging(output_dir)
+    for child in output_dir.iterdir():
+        if CHECKPOINT_RE.match(child.name):
+            shutil.rmtree(child, ignore_errors=True)
+    (output_dir / RUN_MARKER).unlink(missing_ok=True)

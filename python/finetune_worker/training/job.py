@@ -1,0 +1,253 @@
+"""The ``train`` job, top to bottom: checks, model, data, base eval, train, final eval, save.
+
+Runs on the runner thread (``jobs.HANDLERS["train"]``). Cheap checks come first because a job
+may wait in the queue for hours after ``submit`` validated it: paths can vanish meanwhile.
+Every failure leaves as a :class:`JobFailed` with a code and a hint; a cancel leaves as
+:class:`JobCancelled` carrying the checkpoint written at the step boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune_worker.config.train import VIRTUAL_TOKEN_METHODS, TrainConfig
+from finetune_worker.errors import JobCancelled, JobFailed
+from finetune_worker.training import checkpoints as ckpt
+from finetune_worker.training.failures import (
+    classify_training_exception,
+    dataset_not_found,
+    model_not_found,
+)
+
+SUMMARY = "summary.json"
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    cfg: TrainConfig = ctx.config
+    try:
+        return _run(ctx, cfg)
+    except (JobFailed, JobCancelled):
+        raise
+    except Exception as exc:
+        raise classify_training_exception(exc) from exc
+
+
+def _run(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
+    started = time.monotonic()
+    out = cfg.resolved(cfg.output_dir)
+    resume_from = _prepare_output_dir(cfg, out)
+    if resume_from is not None:
+        ctx.log(f"resuming from {resume_from}")
+
+    # Heavy imports only now, on the runner thread.
+    from transformers import set_seed
+
+    from finetune_worker.training.callbacks import EventCallback
+    from finetune_worker.training.data import build_datasets, make_collator
+    from finetune_worker.training.model import (
+        check_model_dir,
+        load_model,
+        load_tokenizer,
+        plan_hardware,
+        trainable_parameters,
+    )
+    from finetune_worker.training.trainer import build_trainer
+
+    def warn(message: str) -> None:
+        ctx.log(message, level="warning")
+
+    ctx.phase("loading_model")
+    set_seed(cfg.seed)  # adapter init is random: seed it like the Trainer seeds everything else
+    plan = plan_hardware(cfg, warn)
+    model_path = cfg.resolved(cfg.model_name)
+    check_model_dir(model_path)
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(cfg, plan, warn)
+    trainable, total = trainable_parameters(model)
+    ctx.log(
+        f"{cfg.peft.method} on {plan.device} ({plan.precision}"
+        f"{', ' + str(cfg.quantization.bits) + '-bit base' if cfg.quantization else ''}): "
+        f"{trainable:,} of {total:,} parameters train ({100.0 * trainable / max(total, 1):.2f}%)"
+    )
+    ctx.check_cancelled()
+
+    ctx.phase("preparing_data")
+    train_rows, eval_rows, stats = build_datasets(
+        cfg.data,
+        tokenizer,
+        cfg.resolved(cfg.dataset.path),
+        validation_split=cfg.dataset.validation_split,
+        seed=cfg.seed,
+    )
+    packing = bool(getattr(cfg.data, "packing", False))
+    if packing and cfg.peft.method in VIRTUAL_TOKEN_METHODS:
+        # Virtual tokens are prepended per row; a flattened batch has a single row to prepend to.
+        warn(f"data.packing is off for {cfg.peft.method}: virtual tokens need one row per example")
+        packing = False
+    collator = make_collator(tokenizer, packing)
+    has_eval = eval_rows is not None and len(eval_rows) > 0
+    ctx.log(f"{len(train_rows)} training and {len(eval_rows) if has_eval else 0} held-out examples")
+    ctx.check_cancelled()
+
+    callback = EventCallback(ctx.emit, ctx.cancel_event, out)
+    trainer = build_trainer(cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [callback], out)
+    base_eval: dict[str, float] = {}
+    if has_eval:
+        ctx.phase("evaluating")
+        trainer.evaluate()
+        base_eval = dict(callback.last_eval)
+        ctx.check_cancelled()
+
+    ctx.phase("training")
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    step = trainer.state.global_step
+    if callback.cancel_requested:
+        last = callback.last_checkpoint or ckpt.latest_checkpoint(out)
+        raise JobCancelled(step=step, checkpoint=str(last) if last else None)
+
+    final_eval: dict[str, float] = {}
+    if has_eval:
+        ctx.phase("evaluating")
+        trainer.evaluate()
+        final_eval = dict(callback.last_eval)
+
+    ctx.phase("saving")
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    summary = _summary(
+        cfg, trainer, result, stats, base_eval, final_eval, resume_from, started, len(train_rows)
+    )
+    summary_path = out / SUMMARY
+    _write_json_atomic(summary_path, summary)
+    ckpt.clear_staging(out)
+    weights_key = "model_path" if cfg.peft.method == "full" else "adapter_path"
+    return {
+        "outputs": {"output_dir": str(out), weights_key: str(out), "summary_path": str(summary_path)},
+        "summary": summary,
+    }
+
+
+def _prepare_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
+    """Re-check paths and the output directory; claim it; return the checkpoint to resume from."""
+    if not cfg.resolved(cfg.model_name).is_dir():
+        raise model_not_found(cfg.model_name)
+    if not cfg.resolved(cfg.dataset.path).is_file():
+        raise dataset_not_found(cfg.dataset.path)
+    problem = ckpt.output_dir_issue(cfg)
+    if problem is not None:
+        if "not writable" in problem or "not a directory" in problem:
+            raise JobFailed(
+                "output_dir_not_writable",
+                f"output_dir: {problem}",
+                hint="Choose an output_dir this user can create and write to.",
+            )
+        raise JobFailed("output_dir_conflict", f"output_dir: {problem}", hint=_CONFLICT_HINT)
+    problem = ckpt.resume_path_issue(cfg)
+    if problem is not None:
+        raise JobFailed("invalid_config", f"resume: {problem}", hint="Point resume at a checkpoint-N folder.")
+
+    marker = ckpt.read_marker(out)
+    same_run = marker is not None and marker.get("fingerprint") == cfg.run_fingerprint()
+    fresh = cfg.resume is False or (cfg.resume == "auto" and not same_run)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if fresh and cfg.overwrite:
+            ckpt.wipe_run(out)
+        ckpt.clear_staging(out)  # half-written checkpoints of a killed run were never published
+        ckpt.write_marker(out, cfg)
+    except PermissionError as exc:
+        raise JobFailed(
+            "output_dir_not_writable",
+            f"output_dir: cannot write to '{cfg.output_dir}' ({exc.strerror})",
+            hint="Choose an output_dir this user can create and write to.",
+        ) from exc
+    if cfg.resume == "auto":
+        return ckpt.latest_checkpoint(out) if same_run else None
+    if cfg.resume is False:
+        return None
+    return cfg.resolved(str(cfg.resume))
+
+
+_CONFLICT_HINT = (
+    'Use a fresh output_dir, set "resume": "auto" with the same config to continue that run, or '
+    '"overwrite": true to replace it.'
+)
+
+
+def _summary(
+    cfg: TrainConfig,
+    trainer: Any,
+    result: Any,
+    stats: Any,
+    base_eval: dict[str, float],
+    final_eval: dict[str, float],
+    resume_from: Path | None,
+    started: float,
+    n_train: int,
+) -> dict[str, Any]:
+    base_ppl, final_ppl = base_eval.get("perplexity"), final_eval.get("perplexity")
+    improvement = None
+    if base_ppl and final_ppl is not None:
+        improvement = round(100.0 * (base_ppl - final_ppl) / base_ppl, 3)
+    state = trainer.state
+    return {
+        "method": cfg.peft.method,
+        "model_name": cfg.model_name,
+        "base_eval_loss": base_eval.get("eval_loss"),
+        "base_perplexity": base_ppl,
+        "final_eval_loss": final_eval.get("eval_loss"),
+        "final_perplexity": final_ppl,
+        "improvement_pct": improvement,
+        "train_loss": _finite(getattr(result, "training_loss", None)),
+        "steps": state.global_step,
+        "total_steps": state.max_steps,
+        "epochs": round(float(state.epoch or 0.0), 4),
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "train_examples": n_train,
+        "runtime_s": round(time.monotonic() - started, 3),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "data": _plain(stats),
+        "config": _redact(cfg.model_dump(mode="json")),
+    }
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else _redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out == out and abs(out) != float("inf") else None
