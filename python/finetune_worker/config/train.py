@@ -14,15 +14,12 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_worker.config.data import DataConfig
 from finetune_worker.errors import ConfigIssue
-
-#: Written into output_dir when a run starts; it tells a resumable run from somebody else's.
-RUN_MARKER = ".finetune-worker-run.json"
 
 PeftMethod = Literal[
     "lora", "dora", "rslora", "loftq", "pissa", "full", "ia3", "prefix_tuning", "prompt_tuning"
@@ -310,13 +307,3 @@ class TrainConfig(_Section):
         if problem is not None:
             issues.append(ConfigIssue("resume", problem, self.resume))
         return issues
-
-
-def describe_defaults() -> dict[str, Any]:
-    """The effective defaults of every optional section (for docs and ``schema``)."""
-    return {
-        "training_parameters": TrainingParameters().model_dump(),
-        "peft": PeftSection().model_dump(),
-        "eval": EvalSection().model_dump(),
-        "checkpoint": CheckpointSection().model_dump(),
-    }

@@ -153,10 +153,10 @@ def output_dir_issue(cfg: TrainConfig) -> str | None:
     if out.exists() and not out.is_dir():
         return f"'{cfg.output_dir}' exists and is not a directory"
     probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
+    while not probe.exists() and probe.parent != probe:
         probe = probe.parent
+    if not probe.is_dir():
+        return f"'{cfg.output_dir}' cannot be created: {probe} is a file, not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"'{cfg.output_dir}' is not writable by this user (nearest existing folder: {probe})"
     if cfg.overwrite or not holds_run(out):

@@ -141,7 +141,7 @@ def _prepare_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
         raise dataset_not_found(cfg.dataset.path)
     problem = ckpt.output_dir_issue(cfg)
     if problem is not None:
-        if "not writable" in problem or "not a directory" in problem:
+        if "not writable" in problem or "not a directory" in problem or "cannot be created" in problem:
             raise JobFailed(
                 "output_dir_not_writable",
                 f"output_dir: {problem}",
