@@ -84,6 +84,7 @@ def _run(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
         cfg.resolved(cfg.dataset.path),
         validation_split=cfg.dataset.validation_split,
         seed=cfg.seed,
+        warn=warn,
     )
     packing = bool(getattr(cfg.data, "packing", False))
     if packing and cfg.peft.method in VIRTUAL_TOKEN_METHODS:

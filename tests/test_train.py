@@ -1,0 +1,141 @@
+"""Training jobs in process (JobManager + list sink): LoRA, QLoRA, full FT, events, cancel, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from finetune_worker.training.checkpoints import complete_checkpoints, is_complete
+from test_train_helpers import DATA, Run, reload_eval_loss, run_job, tiny_config
+
+PHASES = ["loading_model", "preparing_data", "evaluating", "training", "evaluating", "saving"]
+
+
+def test_lora_trains_streams_events_and_saves_a_reloadable_adapter(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "lora"
+    cfg = tiny_config(tiny_model_dir, out)
+    run = run_job(cfg)
+    done = run.terminal
+    assert done.type == "completed", done.payload
+    assert [p["phase"] for p in run.of("phase")] == PHASES
+
+    # progress every step, in order, with a total
+    progress = run.of("progress")
+    assert [p["step"] for p in progress] == list(range(1, 13))
+    assert all(p["total_steps"] == 12 for p in progress) and progress[-1]["percent"] == 100.0
+    # metrics at every logging step, counting real tokens
+    metrics = run.of("metrics")
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    seen = [m["tokens_seen"] for m in metrics]
+    assert seen == sorted(seen) and seen[0] > 0
+    assert all(m["loss"] > 0 and m["learning_rate"] >= 0 and m["grad_norm"] is not None for m in metrics)
+    # checkpoints: announced only once complete, rotated to keep=2
+    ckpts = run.of("checkpoint")
+    assert [c["step"] for c in ckpts] == [4, 8, 12]
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-8", "checkpoint-12"]
+    assert not (out / ".staging").exists()
+
+    summary = done.payload["summary"]
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert done.payload["outputs"]["adapter_path"] == str(out)
+    assert summary["final_eval_loss"] < summary["base_eval_loss"], summary
+    assert summary["improvement_pct"] > 0
+    assert math.isclose(summary["final_perplexity"], math.exp(summary["final_eval_loss"]), rel_tol=1e-6)
+    assert summary["steps"] == 12 and summary["tokens_seen"] == seen[-1]
+    assert summary["config"]["peft"]["method"] == "lora"
+    evals = run.of("eval")
+    assert (
+        evals[0]["eval_loss"] == summary["base_eval_loss"]
+        and evals[-1]["eval_loss"] == summary["final_eval_loss"]
+    )
+
+    # The saved adapter, loaded fresh with PeftModel.from_pretrained, is the model that was evaluated.
+    assert reload_eval_loss(cfg, out) == pytest.approx(summary["final_eval_loss"], abs=1e-5)
+    # and LoRA weights moved off their init (lora_B starts at zero)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = [t for k, t in weights.items() if "lora_B" in k]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
+
+
+def test_qlora_4bit_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "qlora"
+    cfg = tiny_config(
+        tiny_model_dir, out, "qa.jsonl", quantization={"bits": 4, "use_double_quant": True}, max_steps=10
+    )
+    run = run_job(cfg)
+    assert run.terminal.type == "completed", run.terminal.payload
+    summary = run.terminal.payload["summary"]
+    assert summary["final_eval_loss"] < summary["base_eval_loss"]
+    assert any("4-bit base" in log["message"] for log in run.of("log"))
+    assert reload_eval_loss(cfg, out, quantized=True) == pytest.approx(summary["final_eval_loss"], abs=1e-4)
+
+
+def test_full_finetune_with_frozen_first_layer(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "full"
+    cfg = tiny_config(
+        tiny_model_dir,
+        out,
+        "instruction.jsonl",
+        peft={"method": "full", "freeze_layers": 1},
+        training_parameters={"epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "logging_steps": 4},
+        max_steps=10,
+    )
+    run = run_job(cfg)
+    assert run.terminal.type == "completed", run.terminal.payload
+    summary = run.terminal.payload["summary"]
+    assert run.terminal.payload["outputs"]["model_path"] == str(out)
+    assert summary["final_eval_loss"] < summary["base_eval_loss"]
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    frozen = [k for k in before if k.startswith("model.layers.0.")]
+    trained = [k for k in before if k.startswith("model.layers.1.") and k.endswith("proj.weight")]
+    assert frozen and trained
+    assert all(before[k].equal(after[k]) for k in frozen)
+    assert all(not before[k].equal(after[k]) for k in trained)
+    assert reload_eval_loss(cfg, out) == pytest.approx(summary["final_eval_loss"], abs=1e-5)
+
+
+def test_cancel_stops_at_a_step_with_a_checkpoint_and_resume_continues(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cancel"
+    cfg = tiny_config(tiny_model_dir, out, max_steps=200, checkpoint={"every_steps": 1000, "keep": 1})
+    run = Run(cfg)
+    try:
+        run.wait_for("progress", lambda p: p["step"] >= 3)
+        run.manager.cancel(run.job_id)
+        done = run.wait()
+    finally:
+        run.close()
+    assert done.type == "cancelled", done.payload
+    step, ckpt = done.payload["step"], Path(done.payload["checkpoint"])
+    assert step >= 3 and ckpt == out / f"checkpoint-{step}" and is_complete(ckpt)
+    assert run.of("checkpoint")[-1] == {"path": str(ckpt), "step": step}
+    assert not (out / "summary.json").exists()
+
+    # Submitted again (resume auto, same config), it continues from that checkpoint.
+    cfg["max_steps"] = step + 2
+    again = run_job(cfg)
+    assert again.terminal.type == "completed", again.terminal.payload
+    assert [p["step"] for p in again.of("progress")] == [step + 1, step + 2]
+    assert again.terminal.payload["summary"]["resumed_from"] == str(ckpt)
+
+
+def test_data_formats_each_train_with_lora(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # One short run per format (text file, text rows, Q&A CSV, instruction, ShareGPT).
+    for name in ("text.txt", "text.jsonl", "qa.csv", "instruction.jsonl", "sharegpt.jsonl"):
+        assert (DATA / name).exists(), name
+        out = tmp_path / name.replace(".", "_")
+        run = run_job(tiny_config(tiny_model_dir, out, name, max_steps=6, checkpoint={"every_steps": 100}))
+        assert run.terminal.type == "completed", (name, run.terminal.payload)
+        s = run.terminal.payload["summary"]
+        assert s["final_eval_loss"] < s["base_eval_loss"], (name, s)
