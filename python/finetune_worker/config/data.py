@@ -58,7 +58,7 @@ class DataConfig(BaseModel):
         True, description="Padding-free batches (flattened rows + position_ids): no compute on padding."
     )
     text_block_size: int | None = Field(
-        None, gt=0, description="Tokens per block for plain text; default max_seq_length."
+        None, gt=0, description="Tokens per block for plain text; default (and cap) max_seq_length."
     )
     file_format: FileFormat | None = Field(
         None, description="File format; default from the extension (.jsonl, .json, .csv, .txt)."
