@@ -463,14 +463,15 @@ def _inflate(data: bytes, max_size: int) -> bytes:
         body = inflater.decompress(data[4:], size + 1)
     except zlib.error as exc:
         raise ETFDecodeError(f"bad zlib data in compressed term: {exc}", 6) from None
-    if len(body) != size or inflater.unconsumed_tail:
+    if len(body) > size:
         raise ETFDecodeError(f"compressed term inflates past its declared size {size}", 6)
     if not inflater.eof:
         raise ETFDecodeError("compressed term's zlib stream is truncated", len(data) + 2)
+    if len(body) < size:
+        raise ETFDecodeError(f"compressed term inflates to {len(body)} bytes, not its declared {size}", 6)
     if inflater.unused_data:
-        raise ETFDecodeError(
-            "trailing bytes after the compressed term", len(data) + 2 - len(inflater.unused_data)
-        )
+        offset = len(data) + 2 - len(inflater.unused_data)
+        raise ETFDecodeError("trailing bytes after the compressed term", offset)
     return body
 
 
