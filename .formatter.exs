@@ -1,0 +1,7 @@
+[
+  inputs: [
+    "mix.exs",
+    ".formatter.exs",
+    "elixir_bridge/{lib,test}/**/*.{ex,exs}"
+  ]
+]

@@ -1,0 +1,166 @@
+defmodule FineTuning.Options do
+  @moduledoc """
+  Validates the options of `FineTuning.Worker`; raises `ArgumentError` naming the bad one.
+
+  | option | default | meaning |
+  | --- | --- | --- |
+  | `:executable` | `$FINETUNE_WORKER`, else `.venv/bin/finetune-worker` of this repo | the worker program |
+  | `:args` | `[]` | extra arguments after `port` |
+  | `:env` | `[]` | extra environment, e.g. `[{"CUDA_VISIBLE_DEVICES", "1"}]`; a `nil` value unsets |
+  | `:cd` | this node's working directory | the worker's working directory |
+  | `:name` | none | a GenServer name |
+  | `:call_timeout` | `30_000` | ms a call may wait for its reply (`:infinity` allowed) |
+  | `:startup_timeout` | `60_000` | ms the worker has to answer `info` after it starts |
+  | `:shutdown_grace` | `10_000` | ms the worker has to exit after its stdin closes before it is killed |
+  """
+
+  @default_call_timeout 30_000
+  @default_startup_timeout 60_000
+  @default_shutdown_grace 10_000
+
+  # Resolved at compile time: the bridge is built from this repo, whose worker sits in .venv/.
+  @project_root Path.expand("../../..", __DIR__)
+
+  @keys [
+    :executable,
+    :args,
+    :env,
+    :cd,
+    :name,
+    :call_timeout,
+    :startup_timeout,
+    :shutdown_grace,
+    :id
+  ]
+
+  @type t :: %{
+          executable: String.t(),
+          args: [String.t()],
+          env: [{charlist(), charlist() | false}],
+          cd: String.t() | nil,
+          name: GenServer.name() | nil,
+          call_timeout: timeout(),
+          startup_timeout: non_neg_integer(),
+          shutdown_grace: non_neg_integer()
+        }
+
+  @doc "The default worker executable: `$FINETUNE_WORKER`, else this repo's `.venv/bin/finetune-worker`."
+  @spec default_executable() :: String.t()
+  def default_executable do
+    case System.get_env("FINETUNE_WORKER") do
+      value when value in [nil, ""] -> Path.join(@project_root, ".venv/bin/finetune-worker")
+      value -> Path.expand(value)
+    end
+  end
+
+  @doc "The shutdown grace (ms) the options ask for, without validating anything else."
+  @spec shutdown_grace(keyword()) :: non_neg_integer()
+  def shutdown_grace(opts) when is_list(opts) do
+    case Keyword.get(opts, :shutdown_grace) do
+      ms when is_integer(ms) and ms >= 0 -> ms
+      _ -> @default_shutdown_grace
+    end
+  end
+
+  def shutdown_grace(_opts), do: @default_shutdown_grace
+
+  @doc "Validate `opts` and fill in defaults. Raises `ArgumentError` naming the bad option."
+  @spec validate!(keyword()) :: t()
+  def validate!(opts) do
+    unless Keyword.keyword?(opts) do
+      raise ArgumentError,
+            "FineTuning.Worker options must be a keyword list, got: #{inspect(opts)}"
+    end
+
+    case Keyword.keys(opts) -- @keys do
+      [] -> :ok
+      [key | _] -> raise ArgumentError, "unknown option #{inspect(key)}; known: #{inspect(@keys)}"
+    end
+
+    %{
+      executable: executable(Keyword.get(opts, :executable, default_executable())),
+      args: args(Keyword.get(opts, :args, [])),
+      env: env(Keyword.get(opts, :env, [])),
+      cd: cd(Keyword.get(opts, :cd)),
+      name: name(Keyword.get(opts, :name)),
+      call_timeout:
+        timeout(:call_timeout, Keyword.get(opts, :call_timeout, @default_call_timeout)),
+      startup_timeout:
+        ms(:startup_timeout, Keyword.get(opts, :startup_timeout, @default_startup_timeout)),
+      shutdown_grace:
+        ms(:shutdown_grace, Keyword.get(opts, :shutdown_grace, @default_shutdown_grace))
+    }
+  end
+
+  defp executable(path) when is_binary(path) and path != "", do: Path.expand(path)
+
+  defp executable(other),
+    do:
+      raise(ArgumentError, "option :executable must be a non-empty path, got: #{inspect(other)}")
+
+  defp args(list) when is_list(list) do
+    Enum.each(list, fn
+      arg when is_binary(arg) -> :ok
+      arg -> raise ArgumentError, "option :args must be a list of strings, got: #{inspect(arg)}"
+    end)
+
+    list
+  end
+
+  defp args(other),
+    do: raise(ArgumentError, "option :args must be a list of strings, got: #{inspect(other)}")
+
+  defp env(env) when is_map(env), do: env(Map.to_list(env))
+
+  defp env(env) when is_list(env) do
+    Enum.map(env, fn
+      {name, value} when is_binary(name) and name != "" and (is_binary(value) or is_nil(value)) ->
+        if String.contains?(name, "="),
+          do: raise(ArgumentError, "option :env: variable name #{inspect(name)} contains \"=\"")
+
+        {String.to_charlist(name), if(value, do: String.to_charlist(value), else: false)}
+
+      entry ->
+        raise ArgumentError,
+              "option :env must hold {\"NAME\", \"value\" | nil} pairs, got: #{inspect(entry)}"
+    end)
+  end
+
+  defp env(other),
+    do:
+      raise(ArgumentError, "option :env must be a map or a list of pairs, got: #{inspect(other)}")
+
+  defp cd(nil), do: nil
+
+  defp cd(dir) when is_binary(dir) do
+    dir = Path.expand(dir)
+
+    unless File.dir?(dir),
+      do: raise(ArgumentError, "option :cd: #{inspect(dir)} is not a directory")
+
+    dir
+  end
+
+  defp cd(other),
+    do: raise(ArgumentError, "option :cd must be a directory path, got: #{inspect(other)}")
+
+  defp name(nil), do: nil
+  defp name(name) when is_atom(name), do: name
+  defp name({:global, _} = name), do: name
+  defp name({:via, module, _} = name) when is_atom(module), do: name
+
+  defp name(other),
+    do: raise(ArgumentError, "option :name must be a GenServer name, got: #{inspect(other)}")
+
+  defp timeout(_key, :infinity), do: :infinity
+  defp timeout(key, value), do: ms(key, value)
+
+  defp ms(_key, value) when is_integer(value) and value >= 0, do: value
+
+  defp ms(key, value),
+    do:
+      raise(
+        ArgumentError,
+        "option #{inspect(key)} must be a non-negative integer (milliseconds), got: #{inspect(value)}"
+      )
+end

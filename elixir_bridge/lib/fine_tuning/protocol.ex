@@ -1,0 +1,238 @@
+defmodule FineTuning.Protocol do
+  @moduledoc """
+  The ErlPort messages spoken with `finetune-worker port`: pure encode and decode, no IO.
+
+  Every frame (after the `{:packet, 4}` length) is one External Term Format term:
+
+      # BEAM -> worker
+      {:"C", id, :finetune_worker, function, args}   # a call
+      {:"M", message}                                 # a cast, e.g. {:cancel, job_id}
+
+      # worker -> BEAM
+      {:r, id, result}                                # the reply to call `id`
+      {:e, id, {:python, class, message, trace}}      # call `id` raised
+      {:"M", pid, event}                              # deliver `event` to `pid`
+      {:"P", text}                                    # stray output of the worker
+
+  Frames are decoded with `:erlang.binary_to_term(bin, [:safe])`, which refuses to create
+  atoms. The worker only sends atoms from fixed lists (`python/finetune_worker/events.py` and
+  `errors.py`); this module names every one of them, so they exist once it is loaded.
+
+      iex> bin = FineTuning.Protocol.encode_call(7, :status, ["job-1"])
+      iex> :erlang.binary_to_term(bin)
+      {:C, 7, :finetune_worker, :status, ["job-1"]}
+      iex> FineTuning.Protocol.decode(:erlang.term_to_binary({:r, 7, {:error, :not_found}}))
+      {:ok, {:reply, 7, {:error, :not_found}}}
+  """
+
+  @typedoc "A decoded frame from the worker."
+  @type message ::
+          {:reply, non_neg_integer(), term()}
+          | {:error_reply, non_neg_integer(), {atom(), term(), term()}}
+          | {:message, pid() | term(), term()}
+          | {:print, term()}
+
+  @typedoc "Why a frame could not be decoded."
+  @type decode_error :: {:undecodable, String.t()} | {:unexpected, term()}
+
+  @typedoc "An event as a subscriber receives it."
+  @type event :: {:fine_tuning, String.t(), atom(), map()}
+
+  # Mirrors of python/finetune_worker/events.py and errors.py; test/vocabulary_test.exs checks
+  # that they stay equal.
+  @event_types ~w(queued started phase progress metrics eval checkpoint log token completed
+                  failed cancelled)a
+  @terminal_types ~w(completed failed cancelled)a
+  @phases ~w(loading_model preparing_data training evaluating saving loading merging generating
+             launching)a
+  @log_levels ~w(debug info warning error)a
+  @error_codes ~w(out_of_memory model_not_found dataset_not_found bad_dataset_row
+                  unsupported_model output_dir_not_writable output_dir_conflict disk_full
+                  adapter_mismatch invalid_merge_config invalid_config distributed_failure
+                  worker_exit internal_error)a
+  @known_keys ~w(position kind phase level message run_name
+                 step total_steps epoch percent elapsed_s eta_s done total unit
+                 loss learning_rate grad_norm tokens_per_second tokens_seen
+                 eval_loss perplexity samples_per_second
+                 path checkpoint outputs summary output_dir output_path adapter_path
+                 model_path size_bytes runtime_s metrics
+                 error hint details
+                 index text prompt_index completions
+                 value job_id state submitted_at started_at finished_at last_checkpoint
+                 version python torch transformers peft devices queue_length running
+                 name memory_bytes type pid protocol)a
+  @error_classes [
+    :"finetune_worker.errors.ProtocolError",
+    :"finetune_worker.errors.CallError",
+    :"finetune_worker.errors.ConfigError",
+    :"finetune_worker.errors.InternalError"
+  ]
+  @wire_atoms ~w(C M r e P python fine_tuning finetune_worker ok error not_found cancel file
+                 nil true false undefined status)a
+
+  @doc "Event types (`{:fine_tuning, job_id, type, payload}`), as in `events.EVENT_TYPES`."
+  @spec event_types() :: [atom()]
+  def event_types, do: @event_types
+
+  @doc "The event types that end a job."
+  @spec terminal_types() :: [atom()]
+  def terminal_types, do: @terminal_types
+
+  @doc "Values of a `phase` event's `:phase`."
+  @spec phases() :: [atom()]
+  def phases, do: @phases
+
+  @doc "Values of a `log` event's `:level`."
+  @spec log_levels() :: [atom()]
+  def log_levels, do: @log_levels
+
+  @doc "Values of a `failed` event's `:error`, as in `errors.ERROR_CODES`."
+  @spec error_codes() :: [atom()]
+  def error_codes, do: @error_codes
+
+  @doc "Payload and reply map keys that arrive as atoms (any other key is a binary)."
+  @spec known_keys() :: [atom()]
+  def known_keys, do: @known_keys
+
+  @doc "Exception classes of `{:e, id, {:python, class, message, trace}}` replies."
+  @spec error_classes() :: [atom()]
+  def error_classes, do: @error_classes
+
+  @doc "Every atom the worker may send."
+  @spec atoms() :: [atom()]
+  def atoms do
+    Enum.uniq(
+      @wire_atoms ++
+        @event_types ++ @phases ++ @log_levels ++ @error_codes ++ @known_keys ++ @error_classes
+    )
+  end
+
+  @doc "Whether `type` ends a job."
+  @spec terminal?(atom()) :: boolean()
+  def terminal?(type), do: type in @terminal_types
+
+  @doc "The frame of a call to `finetune_worker:function(args...)`."
+  @spec encode_call(non_neg_integer(), atom(), list()) :: binary()
+  def encode_call(id, function, args)
+      when is_integer(id) and id >= 0 and is_atom(function) and is_list(args) do
+    encode({:C, id, :finetune_worker, function, args})
+  end
+
+  @doc "The frame of a cast (no reply), e.g. `encode_cast({:cancel, job_id})`."
+  @spec encode_cast(term()) :: binary()
+  def encode_cast(message), do: encode({:M, message})
+
+  # minor_version 1 is what ErlPort sends (floats as NEW_FLOAT_EXT).
+  defp encode(term), do: :erlang.term_to_binary(term, minor_version: 1)
+
+  @doc """
+  Decode one frame. Returns `{:ok, message}` or `{:error, reason}` for bytes that are not a
+  term (or carry an atom this module does not know) and for terms that are not a message.
+  """
+  @spec decode(binary()) :: {:ok, message()} | {:error, decode_error()}
+  def decode(frame) when is_binary(frame) do
+    frame |> binary_to_term() |> classify()
+  end
+
+  defp binary_to_term(frame) do
+    {:ok, :erlang.binary_to_term(frame, [:safe])}
+  rescue
+    ArgumentError ->
+      {:error, {:undecodable, "#{byte_size(frame)} bytes: #{preview(frame)}"}}
+  end
+
+  defp classify({:ok, {:r, id, result}}) when is_integer(id), do: {:ok, {:reply, id, result}}
+
+  defp classify({:ok, {:e, id, {:python, class, message, trace}}}) when is_integer(id),
+    do: {:ok, {:error_reply, id, {class, message, trace}}}
+
+  defp classify({:ok, {:M, pid, message}}), do: {:ok, {:message, pid, message}}
+  defp classify({:ok, {:P, text}}), do: {:ok, {:print, text}}
+  defp classify({:ok, other}), do: {:error, {:unexpected, other}}
+  defp classify({:error, _} = error), do: error
+
+  defp preview(frame) when byte_size(frame) <= 32, do: inspect(frame)
+  defp preview(<<head::binary-size(32), _::binary>>), do: inspect(head) <> "..."
+
+  @doc """
+  Turn a job config into the term sent to the worker.
+
+  Accepts a map (atom or string keys; atom values other than booleans and `nil` become
+  strings, as JSON would have them), a JSON binary (sent unchanged; the worker parses it), or
+  `{:file, path}` (relative paths are expanded against this node's working directory, since
+  the worker may run in another one). Returns `{:error, issues}` in the worker's issue format
+  when the config cannot be sent at all.
+  """
+  @spec config_term(term()) :: {:ok, term()} | {:error, [map()]}
+  def config_term(config) when is_binary(config), do: {:ok, config}
+
+  def config_term({:file, path}) when is_binary(path) or is_list(path) do
+    {:ok, {:file, Path.expand(IO.chardata_to_string(path))}}
+  end
+
+  def config_term(config) when is_map(config) and not is_struct(config) do
+    case plain(config, []) do
+      {:ok, term} -> {:ok, term}
+      {:error, path, message, value} -> {:error, [issue(path, message, value)]}
+    end
+  end
+
+  def config_term(other) do
+    {:error,
+     [issue([], "a config must be a map, a JSON binary or {:file, path}", inspect(other))]}
+  end
+
+  defp plain(value, path) when is_struct(value),
+    do: {:error, path, "structs cannot be sent in a config", inspect(value)}
+
+  defp plain(map, path) when is_map(map) do
+    Enum.reduce_while(map, {:ok, %{}}, fn {key, value}, {:ok, acc} ->
+      with {:ok, key} <- plain_key(key, path),
+           {:ok, value} <- plain(value, path ++ [key]) do
+        {:cont, {:ok, Map.put(acc, key, value)}}
+      else
+        error -> {:halt, error}
+      end
+    end)
+  end
+
+  defp plain(list, path) when is_list(list) do
+    list
+    |> Enum.with_index()
+    |> Enum.reduce_while({:ok, []}, fn {value, index}, {:ok, acc} ->
+      case plain(value, path ++ [index]) do
+        {:ok, value} -> {:cont, {:ok, [value | acc]}}
+        error -> {:halt, error}
+      end
+    end)
+    |> case do
+      {:ok, acc} -> {:ok, Enum.reverse(acc)}
+      error -> error
+    end
+  end
+
+  defp plain(value, _path) when is_boolean(value) or is_nil(value), do: {:ok, value}
+  defp plain(value, _path) when is_atom(value), do: {:ok, Atom.to_string(value)}
+
+  defp plain(value, _path) when is_binary(value) or is_number(value), do: {:ok, value}
+
+  defp plain(value, path),
+    do: {:error, path, "only maps, lists, strings, numbers, booleans and nil", inspect(value)}
+
+  defp plain_key(key, _path) when is_binary(key), do: {:ok, key}
+  defp plain_key(key, _path) when is_atom(key) and not is_nil(key), do: {:ok, Atom.to_string(key)}
+
+  defp plain_key(key, path),
+    do: {:error, path, "config keys must be strings or atoms", inspect(key)}
+
+  defp issue(path, message, value), do: %{path: json_path(path), message: message, value: value}
+
+  # Same notation as the worker's issues: training_parameters.learning_rate, prompts[0].
+  defp json_path(path) do
+    Enum.reduce(path, "", fn
+      index, acc when is_integer(index) -> acc <> "[#{index}]"
+      key, "" -> key
+      key, acc -> acc <> "." <> key
+    end)
+  end
+end

@@ -1,0 +1,409 @@
+defmodule FineTuning.Worker do
+  @moduledoc """
+  A GenServer that owns one `finetune-worker port` OS process.
+
+      children = [
+        {FineTuning.Worker, name: MyApp.FineTuner, env: %{"CUDA_VISIBLE_DEVICES" => "0"}}
+      ]
+
+      Supervisor.start_link(children, strategy: :one_for_one)
+
+  Talk to it through `FineTuning` (`submit/3`, `await/3`, `stream/3`, ...). Options are listed
+  in `FineTuning.Options`.
+
+  `start_link/1` returns once the worker has answered `info`, or fails with
+  `{:executable_not_found, path}`, `{:worker_exit, status}` or `{:startup_timeout, ms}`.
+
+  Calls never block the GenServer: each is tagged with a request id and answered from
+  `handle_info/2` when the worker replies (or with `{:error, :timeout}` after the call
+  timeout). The worker sends job events to this process, which forwards them to each job's
+  subscribers as `{:fine_tuning, job_id, type, payload}`.
+
+  When the worker process exits, pending callers get `{:error, {:worker_exit, status}}`,
+  subscribers of unfinished jobs get `{:fine_tuning, job_id, :failed, %{error: :worker_exit,
+  status: status, message: ...}}`, and this GenServer stops with `{:worker_exit, status}` (or
+  `:normal` after `FineTuning.shutdown/2`), so its supervisor restarts it. When this GenServer
+  stops, it closes the worker's stdin and kills the process if it is still there after
+  `:shutdown_grace` ms.
+  """
+
+  use GenServer
+  require Logger
+
+  alias FineTuning.{Options, OSProcess, Protocol}
+
+  # Terminal events kept for late `await`/`stream` callers (a job can end before they ask).
+  @finished_kept 256
+
+  defstruct port: nil,
+            os_pid: nil,
+            opts: nil,
+            info: nil,
+            next_id: 1,
+            pending: %{},
+            jobs: %{},
+            early: %{},
+            finished: %{},
+            finished_order: :queue.new(),
+            shutdown_requested: false
+
+  @doc """
+  A child spec whose `:shutdown` leaves time for the worker's grace period. `:id` defaults
+  to `:name` (then to this module), so several workers (one per GPU) can share a supervisor.
+  """
+  @spec child_spec(keyword()) :: Supervisor.child_spec()
+  def child_spec(opts) do
+    id = Keyword.get(opts, :id, Keyword.get(opts, :name, __MODULE__))
+
+    %{
+      id: id,
+      start: {__MODULE__, :start_link, [opts]},
+      shutdown: Options.shutdown_grace(opts) + 5_000,
+      type: :worker
+    }
+  end
+
+  @doc "Start the worker process and wait until it answers `info`. See `FineTuning.Options`."
+  @spec start_link(keyword()) :: GenServer.on_start()
+  def start_link(opts \\ []) do
+    case Keyword.get(opts, :name) do
+      nil -> GenServer.start_link(__MODULE__, opts)
+      name -> GenServer.start_link(__MODULE__, opts, name: name)
+    end
+  end
+
+  @impl true
+  def init(opts) do
+    opts = Options.validate!(opts)
+    Process.flag(:trap_exit, true)
+
+    with {:ok, port} <- open_port(opts) do
+      state = %__MODULE__{port: port, os_pid: os_pid(port), opts: opts}
+
+      case await_ready(state) do
+        {:ok, state} ->
+          {:ok, state}
+
+        {:error, reason} ->
+          close_port(state)
+          {:stop, reason}
+      end
+    else
+      {:error, reason} -> {:stop, reason}
+    end
+  end
+
+  defp open_port(opts) do
+    path = opts.executable
+
+    cond do
+      not File.regular?(path) ->
+        {:error, {:executable_not_found, path}}
+
+      not executable?(path) ->
+        {:error, {:executable_not_executable, path}}
+
+      true ->
+        port_opts =
+          [{:packet, 4}, :binary, :exit_status, :use_stdio, :hide]
+          |> Kernel.++([{:args, ["port" | opts.args]}, {:env, opts.env}])
+          |> Kernel.++(if opts.cd, do: [{:cd, opts.cd}], else: [])
+
+        {:ok, Port.open({:spawn_executable, path}, port_opts)}
+    end
+  end
+
+  defp executable?(path) do
+    case File.stat(path) do
+      {:ok, %File.Stat{mode: mode}} -> Bitwise.band(mode, 0o111) != 0
+      _ -> false
+    end
+  end
+
+  defp os_pid(port) do
+    case Port.info(port, :os_pid) do
+      {:os_pid, pid} -> pid
+      nil -> nil
+    end
+  end
+
+  # Readiness is part of init on purpose: start_link must not return a worker that cannot
+  # answer. Any other frame that arrives meanwhile is handled as usual.
+  defp await_ready(%{port: port} = state) do
+    id = state.next_id
+    Port.command(port, Protocol.encode_call(id, :info, []))
+    deadline = System.monotonic_time(:millisecond) + state.opts.startup_timeout
+    wait_ready(%{state | next_id: id + 1}, id, deadline)
+  end
+
+  defp wait_ready(%{port: port} = state, id, deadline) do
+    remaining = max(deadline - System.monotonic_time(:millisecond), 0)
+
+    receive do
+      {^port, {:data, frame}} ->
+        case Protocol.decode(frame) do
+          {:ok, {:reply, ^id, info}} ->
+            {:ok, %{state | info: info}}
+
+          {:ok, {:error_reply, ^id, {class, message, _trace}}} ->
+            {:error, {:info_failed, class, message}}
+
+          decoded ->
+            wait_ready(handle_frame(decoded, state), id, deadline)
+        end
+
+      {^port, {:exit_status, status}} ->
+        {:error, {:worker_exit, status}}
+    after
+      remaining -> {:error, {:startup_timeout, state.opts.startup_timeout}}
+    end
+  end
+
+  @impl true
+  def handle_call({:call, function, args, timeout}, from, state) do
+    {:noreply, send_call(state, function, args, {from, :call}, timeout)}
+  end
+
+  def handle_call({:submit, config, subscriber, timeout}, from, state) do
+    {:noreply,
+     send_call(state, :submit, [config, self()], {from, {:submit, subscriber}}, timeout)}
+  end
+
+  def handle_call({:shutdown, timeout}, from, state) do
+    state = %{state | shutdown_requested: true}
+    {:noreply, send_call(state, :shutdown, [], {from, :call}, timeout)}
+  end
+
+  def handle_call({:subscribe, job_id, pid}, _from, state) do
+    case state do
+      %{jobs: %{^job_id => subscribers}} ->
+        if pid in subscribers do
+          {:reply, {:ok, :already}, state}
+        else
+          {:reply, {:ok, :added}, put_in(state.jobs[job_id], subscribers ++ [pid])}
+        end
+
+      %{finished: %{^job_id => event}} ->
+        {:reply, {:ok, {:finished, event}}, state}
+
+      _ ->
+        {:reply, {:error, :not_found}, state}
+    end
+  end
+
+  def handle_call({:unsubscribe, job_id, pid}, _from, state) do
+    state =
+      case state.jobs do
+        %{^job_id => subscribers} -> put_in(state.jobs[job_id], List.delete(subscribers, pid))
+        _ -> state
+      end
+
+    {:reply, :ok, state}
+  end
+
+  def handle_call(:os_pid, _from, state), do: {:reply, state.os_pid, state}
+  def handle_call(:startup_info, _from, state), do: {:reply, state.info, state}
+
+  defp send_call(state, function, args, waiter, timeout) do
+    timeout = if timeout == :default, do: state.opts.call_timeout, else: timeout
+    id = state.next_id
+    Port.command(state.port, Protocol.encode_call(id, function, args))
+    timer = if timeout != :infinity, do: Process.send_after(self(), {:call_timeout, id}, timeout)
+    %{state | next_id: id + 1, pending: Map.put(state.pending, id, {waiter, timer})}
+  end
+
+  @impl true
+  def handle_info({port, {:data, frame}}, %{port: port} = state) do
+    {:noreply, handle_frame(Protocol.decode(frame), state)}
+  end
+
+  def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
+    fail_all(state, {:worker_exit, status}, status, "exited with status #{status}")
+
+    reason =
+      if status == 0 and state.shutdown_requested, do: :normal, else: {:worker_exit, status}
+
+    if reason != :normal, do: Logger.error("finetune-worker exited with status #{status}")
+    {:stop, reason, %{state | port: nil, pending: %{}, jobs: %{}, early: %{}}}
+  end
+
+  # Normally {:exit_status, _} comes first and we have stopped; this is a port that broke.
+  def handle_info({:EXIT, port, reason}, %{port: port} = state) do
+    fail_all(state, {:worker_exit, nil}, nil, "port closed: #{inspect(reason)}")
+    {:stop, {:port_exit, reason}, %{state | port: nil, pending: %{}, jobs: %{}, early: %{}}}
+  end
+
+  def handle_info({:call_timeout, id}, state) do
+    case Map.pop(state.pending, id) do
+      {nil, _} ->
+        {:noreply, state}
+
+      {{{from, _kind}, _timer}, pending} ->
+        GenServer.reply(from, {:error, :timeout})
+        {:noreply, %{state | pending: pending}}
+    end
+  end
+
+  def handle_info({:EXIT, _pid, _reason}, state), do: {:noreply, state}
+
+  def handle_info(message, state) do
+    Logger.debug("FineTuning.Worker ignored #{inspect(message)}")
+    {:noreply, state}
+  end
+
+  @impl true
+  def terminate(reason, state) do
+    if state.port do
+      fail_all(
+        state,
+        {:worker_exit, nil},
+        nil,
+        "the FineTuning.Worker stopped: #{inspect(reason)}"
+      )
+
+      close_port(state)
+    end
+
+    :ok
+  end
+
+  # Closing stdin asks the worker to stop its job and exit; the kill is for one that doesn't.
+  defp close_port(%{port: port, os_pid: os_pid, opts: opts}) do
+    try do
+      Port.close(port)
+    rescue
+      ArgumentError -> :already_closed
+    end
+
+    if OSProcess.ensure_gone(os_pid, opts.shutdown_grace) == :killed do
+      Logger.warning(
+        "finetune-worker (os pid #{os_pid}) was still running #{opts.shutdown_grace} ms " <>
+          "after its stdin closed; killed it"
+      )
+    end
+  end
+
+  # ---- frames -------------------------------------------------------------------------------
+
+  @doc false
+  def handle_frame({:ok, {:reply, id, result}}, state) do
+    case Map.pop(state.pending, id) do
+      {nil, _} ->
+        Logger.debug("finetune-worker replied to unknown or timed-out call #{id}")
+        state
+
+      {{waiter, timer}, pending} ->
+        if timer, do: Process.cancel_timer(timer)
+        reply(waiter, result, %{state | pending: pending})
+    end
+  end
+
+  def handle_frame({:ok, {:error_reply, id, {class, message, trace}}}, state) do
+    handle_frame({:ok, {:reply, id, {:error, {:python, class, message, trace}}}}, state)
+  end
+
+  def handle_frame({:ok, {:message, _pid, {:fine_tuning, job_id, type, _} = event}}, state)
+      when is_binary(job_id) and is_atom(type) do
+    route_event(event, state)
+  end
+
+  # ErlPort semantics for anything else: `{'M', Pid, Message}` means Pid ! Message.
+  def handle_frame({:ok, {:message, pid, message}}, state) when is_pid(pid) do
+    send(pid, message)
+    state
+  end
+
+  def handle_frame({:ok, {:print, text}}, state) do
+    Logger.info("finetune-worker: #{IO.chardata_to_string(List.wrap(text))}")
+    state
+  rescue
+    _ -> state
+  end
+
+  def handle_frame({:ok, other}, state) do
+    Logger.warning("finetune-worker sent an unexpected message: #{inspect(other)}")
+    state
+  end
+
+  def handle_frame({:error, reason}, state) do
+    Logger.warning("finetune-worker sent an undecodable frame, ignored: #{inspect(reason)}")
+    state
+  end
+
+  defp reply({from, :call}, result, state) do
+    GenServer.reply(from, result)
+    state
+  end
+
+  defp reply({from, {:submit, subscriber}}, {:ok, job_id} = result, state) do
+    {early, rest} = Map.pop(state.early, job_id, [])
+    state = %{state | jobs: Map.put(state.jobs, job_id, [subscriber]), early: rest}
+    GenServer.reply(from, result)
+    state = Enum.reduce(Enum.reverse(early), state, &route_event/2)
+    drop_orphan_events(state)
+  end
+
+  defp reply({from, {:submit, _}}, result, state) do
+    GenServer.reply(from, result)
+    drop_orphan_events(state)
+  end
+
+  # The worker emits `queued` (and maybe more) before it replies to `submit`, so events of a
+  # job we do not know yet are held until the reply names it.
+  defp route_event({:fine_tuning, job_id, type, _} = event, state) do
+    case state.jobs do
+      %{^job_id => subscribers} ->
+        Enum.each(subscribers, &send(&1, event))
+        if Protocol.terminal?(type), do: finish(state, job_id, event), else: state
+
+      _ ->
+        if submit_pending?(state) do
+          %{state | early: Map.update(state.early, job_id, [event], &[event | &1])}
+        else
+          Logger.warning("finetune-worker sent an event of unknown job #{job_id}: #{type}")
+          state
+        end
+    end
+  end
+
+  defp submit_pending?(state) do
+    Enum.any?(state.pending, fn {_id, {{_from, kind}, _timer}} -> kind != :call end)
+  end
+
+  defp drop_orphan_events(state) do
+    if state.early != %{} and not submit_pending?(state) do
+      Logger.warning("dropped events of jobs no submit named: #{inspect(Map.keys(state.early))}")
+      %{state | early: %{}}
+    else
+      state
+    end
+  end
+
+  defp finish(state, job_id, event) do
+    order = :queue.in(job_id, state.finished_order)
+    finished = Map.put(state.finished, job_id, event)
+
+    {finished, order} =
+      if :queue.len(order) > @finished_kept do
+        {{:value, old}, order} = :queue.out(order)
+        {Map.delete(finished, old), order}
+      else
+        {finished, order}
+      end
+
+    %{state | jobs: Map.delete(state.jobs, job_id), finished: finished, finished_order: order}
+  end
+
+  defp fail_all(state, call_error, status, what) do
+    Enum.each(state.pending, fn {_id, {{from, _kind}, _timer}} ->
+      GenServer.reply(from, {:error, call_error})
+    end)
+
+    message = "the finetune-worker process #{what} before the job finished"
+    payload = %{error: :worker_exit, status: status, message: message}
+
+    for {job_id, subscribers} <- state.jobs, pid <- subscribers do
+      send(pid, {:fine_tuning, job_id, :failed, payload})
+    end
+  end
+end

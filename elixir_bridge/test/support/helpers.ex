@@ -1,0 +1,71 @@
+defmodule FineTuning.TestHelpers do
+  @moduledoc false
+  # Paths and OS checks shared by the bridge's tests.
+
+  @repo Path.expand("../../..", __DIR__)
+
+  def repo, do: @repo
+  def fixture(name), do: Path.join([@repo, "elixir_bridge", "test", "fixtures", name])
+  def python, do: Path.join(@repo, ".venv/bin/python")
+  def worker_executable, do: Path.join(@repo, ".venv/bin/finetune-worker")
+
+  @doc "Options for a real worker: test job kinds on, no model hub, small grace."
+  def worker_opts(extra \\ []) do
+    env = %{
+      "FINETUNE_WORKER_TEST_JOBS" => "1",
+      "HF_HUB_OFFLINE" => "1",
+      "HF_DATASETS_OFFLINE" => "1",
+      "TOKENIZERS_PARALLELISM" => "false",
+      "OMP_NUM_THREADS" => "2"
+    }
+
+    Keyword.merge([executable: worker_executable(), env: env, shutdown_grace: 5_000], extra)
+  end
+
+  def os_alive?(os_pid) do
+    {_, status} = System.cmd("kill", ["-0", to_string(os_pid)], stderr_to_stdout: true)
+    status == 0
+  end
+
+  @doc "Poll until the OS pid is gone (true) or `timeout` ms pass (false)."
+  def wait_os_gone(os_pid, timeout) do
+    deadline = System.monotonic_time(:millisecond) + timeout
+
+    Stream.repeatedly(fn ->
+      gone = not os_alive?(os_pid)
+      unless gone, do: Process.sleep(50)
+      gone
+    end)
+    |> Enum.find(fn gone -> gone or System.monotonic_time(:millisecond) > deadline end)
+  end
+
+  @doc "Run `finetune-worker ARGS...` and fail the test on a non-zero exit."
+  def run_worker_cli!(args) do
+    {out, status} = System.cmd(worker_executable(), args, stderr_to_stdout: true, cd: @repo)
+
+    if status != 0 do
+      raise "finetune-worker #{Enum.join(args, " ")} exited #{status}:\n#{out}"
+    end
+
+    out
+  end
+
+  def tmp_dir!(prefix) do
+    dir = Path.join(System.tmp_dir!(), "#{prefix}-#{System.unique_integer([:positive])}")
+    File.rm_rf!(dir)
+    File.mkdir_p!(dir)
+    dir
+  end
+
+  @doc "Receive the events of `job_id` until its terminal event; returns them in order."
+  def collect_events(job_id, timeout) do
+    receive do
+      {:fine_tuning, ^job_id, type, payload} ->
+        if FineTuning.Protocol.terminal?(type),
+          do: [{type, payload}],
+          else: [{type, payload} | collect_events(job_id, timeout)]
+    after
+      timeout -> raise "no event of job #{job_id} within #{timeout} ms"
+    end
+  end
+end

@@ -1,0 +1,79 @@
+defmodule FineTuning.VocabularyTest do
+  # The atoms the worker may send are listed twice: in python/finetune_worker/{events,errors}.py
+  # and in FineTuning.Protocol. A frame carrying an atom the bridge lacks would be refused by
+  # binary_to_term(_, [:safe]), so the two lists must stay equal.
+  use ExUnit.Case, async: true
+
+  alias FineTuning.Protocol
+  import FineTuning.TestHelpers
+
+  # One "section name" pair per line: OTP 25 has no JSON decoder.
+  @script """
+  from finetune_worker import errors, events
+  sections = {
+      "event_types": events.EVENT_TYPES,
+      "terminal_types": events.TERMINAL_TYPES,
+      "phases": events.PHASES,
+      "log_levels": events.LOG_LEVELS,
+      "error_codes": errors.ERROR_CODES,
+      "known_keys": events.KNOWN_KEYS,
+      "atom_value_keys": set(events.ATOM_VALUES),
+  }
+  for section, names in sections.items():
+      for name in sorted(names):
+          print(section, name)
+  """
+
+  setup_all do
+    {out, 0} = System.cmd(python(), ["-c", @script], cd: repo())
+
+    sections =
+      out
+      |> String.split("\n", trim: true)
+      |> Enum.map(&String.split(&1, " ", parts: 2))
+      |> Enum.group_by(&hd/1, fn [_, name] -> name end)
+      |> Map.new(fn {section, names} -> {section, MapSet.new(names)} end)
+
+    %{python: sections}
+  end
+
+  defp names(atoms), do: MapSet.new(atoms, &Atom.to_string/1)
+
+  for {section, fun} <- [
+        event_types: :event_types,
+        terminal_types: :terminal_types,
+        phases: :phases,
+        log_levels: :log_levels,
+        error_codes: :error_codes,
+        known_keys: :known_keys
+      ] do
+    test "#{section} match the Python worker", %{python: python} do
+      ours = names(apply(Protocol, unquote(fun), []))
+      theirs = Map.fetch!(python, unquote(Atom.to_string(section)))
+      assert MapSet.difference(theirs, ours) == MapSet.new(), "missing in FineTuning.Protocol"
+      assert MapSet.difference(ours, theirs) == MapSet.new(), "not in the Python worker"
+    end
+  end
+
+  test "the keys whose values are atoms are known keys", %{python: python} do
+    assert MapSet.subset?(python["atom_value_keys"], names(Protocol.known_keys()))
+  end
+
+  test "error classes are the worker's exception classes" do
+    {out, 0} =
+      System.cmd(
+        python(),
+        [
+          "-c",
+          "import finetune_worker.errors as e\n" <>
+            "for n in ('ProtocolError', 'CallError', 'ConfigError'):\n" <>
+            "    print(getattr(e, n).__module__ + '.' + n)"
+        ],
+        cd: repo()
+      )
+
+    for class <- String.split(out, "\n", trim: true) do
+      assert String.to_atom(class) in Protocol.error_classes()
+    end
+  end
+end
