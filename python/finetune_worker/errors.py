@@ -25,6 +25,10 @@ class CallError(FinetuneWorkerError):
     """A well-formed call that the worker refuses: unknown module or function, wrong arity or argument type."""
 
 
+class InternalError(FinetuneWorkerError):
+    """The worker itself failed while handling a call (a bug): the message names the original type."""
+
+
 @dataclass(frozen=True)
 class ConfigIssue:
     """One problem in a job config: ``path`` is the JSON path (``training_parameters.learning_rate``)."""
@@ -98,7 +102,7 @@ class JobFailed(FinetuneWorkerError):
         return self.message
 
 
-class JobCancelled(FinetuneWorkerError):  # noqa: N818 - it is a control-flow signal, not an error
+class JobCancelled(FinetuneWorkerError):
     """Raised by a job that stopped because it was asked to; carries where it stopped."""
 
     def __init__(self, step: int = 0, checkpoint: str | None = None):

@@ -144,10 +144,18 @@ class JobManager:
             job_id = f"{self._prefix}-{next(self._ids)}"
             record = JobRecord(job_id=job_id, kind=kind, config=config, reply_to=reply_to)
             self._jobs[job_id] = record
-            self._queue.append(record)
-            position = len(self._queue) + (1 if self._current else 0)
-            self._wakeup.notify_all()
+            position = len(self._queue) + 1 + (1 if self._current else 0)
+        # `queued` goes out before the runner can see the job, so no subscriber ever gets
+        # `started` ahead of `queued`.
         self._emit(record, "queued", {"position": position, "kind": kind})
+        with self._lock:
+            if not self._closing:
+                self._queue.append(record)
+                self._wakeup.notify_all()
+                return job_id
+            record.state = "cancelled"
+            record.finished_at = time.time()
+        self._sink(record, Event(record.job_id, "cancelled", {"step": 0, "checkpoint": None}))
         return job_id
 
     def status(self, job_id: str) -> dict[str, Any] | None:
@@ -254,7 +262,9 @@ class JobManager:
                 raise
         else:
             if ctx.cancelled and result.get("cancelled"):
-                self._finish(record, "cancelled", {"step": record.step, "checkpoint": result.get("checkpoint")})
+                self._finish(
+                    record, "cancelled", {"step": record.step, "checkpoint": result.get("checkpoint")}
+                )
             else:
                 self._finish(record, "completed", result)
 

@@ -1,0 +1,255 @@
+"""``finetune-worker``: the console script (also ``python -m finetune_worker``).
+
+Launch forms (docs/protocol.md, "Launch forms")::
+
+    finetune-worker port [--packet N] [--use_stdio|--nouse_stdio] [--compressed N]
+                         [--buffer_size N] [--grace S] [--max_frame_size N]
+    finetune-worker -V                                   # "Python 3.11.7", as ErlPort expects
+    finetune-worker -u -m erlport.cli --packet=4 --use_stdio --compressed=0 --buffer_size=65536
+    finetune-worker run CONFIG.json [--json] [--grace S]
+    finetune-worker validate CONFIG.json
+    finetune-worker schema
+    finetune-worker make-tiny-model DIR
+
+The ErlPort forms exist so that ``python:start([{python, "/path/to/finetune-worker"}])`` drives
+the worker unchanged: ErlPort runs ``<python> -V`` first, then starts ``erlport.cli`` with its
+port options. Logs always go to stderr; in port mode stdout carries frames only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import signal
+import sys
+import threading
+from typing import Any
+
+import finetune_worker
+
+log = logging.getLogger("finetune_worker.cli")
+
+#: Exit statuses of ``run`` (130 = 128 + SIGINT, what shells report for Ctrl-C).
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def _default_grace() -> float:
+    try:
+        return float(os.environ.get("FINETUNE_WORKER_GRACE", "10"))
+    except ValueError:
+        return 10.0
+
+
+def _add_port_options(p: argparse.ArgumentParser) -> None:
+    from finetune_worker.port import DEFAULT_BUFFER_SIZE, DEFAULT_MAX_FRAME
+
+    p.add_argument(
+        "--packet", type=int, choices=(1, 2, 4), default=4, help="length prefix bytes ({packet, N})"
+    )
+    stdio = p.add_mutually_exclusive_group()
+    stdio.add_argument("--use_stdio", "--use-stdio", dest="use_stdio", action="store_true", default=True)
+    stdio.add_argument(
+        "--nouse_stdio", "--nouse-stdio", dest="use_stdio", action="store_false", help="frames on fds 3/4"
+    )
+    p.add_argument("--compressed", type=int, choices=range(10), default=0, metavar="0-9", help="zlib level")
+    p.add_argument("--buffer_size", "--buffer-size", type=int, default=DEFAULT_BUFFER_SIZE, help="read size")
+    p.add_argument(
+        "--max_frame_size",
+        "--max-frame-size",
+        type=int,
+        default=DEFAULT_MAX_FRAME,
+        help="bigger frames are dropped",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=_default_grace(),
+        help="seconds a cancelled job gets to save at shutdown (env FINETUNE_WORKER_GRACE, default 10)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune-worker", description="LLM fine-tuning worker for the BEAM (ErlPort-compatible port)."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"finetune-worker {finetune_worker.__version__}"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_port_options(sub.add_parser("port", help="serve the BEAM over a port (stdio frames)"))
+
+    run = sub.add_parser("run", help="run one job in this terminal with live progress")
+    run.add_argument("config", help="job config (JSON file)")
+    run.add_argument("--json", action="store_true", help="print events as JSON lines instead")
+    run.add_argument("--grace", type=float, default=_default_grace(), help="seconds to save after a cancel")
+
+    val = sub.add_parser("validate", help="check a job config and print every problem")
+    val.add_argument("config", help="job config (JSON file)")
+
+    sub.add_parser("schema", help="print the JSON schema of job configs")
+
+    tiny = sub.add_parser("make-tiny-model", help="build the tiny offline test model into DIR")
+    tiny.add_argument("dir")
+    return parser
+
+
+def _erlport_args(argv: list[str]) -> list[str] | None:
+    """``-u -m erlport.cli OPTIONS`` -> ``port OPTIONS``; None when argv is not ErlPort's form."""
+    rest = list(argv)
+    while rest and rest[0] in ("-u", "-B", "-E", "-s"):  # interpreter flags ErlPort may pass
+        rest.pop(0)
+    if len(rest) >= 2 and rest[0] == "-m" and rest[1] == "erlport.cli":
+        return ["port", *rest[2:]]
+    if rest and rest[0] == "-merlport.cli":
+        return ["port", *rest[1:]]
+    return None
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("FINETUNE_WORKER_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level, logging.INFO),
+        format=f"finetune-worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["-V"]:
+        print(f"Python {platform.python_version()}")
+        return 0
+    erlport = _erlport_args(args_list)
+    args = build_parser().parse_args(erlport if erlport is not None else args_list)
+    _setup_logging()
+    command = args.command
+    if command == "port":
+        return cmd_port(args)
+    if command == "run":
+        return cmd_run(args)
+    if command == "validate":
+        return cmd_validate(args)
+    if command == "schema":
+        return cmd_schema()
+    if command == "make-tiny-model":
+        return cmd_make_tiny_model(args)
+    raise AssertionError(command)  # argparse rejects unknown subcommands
+
+
+def cmd_port(args: argparse.Namespace) -> int:
+    from finetune_worker.port import open_port
+    from finetune_worker.worker import serve
+
+    port = open_port(
+        packet=args.packet,
+        use_stdio=args.use_stdio,
+        compressed=args.compressed,
+        buffer_size=args.buffer_size,
+        max_frame_size=args.max_frame_size,
+    )
+    log.info(
+        "serving on %s (packet %d, pid %d)",
+        "stdio" if args.use_stdio else "fds 3/4",
+        args.packet,
+        os.getpid(),
+    )
+    return serve(port, grace_s=args.grace)
+
+
+def _load(path: str) -> tuple[str, Any]:
+    from finetune_worker.config import parse_job_config
+
+    return parse_job_config(("file", path))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from finetune_worker.errors import ConfigError
+
+    try:
+        kind, _ = _load(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: {len(exc.issues)} problem(s)")
+        for issue in exc.issues:
+            print(f"  {issue}")
+        return EXIT_INVALID
+    print(f"{args.config}: valid {kind} config")
+    return EXIT_OK
+
+
+def cmd_schema() -> int:
+    from finetune_worker.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from finetune_worker.tiny import build_tiny_model
+
+    print(build_tiny_model(args.dir))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """One job, in process, through the same JobManager the port uses."""
+    from finetune_worker.errors import ConfigError
+    from finetune_worker.jobs import JobManager
+
+    try:
+        kind, model = _load(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: {len(exc.issues)} problem(s)", file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        return EXIT_INVALID
+
+    if args.json:
+        from finetune_worker.port import protect_stdout
+        from finetune_worker.render import JsonLines
+
+        # Libraries print to stdout; keep the JSON lines a clean stream by sending them to a
+        # private dup of fd 1 and pointing fd 1 at stderr, as port mode does for frames.
+        sink: Any = JsonLines(os.fdopen(protect_stdout(), "w", buffering=1, encoding="utf-8"))
+    else:
+        from finetune_worker.render import Renderer
+
+        sink = Renderer()
+
+    finished = threading.Event()
+    outcome: dict[str, str] = {}
+
+    def on_event(record: Any, event: Any) -> None:
+        sink(record, event)
+        if event.terminal:
+            outcome["type"] = event.type
+            finished.set()
+
+    manager = JobManager(on_event, job_prefix="run")
+    job_id = manager.submit(kind, model)
+    interrupts = 0
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            print("\ncancelling at the next step boundary (Ctrl-C again to quit now)", file=sys.stderr)
+            manager.cancel(job_id)
+        else:
+            sys.stderr.flush()
+            os._exit(EXIT_CANCELLED)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while not finished.wait(0.2):  # short waits keep the main thread responsive to signals
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        manager.close(args.grace)
+        close = getattr(sink, "close", None)
+        if close is not None:
+            close()
+    return {"completed": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(outcome.get("type", ""), EXIT_FAILED)

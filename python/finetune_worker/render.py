@@ -1,0 +1,148 @@
+"""Event sinks for ``finetune-worker run``: a live rich display, or JSON lines for scripts.
+
+Both are :data:`finetune_worker.jobs.Sink` callables ``(record, event) -> None``, fed the very
+events a BEAM subscriber would get, so the terminal shows what the port would send.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import IO, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+
+from finetune_worker.events import Event, plain
+
+
+class JsonLines:
+    """One JSON object per event: ``{"job_id", "type", "payload"}``, flushed at once."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+
+    def __call__(self, record: Any, event: Event) -> None:
+        line = {"job_id": event.job_id, "type": event.type, "payload": plain(event.payload)}
+        self.stream.write(json.dumps(line, default=str) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
+class Renderer:
+    """Progress bar (step/total, loss, learning rate, tokens/s, ETA); other events as lines."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TextColumn("[cyan]{task.fields[eta]}"),
+            console=self.console,
+        )
+        self.task: TaskID | None = None
+        self.stats: dict[str, str] = {}
+
+    def __call__(self, record: Any, event: Event) -> None:
+        p = plain(event.payload)
+        handler = getattr(self, f"_on_{event.type}", None)
+        if handler is not None:
+            handler(event.job_id, p)
+
+    def close(self) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+    # ---- one method per event type -------------------------------------------------------------
+
+    def _line(self, text: str) -> None:
+        # Printing through the Progress console keeps the live bar below the scrolled lines.
+        self.progress.console.print(text, highlight=False)
+
+    def _on_queued(self, job_id: str, p: dict[str, Any]) -> None:
+        self._line(f"[dim]{job_id} queued ({p.get('kind')}, position {p.get('position')})")
+
+    def _on_started(self, job_id: str, p: dict[str, Any]) -> None:
+        self._line(f"[bold]{job_id}[/] started: {p.get('kind')}")
+
+    def _on_phase(self, job_id: str, p: dict[str, Any]) -> None:
+        self._line(f"[magenta]▸ {p.get('phase')}")
+
+    def _on_log(self, job_id: str, p: dict[str, Any]) -> None:
+        style = {"warning": "yellow", "error": "red", "debug": "dim"}.get(str(p.get("level")), "")
+        text = f"  {p.get('level')}: {p.get('message')}"
+        self._line(f"[{style}]{text}[/]" if style else text)
+
+    def _on_progress(self, job_id: str, p: dict[str, Any]) -> None:
+        total = p.get("total_steps") or p.get("total")
+        step = p.get("step", p.get("done", 0)) or 0
+        eta = _duration(p.get("eta_s"))
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=total, stats="", eta="")
+        self.progress.update(self.task, completed=step, total=total, eta=f"ETA {eta}" if eta else "")
+
+    def _on_metrics(self, job_id: str, p: dict[str, Any]) -> None:
+        for key, label, fmt in (
+            ("loss", "loss", "{:.4f}"),
+            ("learning_rate", "lr", "{:.2e}"),
+            ("tokens_per_second", "tok/s", "{:,.0f}"),
+        ):
+            value = p.get(key)
+            if isinstance(value, (int, float)):
+                self.stats[label] = fmt.format(value)
+        if self.task is not None:
+            self.progress.update(self.task, stats="  ".join(f"{k} {v}" for k, v in self.stats.items()))
+
+    def _on_eval(self, job_id: str, p: dict[str, Any]) -> None:
+        parts = [f"{k} {v:.4f}" for k, v in p.items() if isinstance(v, float)]
+        self._line(f"[blue]eval[/] {'  '.join(parts)}")
+
+    def _on_checkpoint(self, job_id: str, p: dict[str, Any]) -> None:
+        self._line(f"[green]checkpoint[/] step {p.get('step')}: {p.get('path')}")
+
+    def _on_token(self, job_id: str, p: dict[str, Any]) -> None:
+        self.progress.console.print(str(p.get("text", "")), end="", highlight=False, markup=False)
+
+    def _on_completed(self, job_id: str, p: dict[str, Any]) -> None:
+        self.close()
+        table = Table(title=f"{job_id} completed", show_header=False, title_style="bold green")
+        table.add_column("key", style="bold")
+        table.add_column("value")
+        for section in ("summary", "outputs"):
+            for key, value in (p.get(section) or {}).items():
+                table.add_row(str(key), _cell(value))
+        self.console.print(table)
+
+    def _on_failed(self, job_id: str, p: dict[str, Any]) -> None:
+        self.close()
+        self.console.print(f"[bold red]{job_id} failed: {p.get('error')}[/]")
+        self.console.print(str(p.get("message")), markup=False, highlight=False)
+        if p.get("hint"):
+            self.console.print(f"hint: {p['hint']}", style="yellow", markup=False, highlight=False)
+
+    def _on_cancelled(self, job_id: str, p: dict[str, Any]) -> None:
+        self.close()
+        where = f" (checkpoint {p['checkpoint']})" if p.get("checkpoint") else ""
+        self.console.print(f"[yellow]{job_id} cancelled at step {p.get('step')}{where}")
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return ""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return str(value)

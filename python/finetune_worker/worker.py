@@ -1,0 +1,279 @@
+"""The worker process: read a frame, decode it, dispatch it, answer, repeat.
+
+The main thread only reads, decodes and dispatches; every call returns at once (``submit``
+queues, the :class:`~finetune_worker.jobs.JobManager` runner thread trains). All frames go out
+through :meth:`Port.send`, whose one lock keeps replies and events from interleaving.
+
+Messages (docs/protocol.md, "Messages"):
+
+- ``{'C', Id, finetune_worker, Function, Args}``: a call of :mod:`finetune_worker.api`; the
+  reply is ``{'r', Id, Result}`` or ``{'e', Id, {python, Class, Message, Trace}}``.
+- ``{'M', Message}``: a cast; ``{cancel, JobId}`` is understood, anything else is logged.
+- Job events go to the job's ``ReplyTo`` pid as ``{'M', Pid, Event}`` (ErlPort: ``Pid ! Event``).
+
+Nothing the peer sends can make the worker import or run anything outside the API: module and
+function names are compared with fixed lists, never resolved. A frame that does not decode,
+or a term of the wrong shape, gets an error reply when an ``Id`` can be recovered and a
+warning on stderr otherwise; either way the worker goes on serving.
+
+Shutdown (stdin EOF, SIGTERM, or the ``shutdown`` call): cancel the running job, give it
+``grace_s`` to save, and exit. A watchdog ``os._exit``\\s shortly after the grace period, so the
+process is gone even if the job ignores the cancel or a write blocks on a peer that stopped
+reading: no orphan may keep a GPU busy.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from typing import Any
+
+from finetune_worker import api
+from finetune_worker.errors import CallError, ConfigError, InternalError, ProtocolError
+from finetune_worker.etf import DEFAULT_MAX_DEPTH, Atom, ETFDecodeError, Pid, decode
+from finetune_worker.events import Event
+from finetune_worker.jobs import JobManager, JobRecord
+from finetune_worker.port import FrameTooLarge, Port, PortClosed
+
+log = logging.getLogger("finetune_worker.worker")
+
+API_MODULE = Atom("finetune_worker")
+
+#: The only classes an ``'e'`` reply names: the BEAM side decodes with ``[safe]`` and has
+#: declared exactly these atoms.
+ERROR_CLASSES: dict[type[BaseException], Atom] = {
+    ConfigError: Atom("finetune_worker.errors.ConfigError"),
+    CallError: Atom("finetune_worker.errors.CallError"),
+    ProtocolError: Atom("finetune_worker.errors.ProtocolError"),
+    InternalError: Atom("finetune_worker.errors.InternalError"),
+}
+
+#: Seconds the watchdog allows beyond the grace period (the process must be gone by grace + 2 s).
+EXIT_SLACK_S = 1.5
+
+
+class _Terminate(BaseException):
+    """Raised by the SIGTERM handler to break out of a blocking read."""
+
+
+class Worker:
+    """One port, one job manager, one dispatch loop. Call :meth:`serve` on the main thread."""
+
+    def __init__(self, port: Port, *, grace_s: float = 10.0, max_depth: int = DEFAULT_MAX_DEPTH):
+        self.port = port
+        self.grace_s = grace_s
+        self.max_depth = max_depth
+        self.manager = JobManager(self._deliver)
+        self.runtime = api.Runtime(manager=self.manager)
+        self._terminating = False
+        self._reading = False
+        self._frames = 0
+        self._offset = 0  # stream offset of the next frame, for warnings that locate a bad frame
+
+    # ---- loop ----------------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Serve until EOF, SIGTERM or ``shutdown()``; then shut down. Returns the exit status."""
+        # The handler stays through the shutdown too: a second SIGTERM then changes nothing,
+        # the grace period and the watchdog still bound the exit.
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # A Ctrl-C in the BEAM's terminal reaches the whole process group; the BEAM owns our
+        # lifetime (it closes stdin), so SIGINT must not kill a training run behind its back.
+        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            try:
+                reason = self._loop()
+            except _Terminate:  # the signal landed just after a read returned
+                reason = "SIGTERM"
+            return self.shutdown(reason)
+        finally:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            signal.signal(signal.SIGINT, previous_int if previous_int is not None else signal.SIG_DFL)
+
+    def _loop(self) -> str:
+        while not self._terminating:
+            try:
+                self._reading = True
+                frame = self.port.read_frame()
+            except FrameTooLarge as exc:
+                log.warning("frame #%d at stream offset %d dropped: %s", self._frames + 1, self._offset, exc)
+                self._frames += 1
+                self._offset += self.port.packet + exc.size
+                continue
+            except _Terminate:
+                return "SIGTERM"
+            except ProtocolError as exc:  # a truncated last frame; the next read reports EOF
+                log.warning("frame #%d at stream offset %d: %s", self._frames + 1, self._offset, exc)
+                continue
+            except (PortClosed, OSError) as exc:
+                return f"input closed ({exc})"
+            finally:
+                self._reading = False
+            if frame is None:
+                return "stdin EOF"
+            self._frames += 1
+            offset, self._offset = self._offset, self._offset + self.port.packet + len(frame)
+            try:
+                self.handle_frame(frame, offset)
+            except (PortClosed, BrokenPipeError) as exc:
+                return f"output closed ({exc})"
+            if self.runtime.shutdown_requested.is_set():
+                return "shutdown() call"
+        return "SIGTERM"
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._terminating = True
+        # Only interrupt a read: raising while a reply is half written would corrupt the stream.
+        if self._reading:
+            raise _Terminate
+
+    def shutdown(self, reason: str) -> int:
+        """Cancel everything, wait up to ``grace_s`` for the running job, then return 0.
+
+        If the job outlives the grace period the watchdog ends the process; the caller
+        should ``os._exit`` when :attr:`runner_alive` is still true, because a daemon thread
+        stuck in native code can hang interpreter finalization.
+        """
+        log.info("shutting down (%s); grace period %.1f s", reason, self.grace_s)
+        watchdog = threading.Timer(self.grace_s + EXIT_SLACK_S, _hard_exit, args=(self.grace_s,))
+        watchdog.daemon = True
+        watchdog.start()
+        if not self.manager.close(self.grace_s):
+            log.warning(
+                "the running job did not stop within %.1f s of its cancel; exiting anyway", self.grace_s
+            )
+        try:
+            self.port.close()
+        except OSError:
+            pass
+        return 0
+
+    @property
+    def runner_alive(self) -> bool:
+        return self.manager.running() is not None
+
+    # ---- one frame -----------------------------------------------------------------------------
+
+    def handle_frame(self, frame: bytes, offset: int = 0) -> None:
+        where = f"frame #{self._frames} at stream offset {offset} ({len(frame)} bytes)"
+        try:
+            term = decode(frame, max_depth=self.max_depth)
+        except ETFDecodeError as exc:
+            log.warning("%s ignored: not a valid term: %s", where, exc)
+            return
+        if not isinstance(term, tuple) or not term or not isinstance(term[0], Atom):
+            log.warning("%s ignored: expected {'C', ...} or {'M', ...}, got %s", where, _brief(term))
+            return
+        tag = term[0]
+        if tag == "C":
+            self._call(term, where)
+        elif tag == "M" and len(term) == 2:
+            self._cast(term[1], where)
+        else:
+            log.warning("%s ignored: unknown message %s", where, _brief(term))
+
+    def _call(self, term: tuple[Any, ...], where: str) -> None:
+        if len(term) < 2:
+            log.warning("%s ignored: a call without an Id", where)
+            return
+        call_id = term[1]
+        try:
+            if len(term) != 5:
+                raise ProtocolError(f"a call is {{'C', Id, Module, Function, Args}}; got a {len(term)}-tuple")
+            result = self.dispatch(term[2], term[3], term[4])
+        except BaseException as exc:  # every failure of a call becomes its error reply
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, _Terminate)):
+                raise
+            self._reply_error(call_id, exc)
+            return
+        try:
+            self.port.send((Atom("r"), call_id, result))
+        except (TypeError, ValueError) as exc:  # a result the codec cannot carry is our bug
+            self._reply_error(call_id, InternalError(f"cannot encode the result: {exc}"))
+
+    def dispatch(self, module: Any, function: Any, args: Any) -> Any:
+        """Run one API call; raise CallError for anything outside the API. Never imports by name."""
+        if not (isinstance(module, Atom) and module == API_MODULE):
+            raise CallError(f"module {_brief(module)} is not callable; only {API_MODULE} is")
+        if not (isinstance(function, Atom) and function in api.__all__):
+            raise CallError(
+                f"{API_MODULE} has no function {_brief(function)}; it has {', '.join(api.__all__)}"
+            )
+        if not isinstance(args, list):
+            raise CallError(f"Args must be a list, got {_brief(args)}")
+        func = getattr(api, str(function))
+        try:
+            inspect.signature(func).bind(self.runtime, *args)
+        except TypeError:
+            arities = _arities(func)
+            raise CallError(f"{API_MODULE}:{function} takes {arities} argument(s), got {len(args)}") from None
+        return func(self.runtime, *args)
+
+    def _cast(self, message: Any, where: str) -> None:
+        if isinstance(message, tuple) and len(message) == 2 and isinstance(message[0], Atom):
+            if message[0] == "cancel":
+                try:
+                    job_id = api._job_id(message[1], "cancel cast")
+                except CallError as exc:
+                    log.warning("%s ignored: %s", where, exc)
+                    return
+                if not self.manager.cancel(job_id):
+                    log.warning("cancel cast for unknown job %s", job_id)
+                return
+        log.warning("%s ignored: unknown cast %s", where, _brief(message))
+
+    def _reply_error(self, call_id: Any, exc: BaseException) -> None:
+        cls = next((atom for kind, atom in ERROR_CLASSES.items() if isinstance(exc, kind)), None)
+        if cls is not None:
+            message = str(exc)
+            trace = ""
+        else:
+            log.error("call %s failed:\n%s", _brief(call_id), "".join(traceback.format_exception(exc)))
+            cls = ERROR_CLASSES[InternalError]
+            message = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+            trace = "".join(traceback.format_exception(exc))
+        try:
+            self.port.send((Atom("e"), call_id, (Atom("python"), cls, message, trace)))
+        except (TypeError, ValueError):  # an Id we cannot echo back (it decoded, so this is rare)
+            log.warning("cannot send the error reply to call %s: %s", _brief(call_id), message)
+
+    # ---- events --------------------------------------------------------------------------------
+
+    def _deliver(self, record: JobRecord, event: Event) -> None:
+        """JobManager sink: ``{'M', Pid, Event}`` to the job's subscriber, if it has one."""
+        if isinstance(record.reply_to, Pid):
+            self.port.send((Atom("M"), record.reply_to, event.to_term()))
+
+
+def _arities(func: Any) -> str:
+    params = list(inspect.signature(func).parameters.values())[1:]  # the first is the Runtime
+    required = sum(1 for p in params if p.default is inspect.Parameter.empty)
+    return str(required) if required == len(params) else f"{required} to {len(params)}"
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _hard_exit(grace_s: float) -> None:
+    log.warning("still alive %.1f s after the shutdown began; exiting now", grace_s + EXIT_SLACK_S)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def serve(port: Port, *, grace_s: float = 10.0) -> int:
+    """Run a worker on ``port`` until shutdown; the process exits right after (see module doc)."""
+    worker = Worker(port, grace_s=grace_s)
+    code = worker.serve()
+    if worker.runner_alive:
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
