@@ -25,6 +25,11 @@ from finetune_worker.training.failures import (
 )
 
 SUMMARY = "summary.json"
+#: peft loads it as an adapter named after the folder, and module names cannot hold "." or "-".
+INITIAL_ADAPTER = "initial_adapter"
+#: Adapter inits that rewrite the base weights and that peft can convert back to plain LoRA.
+#: (LoftQ's adapter is meant for the LoftQ-quantized base, i.e. the base loaded in 4-bit.)
+MUTATING_INITS = frozenset({"pissa"})
 _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
 
 
@@ -69,6 +74,7 @@ def _run(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
     check_model_dir(model_path)
     tokenizer = load_tokenizer(model_path)
     model = load_model(cfg, plan, warn)
+    initial_adapter = save_initial_adapter(cfg, model, out)
     trainable, total = trainable_parameters(model)
     ctx.log(
         f"{cfg.peft.method} on {plan.device} ({plan.precision}"
@@ -119,8 +125,7 @@ def _run(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
         final_eval = dict(callback.last_eval)
 
     ctx.phase("saving")
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
+    save_outputs(trainer, tokenizer, out, initial_adapter)
     summary = _summary(
         cfg, trainer, result, stats, base_eval, final_eval, resume_from, started, len(train_rows)
     )
@@ -132,6 +137,25 @@ def _run(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
         "outputs": {"output_dir": str(out), weights_key: str(out), "summary_path": str(summary_path)},
         "summary": summary,
     }
+
+
+def save_initial_adapter(cfg: TrainConfig, model: Any, out: Path) -> Path | None:
+    """PiSSA rewrites the base weights at init; keep the initial adapter to undo that at save."""
+    if cfg.peft.method not in MUTATING_INITS:
+        return None
+    path = out / INITIAL_ADAPTER
+    model.save_pretrained(str(path))
+    return path
+
+
+def save_outputs(trainer: Any, tokenizer: Any, out: Path, initial_adapter: Path | None) -> None:
+    """Adapter (or full model), tokenizer and training args into ``out``."""
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    if initial_adapter is not None:
+        # Saved as the difference to the initial adapter, it is a plain LoRA (rank 2r) that applies
+        # to the *original* base model, which is what users load it onto.
+        trainer.model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(initial_adapter))
 
 
 def _prepare_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
