@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -121,6 +122,7 @@ class Reply:
     ok: bool
     value: Any = None
     error: RemoteError | None = None
+    term: Any = field(default=None, repr=False)  # the reply exactly as decoded (atoms kept)
 
 
 class WorkerHarness:
@@ -151,7 +153,10 @@ class WorkerHarness:
         full_env = dict(os.environ if env is None else env)
         if test_jobs:
             full_env["FINETUNE_WORKER_TEST_JOBS"] = "1"
-        self._stderr_file = tempfile.NamedTemporaryFile(prefix="worker-stderr-", suffix=".log", delete=False)
+        # A file, not a pipe: nobody has to drain it, and it survives the process for assertions.
+        self._stderr_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in close()
+            prefix="worker-stderr-", suffix=".log", delete=False
+        )
         self.stderr_path = self._stderr_file.name
         self.proc = subprocess.Popen(
             self.command,
@@ -166,6 +171,7 @@ class WorkerHarness:
         self.messages: list[Any] = []  # {'M', Pid, Msg} that are not job events, as (pid, msg)
         self.prints: list[Any] = []  # {'P', Text}
         self.stray: list[str] = []  # frames that did not decode or had an unknown shape
+        self.event_log: list[HarnessEvent] = []  # every job event, in arrival order
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._replies: dict[Any, Reply] = {}
@@ -327,20 +333,21 @@ class WorkerHarness:
             return
         with self._cond:
             if _is(term, "r", 3):
-                self._replies[term[1]] = Reply(term[1], True, _plain(term[2]))
+                self._replies[term[1]] = Reply(term[1], True, _plain(term[2]), term=term)
             elif _is(term, "e", 3):
                 err = term[2]
                 if isinstance(err, tuple) and len(err) == 4:
                     error = RemoteError(str(err[1]), str(err[2]), err[3], term[1])
                 else:
                     error = RemoteError("?", repr(err), None, term[1])
-                self._replies[term[1]] = Reply(term[1], False, error=error)
+                self._replies[term[1]] = Reply(term[1], False, error=error, term=term)
             elif _is(term, "M", 3):
                 msg = term[2]
                 if _is(msg, "fine_tuning", 4):
                     job_id = str(msg[1])
                     event = HarnessEvent(job_id, str(msg[2]), _plain(msg[3]), term[1], msg)
                     self._events.setdefault(job_id, []).append(event)
+                    self.event_log.append(event)
                 else:
                     self.messages.append((term[1], msg))
             elif _is(term, "P", 2):
@@ -384,10 +391,8 @@ class WorkerHarness:
     def close(self) -> None:
         """Kill the worker if still running and release everything (idempotent)."""
         self.kill()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
         self.close_stdin()
         self._reader.join(timeout=5)  # the pipe reports EOF once the process is gone
         if self.proc.stdout is not None and not self._reader.is_alive():
@@ -399,10 +404,8 @@ class WorkerHarness:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self.stderr_path)
-        except OSError:
-            pass
 
 
 def _is(term: Any, tag: str, size: int) -> bool:
