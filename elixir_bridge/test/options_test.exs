@@ -13,7 +13,7 @@ defmodule FineTuning.OptionsTest do
     assert opts.cd == nil
     assert opts.call_timeout == 30_000
     assert opts.startup_timeout == 60_000
-    assert opts.shutdown_grace == 10_000
+    assert opts.shutdown_grace == 12_000
   end
 
   test "the default executable is this repo's .venv/bin/finetune-worker, or $FINETUNE_WORKER" do

@@ -11,12 +11,12 @@ defmodule FineTuning.Options do
   | `:name` | none | a GenServer name |
   | `:call_timeout` | `30_000` | ms a call may wait for its reply (`:infinity` allowed) |
   | `:startup_timeout` | `60_000` | ms the worker has to answer `info` after it starts |
-  | `:shutdown_grace` | `10_000` | ms the worker has to exit after its stdin closes before it is killed |
+  | `:shutdown_grace` | `12_000` | ms the worker has to exit after its stdin closes before it is killed; the worker's own job grace (`FINETUNE_WORKER_GRACE`) is set 2 s shorter |
   """
 
   @default_call_timeout 30_000
   @default_startup_timeout 60_000
-  @default_shutdown_grace 10_000
+  @default_shutdown_grace 12_000
 
   # Resolved at compile time: the bridge is built from this repo, whose worker sits in .venv/.
   @project_root Path.expand("../../..", __DIR__)

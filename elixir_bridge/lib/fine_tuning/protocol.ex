@@ -68,7 +68,7 @@ defmodule FineTuning.Protocol do
     :"finetune_worker.errors.InternalError"
   ]
   @wire_atoms ~w(C M r e P python fine_tuning finetune_worker ok error not_found cancel file
-                 nil true false undefined status)a
+                 nil true false undefined shutting_down pong)a
 
   @doc "Event types (`{:fine_tuning, job_id, type, payload}`), as in `events.EVENT_TYPES`."
   @spec event_types() :: [atom()]

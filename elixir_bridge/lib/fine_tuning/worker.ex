@@ -106,10 +106,22 @@ defmodule FineTuning.Worker do
       true ->
         port_opts =
           [{:packet, 4}, :binary, :exit_status, :use_stdio, :hide]
-          |> Kernel.++([{:args, ["port" | opts.args]}, {:env, opts.env}])
+          |> Kernel.++([{:args, ["port" | opts.args]}, {:env, worker_env(opts)}])
           |> Kernel.++(if opts.cd, do: [{:cd, opts.cd}], else: [])
 
         {:ok, Port.open({:spawn_executable, path}, port_opts)}
+    end
+  end
+
+  # The worker's own grace (how long a cancelled job may save after stdin closes) must end
+  # before ours, or we kill it mid-save; 2 s covers its exit slack. An explicit
+  # FINETUNE_WORKER_GRACE in :env wins.
+  defp worker_env(opts) do
+    if List.keymember?(opts.env, ~c"FINETUNE_WORKER_GRACE", 0) do
+      opts.env
+    else
+      seconds = max(opts.shutdown_grace - 2_000, 0) / 1000
+      [{~c"FINETUNE_WORKER_GRACE", ~c"#{seconds}"} | opts.env]
     end
   end
 
@@ -322,6 +334,11 @@ defmodule FineTuning.Worker do
 
   def handle_frame({:ok, other}, state) do
     Logger.warning("finetune-worker sent an unexpected message: #{inspect(other)}")
+    state
+  end
+
+  def handle_frame({:error, {:unexpected, term}}, state) do
+    Logger.warning("finetune-worker sent a term that is no protocol message: #{inspect(term)}")
     state
   end
 

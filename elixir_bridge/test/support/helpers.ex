@@ -16,7 +16,8 @@ defmodule FineTuning.TestHelpers do
       "HF_HUB_OFFLINE" => "1",
       "HF_DATASETS_OFFLINE" => "1",
       "TOKENIZERS_PARALLELISM" => "false",
-      "OMP_NUM_THREADS" => "2"
+      "OMP_NUM_THREADS" => "2",
+      "FINETUNE_WORKER_LOG_LEVEL" => "WARNING"
     }
 
     Keyword.merge([executable: worker_executable(), env: env, shutdown_grace: 5_000], extra)
