@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 from finetune_worker.config.data import DataConfig
 from finetune_worker.config.train import Quantization
@@ -28,6 +37,33 @@ class Message(_Section):
 
     role: Literal["system", "user", "assistant"] = Field(..., description="Who says it.")
     content: str = Field(..., description="What is said.")
+
+
+def _validate_prompt(value: Any, handler: Any) -> str | list[Message]:
+    """One prompt, with errors that say which message of it is wrong (not which union arm failed)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("is an empty string")
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"must be a string or a list of chat messages, got {type(value).__name__}")
+    if not value:
+        raise ValueError("is an empty message list")
+    messages: list[Message] = []
+    for j, item in enumerate(value):
+        try:
+            messages.append(Message.model_validate(item))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            raise ValueError(f"message [{j}]{'.' + where if where else ''}: {first.get('msg')}") from None
+    if messages[-1].role == "assistant":
+        raise ValueError("ends with an assistant message; end with a user message so the model answers it")
+    return messages
+
+
+#: A plain-text prompt, or chat messages rendered with the chat template.
+Prompt = Annotated[str | list[Message], WrapValidator(_validate_prompt)]
 
 
 class Sampling(_Section):
@@ -158,7 +194,7 @@ class GenerateConfig(ModelSource, Sampling):
     """A generation job: completions for a list of prompts, streamed as ``token`` events."""
 
     job: Literal["generate"] = Field("generate", description="Job kind.")
-    prompts: list[str | list[Message]] = Field(
+    prompts: list[Prompt] = Field(
         ...,
         min_length=1,
         description="Plain strings, or chat message lists (rendered with the chat template).",
@@ -171,21 +207,6 @@ class GenerateConfig(ModelSource, Sampling):
     system_prompt: str | None = Field(
         None, description="System message added to chat prompts that carry none."
     )
-
-    @field_validator("prompts")
-    @classmethod
-    def _prompts_not_empty(cls, value: list[str | list[Message]]) -> list[str | list[Message]]:
-        for i, prompt in enumerate(value):
-            if isinstance(prompt, str) and not prompt.strip():
-                raise ValueError(f"prompts[{i}] is an empty string")
-            if isinstance(prompt, list):
-                if not prompt:
-                    raise ValueError(f"prompts[{i}] is an empty message list")
-                if prompt[-1].role == "assistant":
-                    raise ValueError(
-                        f"prompts[{i}] ends with an assistant message; end with a user message so the model answers it"
-                    )
-        return value
 
     @model_validator(mode="after")
     def _greedy_has_one_answer(self) -> GenerateConfig:
