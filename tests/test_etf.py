@@ -96,6 +96,15 @@ def test_subclasses_encode_by_base_type() -> None:
     assert encode(OrderedDict(a=1)) == encode({"a": 1})
 
 
+def test_numpy_scalars_encode_as_numbers() -> None:
+    np = pytest.importorskip("numpy")
+    assert encode(np.int64(2**40)) == encode(2**40)
+    assert encode(np.float32(0.5)) == encode(0.5)
+    assert encode({"loss": np.float64(1.25)}) == encode({"loss": 1.25})
+    with pytest.raises(ValueError, match="NaN"):
+        encode(np.float64("nan"))
+
+
 @pytest.mark.parametrize("value", [object(), {1, 2}, 1j, frozenset(), type, print])
 def test_encode_refuses_unknown_types(value: Any) -> None:
     with pytest.raises(TypeError, match=type(value).__qualname__):

@@ -35,6 +35,7 @@ the bytes; :func:`encode` raises ``TypeError`` for values it has no mapping for 
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -314,6 +315,11 @@ def _encode(term: Any, out: list[bytes]) -> None:
         _encode(tuple(term), out)
     elif isinstance(term, list):
         _encode(list(term), out)
+    # numpy scalars (a loss read off a metric array) register as numbers but subclass nothing.
+    elif isinstance(term, numbers.Integral):
+        _encode_int(int(term), out)
+    elif isinstance(term, numbers.Real):
+        _encode(float(term), out)
     else:
         raise TypeError(f"cannot encode a value of type {t.__module__}.{t.__qualname__} as an Erlang term")
 
