@@ -232,7 +232,10 @@ class Port:
         self.write_frame(etf.encode(term, compressed=self.compressed))
 
     def close(self) -> None:
-        """Close both file descriptors (once each); later reads return ``None``, writes raise PortClosed."""
+        """Close both file descriptors (once each); later reads return ``None``, writes raise PortClosed.
+
+        Waits for a write in progress to finish, so a frame is never cut short by closing.
+        """
         with self._write_lock:
             if self._closed:
                 return
@@ -253,7 +256,12 @@ def protect_stdout() -> int:
         sys.stdout.flush()
     frames_fd = os.dup(1)
     os.set_inheritable(frames_fd, False)
-    os.dup2(2, 1)
+    try:
+        os.dup2(2, 1)
+    except OSError:  # started without a stderr: stray output then goes nowhere, not into frames
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
     sys.stdout = io.TextIOWrapper(
         io.FileIO(1, "w", closefd=False),
         encoding="utf-8",
