@@ -1,9 +1,90 @@
 defmodule FineTuning.OSProcess do
   @moduledoc false
-  # OS process checks for the worker's cleanup. A closed port no longer reports the exit
-  # status, so after closing it we can only watch the pid from outside.
+  # The worker's OS process: spawn it as a port, and make sure it is gone when we are done.
+  # A closed port no longer reports an exit status, so after closing it we watch the pid
+  # from outside (`kill -0`) and SIGKILL it when the grace period runs out.
+
+  require Logger
 
   @poll_ms 50
+
+  @doc "Spawn `executable port ARGS...` as a `{:packet, 4}` port, or say why it cannot start."
+  @spec open(FineTuning.Options.t()) :: {:ok, port()} | {:error, term()}
+  def open(opts) do
+    path = opts.executable
+
+    cond do
+      not File.regular?(path) ->
+        {:error, {:executable_not_found, path}}
+
+      not executable?(path) ->
+        {:error, {:executable_not_executable, path}}
+
+      true ->
+        port_opts =
+          [{:packet, 4}, :binary, :exit_status, :use_stdio, :hide]
+          |> Kernel.++([{:args, ["port" | opts.args]}, {:env, worker_env(opts)}])
+          |> Kernel.++(if opts.cd, do: [{:cd, opts.cd}], else: [])
+
+        try do
+          {:ok, Port.open({:spawn_executable, path}, port_opts)}
+        rescue
+          error in ErlangError -> {:error, {:spawn_failed, path, error.original}}
+        end
+    end
+  end
+
+  # The worker's own grace (how long a cancelled job may save after stdin closes) must end
+  # before ours, or we kill it mid-save; 2 s covers its exit slack. An explicit
+  # FINETUNE_WORKER_GRACE in :env wins.
+  defp worker_env(opts) do
+    if List.keymember?(opts.env, ~c"FINETUNE_WORKER_GRACE", 0) do
+      opts.env
+    else
+      seconds = max(opts.shutdown_grace - 2_000, 0) / 1000
+      [{~c"FINETUNE_WORKER_GRACE", ~c"#{seconds}"} | opts.env]
+    end
+  end
+
+  defp executable?(path) do
+    case File.stat(path) do
+      {:ok, %File.Stat{mode: mode}} -> Bitwise.band(mode, 0o111) != 0
+      _ -> false
+    end
+  end
+
+  @doc "The OS pid behind a port (nil once the port is closed)."
+  @spec os_pid(port()) :: pos_integer() | nil
+  def os_pid(port) do
+    case Port.info(port, :os_pid) do
+      {:os_pid, pid} -> pid
+      nil -> nil
+    end
+  end
+
+  @doc """
+  Close the port (the worker sees EOF on stdin and exits after saving its job), wait up to
+  `grace` ms for the process to go, then SIGKILL it.
+  """
+  @spec close(port(), pos_integer() | nil, non_neg_integer()) :: :exited | :killed | :unknown
+  def close(port, os_pid, grace) do
+    try do
+      Port.close(port)
+    rescue
+      ArgumentError -> :already_closed
+    end
+
+    result = ensure_gone(os_pid, grace)
+
+    if result == :killed do
+      Logger.warning(
+        "finetune-worker (os pid #{os_pid}) was still running #{grace} ms after its stdin " <>
+          "closed; killed it"
+      )
+    end
+
+    result
+  end
 
   @doc "Whether an OS process with this pid exists (zombies included, until reaped)."
   @spec alive?(pos_integer()) :: boolean()
@@ -22,8 +103,7 @@ defmodule FineTuning.OSProcess do
   @doc "Wait up to `timeout` ms for the pid to disappear; true if it did."
   @spec wait_gone(pos_integer(), non_neg_integer()) :: boolean()
   def wait_gone(os_pid, timeout) do
-    deadline = System.monotonic_time(:millisecond) + timeout
-    wait_until(os_pid, deadline)
+    wait_until(os_pid, System.monotonic_time(:millisecond) + timeout)
   end
 
   defp wait_until(os_pid, deadline) do
@@ -40,10 +120,7 @@ defmodule FineTuning.OSProcess do
     end
   end
 
-  @doc """
-  Make sure the pid is gone: wait up to `grace` ms (the caller has already closed its stdin),
-  then SIGKILL it and wait for the kernel to let it go.
-  """
+  @doc "Wait up to `grace` ms for the pid to go, then SIGKILL it and wait for the kernel."
   @spec ensure_gone(pos_integer() | nil, non_neg_integer()) :: :exited | :killed | :unknown
   def ensure_gone(nil, _grace), do: :unknown
 

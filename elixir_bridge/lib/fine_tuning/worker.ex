@@ -30,10 +30,7 @@ defmodule FineTuning.Worker do
   use GenServer
   require Logger
 
-  alias FineTuning.{Options, OSProcess, Protocol}
-
-  # Terminal events kept for late `await`/`stream` callers (a job can end before they ask).
-  @finished_kept 256
+  alias FineTuning.{Options, OSProcess, Protocol, Subscriptions}
 
   defstruct port: nil,
             os_pid: nil,
@@ -41,10 +38,7 @@ defmodule FineTuning.Worker do
             info: nil,
             next_id: 1,
             pending: %{},
-            jobs: %{},
-            early: %{},
-            finished: %{},
-            finished_order: :queue.new(),
+            subs: Subscriptions.new(),
             shutdown_requested: false
 
   @doc """
@@ -77,12 +71,15 @@ defmodule FineTuning.Worker do
     opts = Options.validate!(opts)
     Process.flag(:trap_exit, true)
 
-    with {:ok, port} <- open_port(opts) do
-      state = %__MODULE__{port: port, os_pid: os_pid(port), opts: opts}
+    with {:ok, port} <- OSProcess.open(opts) do
+      state = %__MODULE__{port: port, os_pid: OSProcess.os_pid(port), opts: opts}
 
       case await_ready(state) do
         {:ok, state} ->
           {:ok, state}
+
+        {:error, {:worker_exit, _} = reason} ->
+          {:stop, reason}
 
         {:error, reason} ->
           close_port(state)
@@ -93,57 +90,11 @@ defmodule FineTuning.Worker do
     end
   end
 
-  defp open_port(opts) do
-    path = opts.executable
-
-    cond do
-      not File.regular?(path) ->
-        {:error, {:executable_not_found, path}}
-
-      not executable?(path) ->
-        {:error, {:executable_not_executable, path}}
-
-      true ->
-        port_opts =
-          [{:packet, 4}, :binary, :exit_status, :use_stdio, :hide]
-          |> Kernel.++([{:args, ["port" | opts.args]}, {:env, worker_env(opts)}])
-          |> Kernel.++(if opts.cd, do: [{:cd, opts.cd}], else: [])
-
-        {:ok, Port.open({:spawn_executable, path}, port_opts)}
-    end
-  end
-
-  # The worker's own grace (how long a cancelled job may save after stdin closes) must end
-  # before ours, or we kill it mid-save; 2 s covers its exit slack. An explicit
-  # FINETUNE_WORKER_GRACE in :env wins.
-  defp worker_env(opts) do
-    if List.keymember?(opts.env, ~c"FINETUNE_WORKER_GRACE", 0) do
-      opts.env
-    else
-      seconds = max(opts.shutdown_grace - 2_000, 0) / 1000
-      [{~c"FINETUNE_WORKER_GRACE", ~c"#{seconds}"} | opts.env]
-    end
-  end
-
-  defp executable?(path) do
-    case File.stat(path) do
-      {:ok, %File.Stat{mode: mode}} -> Bitwise.band(mode, 0o111) != 0
-      _ -> false
-    end
-  end
-
-  defp os_pid(port) do
-    case Port.info(port, :os_pid) do
-      {:os_pid, pid} -> pid
-      nil -> nil
-    end
-  end
-
   # Readiness is part of init on purpose: start_link must not return a worker that cannot
   # answer. Any other frame that arrives meanwhile is handled as usual.
   defp await_ready(%{port: port} = state) do
     id = state.next_id
-    Port.command(port, Protocol.encode_call(id, :info, []))
+    command(port, Protocol.encode_call(id, :info, []))
     deadline = System.monotonic_time(:millisecond) + state.opts.startup_timeout
     wait_ready(%{state | next_id: id + 1}, id, deadline)
   end
@@ -187,30 +138,12 @@ defmodule FineTuning.Worker do
   end
 
   def handle_call({:subscribe, job_id, pid}, _from, state) do
-    case state do
-      %{jobs: %{^job_id => subscribers}} ->
-        if pid in subscribers do
-          {:reply, {:ok, :already}, state}
-        else
-          {:reply, {:ok, :added}, put_in(state.jobs[job_id], subscribers ++ [pid])}
-        end
-
-      %{finished: %{^job_id => event}} ->
-        {:reply, {:ok, {:finished, event}}, state}
-
-      _ ->
-        {:reply, {:error, :not_found}, state}
-    end
+    {reply, subs} = Subscriptions.subscribe(state.subs, job_id, pid)
+    {:reply, reply, %{state | subs: subs}}
   end
 
   def handle_call({:unsubscribe, job_id, pid}, _from, state) do
-    state =
-      case state.jobs do
-        %{^job_id => subscribers} -> put_in(state.jobs[job_id], List.delete(subscribers, pid))
-        _ -> state
-      end
-
-    {:reply, :ok, state}
+    {:reply, :ok, %{state | subs: Subscriptions.unsubscribe(state.subs, job_id, pid)}}
   end
 
   def handle_call(:os_pid, _from, state), do: {:reply, state.os_pid, state}
@@ -219,9 +152,17 @@ defmodule FineTuning.Worker do
   defp send_call(state, function, args, waiter, timeout) do
     timeout = if timeout == :default, do: state.opts.call_timeout, else: timeout
     id = state.next_id
-    Port.command(state.port, Protocol.encode_call(id, function, args))
+    command(state.port, Protocol.encode_call(id, function, args))
     timer = if timeout != :infinity, do: Process.send_after(self(), {:call_timeout, id}, timeout)
     %{state | next_id: id + 1, pending: Map.put(state.pending, id, {waiter, timer})}
+  end
+
+  # A port whose program just died may already be closed; the call then stays pending and
+  # is failed with the exit status, which is on its way.
+  defp command(port, frame) do
+    Port.command(port, frame)
+  rescue
+    ArgumentError -> :closed
   end
 
   @impl true
@@ -236,13 +177,13 @@ defmodule FineTuning.Worker do
       if status == 0 and state.shutdown_requested, do: :normal, else: {:worker_exit, status}
 
     if reason != :normal, do: Logger.error("finetune-worker exited with status #{status}")
-    {:stop, reason, %{state | port: nil, pending: %{}, jobs: %{}, early: %{}}}
+    {:stop, reason, %{state | port: nil, pending: %{}, subs: Subscriptions.new()}}
   end
 
   # Normally {:exit_status, _} comes first and we have stopped; this is a port that broke.
   def handle_info({:EXIT, port, reason}, %{port: port} = state) do
     fail_all(state, {:worker_exit, nil}, nil, "port closed: #{inspect(reason)}")
-    {:stop, {:port_exit, reason}, %{state | port: nil, pending: %{}, jobs: %{}, early: %{}}}
+    {:stop, {:port_exit, reason}, %{state | port: nil, pending: %{}, subs: Subscriptions.new()}}
   end
 
   def handle_info({:call_timeout, id}, state) do
@@ -279,21 +220,7 @@ defmodule FineTuning.Worker do
     :ok
   end
 
-  # Closing stdin asks the worker to stop its job and exit; the kill is for one that doesn't.
-  defp close_port(%{port: port, os_pid: os_pid, opts: opts}) do
-    try do
-      Port.close(port)
-    rescue
-      ArgumentError -> :already_closed
-    end
-
-    if OSProcess.ensure_gone(os_pid, opts.shutdown_grace) == :killed do
-      Logger.warning(
-        "finetune-worker (os pid #{os_pid}) was still running #{opts.shutdown_grace} ms " <>
-          "after its stdin closed; killed it"
-      )
-    end
-  end
+  defp close_port(state), do: OSProcess.close(state.port, state.os_pid, state.opts.shutdown_grace)
 
   # ---- frames -------------------------------------------------------------------------------
 
@@ -353,33 +280,29 @@ defmodule FineTuning.Worker do
   end
 
   defp reply({from, {:submit, subscriber}}, {:ok, job_id} = result, state) do
-    {early, rest} = Map.pop(state.early, job_id, [])
-    state = %{state | jobs: Map.put(state.jobs, job_id, [subscriber]), early: rest}
+    {held, subs} = Subscriptions.job_submitted(state.subs, job_id, subscriber)
     GenServer.reply(from, result)
-    state = Enum.reduce(Enum.reverse(early), state, &route_event/2)
-    drop_orphan_events(state)
+    state = Enum.reduce(held, %{state | subs: subs}, &route_event/2)
+    drop_held(state)
   end
 
   defp reply({from, {:submit, _}}, result, state) do
     GenServer.reply(from, result)
-    drop_orphan_events(state)
+    drop_held(state)
   end
 
-  # The worker emits `queued` (and maybe more) before it replies to `submit`, so events of a
-  # job we do not know yet are held until the reply names it.
   defp route_event({:fine_tuning, job_id, type, _} = event, state) do
-    case state.jobs do
-      %{^job_id => subscribers} ->
-        Enum.each(subscribers, &send(&1, event))
-        if Protocol.terminal?(type), do: finish(state, job_id, event), else: state
+    case Subscriptions.route(state.subs, event, submit_pending?(state)) do
+      {:deliver, pids, subs} ->
+        Enum.each(pids, &send(&1, event))
+        %{state | subs: subs}
 
-      _ ->
-        if submit_pending?(state) do
-          %{state | early: Map.update(state.early, job_id, [event], &[event | &1])}
-        else
-          Logger.warning("finetune-worker sent an event of unknown job #{job_id}: #{type}")
-          state
-        end
+      {:held, subs} ->
+        %{state | subs: subs}
+
+      {:unknown, subs} ->
+        Logger.warning("finetune-worker sent an event of unknown job #{job_id}: #{type}")
+        %{state | subs: subs}
     end
   end
 
@@ -387,28 +310,19 @@ defmodule FineTuning.Worker do
     Enum.any?(state.pending, fn {_id, {{_from, kind}, _timer}} -> kind != :call end)
   end
 
-  defp drop_orphan_events(state) do
-    if state.early != %{} and not submit_pending?(state) do
-      Logger.warning("dropped events of jobs no submit named: #{inspect(Map.keys(state.early))}")
-      %{state | early: %{}}
-    else
+  defp drop_held(state) do
+    if submit_pending?(state) do
       state
-    end
-  end
+    else
+      case Subscriptions.drop_held(state.subs) do
+        {[], _} ->
+          state
 
-  defp finish(state, job_id, event) do
-    order = :queue.in(job_id, state.finished_order)
-    finished = Map.put(state.finished, job_id, event)
-
-    {finished, order} =
-      if :queue.len(order) > @finished_kept do
-        {{:value, old}, order} = :queue.out(order)
-        {Map.delete(finished, old), order}
-      else
-        {finished, order}
+        {jobs, subs} ->
+          Logger.warning("dropped events of jobs that no submit named: #{inspect(jobs)}")
+          %{state | subs: subs}
       end
-
-    %{state | jobs: Map.delete(state.jobs, job_id), finished: finished, finished_order: order}
+    end
   end
 
   defp fail_all(state, call_error, status, what) do
@@ -419,7 +333,7 @@ defmodule FineTuning.Worker do
     message = "the finetune-worker process #{what} before the job finished"
     payload = %{error: :worker_exit, status: status, message: message}
 
-    for {job_id, subscribers} <- state.jobs, pid <- subscribers do
+    for {job_id, pids} <- Subscriptions.unfinished(state.subs), pid <- pids do
       send(pid, {:fine_tuning, job_id, :failed, payload})
     end
   end
