@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from finetune_worker.errors import ProtocolError
 from finetune_worker.etf import Atom, ETFDecodeError, decode, encode
@@ -80,6 +82,36 @@ def test_frames_arrive_intact_however_they_are_split(
     assert read_all(port) == payloads
     assert port.read_frame() is None  # EOF stays EOF
     writer.join()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    payloads=st.lists(st.binary(max_size=300), max_size=8),
+    cuts=st.lists(st.integers(1, 50), min_size=1, max_size=20),
+    buffer_size=st.integers(1, 64),
+    packet=st.sampled_from([1, 2, 4]),
+)
+def test_any_split_of_the_stream_reads_the_same(
+    payloads: list[bytes], cuts: list[int], buffer_size: int, packet: int
+) -> None:
+    data = b"".join(frame(p, packet) for p in payloads)
+    r, w = os.pipe()
+    try:
+
+        def write() -> None:
+            at, i = 0, 0
+            while at < len(data):
+                step = cuts[i % len(cuts)]
+                os.write(w, data[at : at + step])
+                at, i = at + step, i + 1
+            os.close(w)
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        assert read_all(Port(r, -1, packet=packet, buffer_size=buffer_size)) == payloads
+        writer.join()
+    finally:
+        os.close(r)
 
 
 @pytest.mark.parametrize("packet", [1, 2, 4])
@@ -296,6 +328,12 @@ NOISY_CHILD = textwrap.dedent(
     libc.fflush(None)
     subprocess.run(["echo", "child process output"], check=True)
     subprocess.run(["cat"], check=True)  # would swallow our frames if it inherited the real stdin
+    assert not os.get_inheritable(port.in_fd) and not os.get_inheritable(port.out_fd)
+    # A grandchild lists the inodes behind its fds: the frame pipes must not be among them.
+    frame_pipes = {{os.fstat(port.in_fd).st_ino, os.fstat(port.out_fd).st_ino}}
+    lister = "import os, contextlib\\nfor fd in os.listdir('/proc/self/fd'):\\n    with contextlib.suppress(OSError): print(os.fstat(int(fd)).st_ino)"
+    seen = subprocess.run([sys.executable, "-c", lister], close_fds=False, capture_output=True, text=True)
+    assert seen.stdout.split() and frame_pipes.isdisjoint(map(int, seen.stdout.split())), seen
     while (term := port.receive()) is not None:
         print("got", term)
         port.send(("echo", term))
