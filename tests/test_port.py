@@ -1,5 +1,5 @@
 """Port framing over real pipes: byte-by-byte and bulk input, every limit from both sides, EOF/EPIPE,
-concurrent writers, stdio hygiene in a real child process, and a real BEAM on the other end."""
+concurrent writers. Real processes (stdio hygiene, a real BEAM) are in test_port_process.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +16,6 @@ from hypothesis import strategies as st
 from finetune_worker.errors import ProtocolError
 from finetune_worker.etf import Atom, ETFDecodeError, decode, encode
 from finetune_worker.port import DEFAULT_MAX_FRAME, FrameTooLarge, Port, PortClosed
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
