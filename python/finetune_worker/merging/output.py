@@ -1,0 +1,126 @@
+"""Write a merged model so that a cancel, a crash or a kill never leaves a half model in place.
+
+The model is written into a staging directory next to the destination
+(``.NAME.merging-PID-XXXX``, hidden, on the same file system) and renamed onto the destination
+only once complete. A staging directory left by a killed worker is removed by the next merge to
+the same destination once its process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from finetune_worker.errors import JobFailed
+
+_STAGING = ".merging-"
+
+
+class StagedOutput:
+    """``with StagedOutput(dest, overwrite) as stage: write into stage.path; stage.publish()``."""
+
+    def __init__(self, dest: Path, *, overwrite: bool, key: str):
+        self.dest = dest
+        self.overwrite = overwrite
+        self.key = key  # the config field naming dest, for error messages
+        self.path: Path | None = None
+        self.published = False
+
+    def __enter__(self) -> StagedOutput:
+        self._check_dest()
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_staging(self.dest)
+            self.path = Path(
+                tempfile.mkdtemp(prefix=f".{self.dest.name}{_STAGING}{os.getpid()}-", dir=self.dest.parent)
+            )
+        except PermissionError as exc:
+            raise JobFailed(
+                "output_dir_not_writable",
+                f"{self.key}: cannot write next to '{self.dest}' ({exc.strerror})",
+                hint=f"Choose a {self.key} this user can create and write to.",
+            ) from exc
+        # mkdtemp makes a private directory; a model directory should be as readable as any other.
+        umask = os.umask(0)
+        os.umask(umask)
+        self.path.chmod(0o777 & ~umask)
+        return self
+
+    def publish(self) -> Path:
+        """Rename the complete staging directory onto the destination (replacing it if allowed)."""
+        assert self.path is not None
+        self._check_dest()
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in self.path.rglob("*"):
+            if file.is_file():  # safetensors writes 0600 files; a model should be readable like the rest
+                file.chmod(0o666 & ~umask)
+        old: Path | None = None
+        if self.dest.exists():
+            old = self.dest.with_name(f".{self.dest.name}.replaced-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.dest, old)
+        os.replace(self.path, self.dest)
+        self.published = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.dest
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.published and self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def _check_dest(self) -> None:
+        # Checked at submit too, but the directory may have filled up while the job queued.
+        if self.dest.exists() and not self.dest.is_dir():
+            raise JobFailed("output_dir_conflict", f"{self.key}: '{self.dest}' exists and is not a directory")
+        if self.dest.is_dir() and any(self.dest.iterdir()) and not self.overwrite:
+            raise JobFailed(
+                "output_dir_conflict",
+                f"{self.key}: '{self.dest}' is not empty",
+                hint='Choose a new path, or set "overwrite": true to replace it once the merge is complete.',
+            )
+
+
+def _remove_stale_staging(dest: Path) -> None:
+    prefix = f".{dest.name}{_STAGING}"
+    for entry in dest.parent.glob(prefix + "*"):
+        pid_text = entry.name[len(prefix) :].split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def count_tensors(path: Path) -> int:
+    """Tensors in the directory's safetensors files, read from their headers (no weights loaded)."""
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with contextlib.suppress(OSError, ValueError, struct.error), file.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+            total += sum(1 for k in header if k != "__metadata__")
+    return total
