@@ -1,0 +1,127 @@
+"""What every benchmark part shares: the result row, statistics, timers and process memory.
+
+A part returns a list of :class:`Row`; the runner prints them as one table and appends them to
+BENCHMARKS.md. Rows carry a ratio and a target where the issue names one, so "met" or "missed"
+is decided here, in code, not by whoever reads the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    part: str
+    name: str
+    value: str
+    compare: str = ""  # a ratio or the variant it is compared with
+    target: str = ""
+    met: bool | None = None  # None: no target
+    note: str = ""
+    data: dict[str, Any] = field(default_factory=dict)  # raw numbers, for tests and the JSON dump
+
+    @property
+    def verdict(self) -> str:
+        if self.met is None:
+            return ""
+        return "met" if self.met else "MISSED"
+
+
+@dataclass
+class Options:
+    """Sizes of one run: ``quick`` shrinks every part to seconds (the smoke test, a first look)."""
+
+    quick: bool = False
+    work_dir: Path = REPO / "runs" / "bench"
+    rounds: int = 2  # interleaved A/B/C rounds of the training matrix
+    steps: int = 100  # training steps per A/B/C run
+    extra_steps: int = 30  # steps of the full fine-tuning and QLoRA rows
+    examples: int = 2000
+    status_calls: int = 2000
+    log: Callable[[str], None] = print
+
+    @classmethod
+    def make(cls, quick: bool, work_dir: Path | None = None, log: Callable[[str], None] = print) -> Options:
+        opts = cls(quick=quick, log=log)
+        if work_dir is not None:
+            opts.work_dir = work_dir
+        if quick:
+            opts.rounds, opts.steps, opts.extra_steps, opts.examples, opts.status_calls = 1, 4, 3, 64, 200
+        opts.work_dir.mkdir(parents=True, exist_ok=True)
+        return opts
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100): an observed value, never an interpolation."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return float(ordered[int(rank) - 1])
+
+
+def ns_per_op(fn: Callable[[], Any], number: int, repeat: int = 5) -> float:
+    """Median over ``repeat`` runs of the mean time of ``number`` calls, in nanoseconds."""
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter_ns()
+        for _ in range(number):
+            fn()
+        runs.append((time.perf_counter_ns() - start) / number)
+    return median(runs)
+
+
+def peak_rss_bytes(pid: int | None = None) -> int:
+    """VmHWM (peak resident set) of a live process; this process when ``pid`` is None."""
+    path = f"/proc/{pid or 'self'}/status"
+    with open(path, encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM in {path}")
+
+
+def fmt_ns(ns: float) -> str:
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms/op"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.2f} µs/op"
+    return f"{ns:.0f} ns/op"
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def fmt_mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.0f} MiB"
+
+
+def worker_env(test_jobs: bool = False) -> dict[str, str]:
+    """Environment for spawned workers and scripts: offline, quiet, two threads like the machine."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    if test_jobs:
+        env["FINETUNE_WORKER_TEST_JOBS"] = "1"
+    return env

@@ -1,0 +1,166 @@
+"""Start-up and control latency: how soon the worker answers, and whether training slows its answers.
+
+Start-up: spawn to the first ``info`` reply (the worker must not import torch before it
+answers), and ``submit`` to the first ``progress`` event of a tiny-model LoRA job, in a fresh
+worker (cold: torch and transformers load on the runner thread) and again in the same worker
+(warm). Control latency: ``status`` round trips, one after the other, with the worker idle and
+while a LoRA job trains the small model; the runner thread shares the GIL with the main thread
+that answers, which is what the 20 ms p99 target is about.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bench import jobs
+from bench.common import Options, Row, fmt_ms, median, percentile
+
+STARTUP_TARGET_S = 0.5
+P99_TARGET_S = 0.020
+
+
+def run_startup(opts: Options) -> list[Row]:
+    from bench.data import build_dataset
+
+    rows: list[Row] = []
+    spawn_times = []
+    for _ in range(2 if opts.quick else 7):
+        t0 = time.perf_counter()
+        harness = jobs.spawn()
+        try:
+            harness.call("info", timeout=30)
+            spawn_times.append(time.perf_counter() - t0)
+        finally:
+            jobs.stop(harness)
+    spawn_s = median(spawn_times)
+    rows.append(
+        Row(
+            "startup",
+            f"spawn -> first info reply (median of {len(spawn_times)})",
+            fmt_ms(spawn_s),
+            f"max {fmt_ms(max(spawn_times))}",
+            target=f"< {STARTUP_TARGET_S * 1000:.0f} ms",
+            met=spawn_s < STARTUP_TARGET_S,
+            data={"seconds": spawn_times},
+        )
+    )
+
+    model = _tiny_model(opts.work_dir)
+    from transformers import AutoTokenizer
+
+    data = build_dataset(
+        opts.work_dir / "data" / "startup.jsonl", AutoTokenizer.from_pretrained(str(model)), n=64
+    ).path
+    cold: list[float] = []
+    warm: list[float] = []
+    phases: dict[str, list[float]] = {}
+    for i in range(1 if opts.quick else 3):
+        harness = jobs.spawn()
+        try:
+            harness.call("info", timeout=30)
+            for label, sink in (("cold", cold), ("warm", warm)):
+                config = jobs.train_config(model, data, opts.work_dir / f"startup-{i}-{label}", steps=3)
+                run = jobs.submit(harness, config)
+                jobs.follow(harness, run)
+                first = run.first("progress")
+                if first is None:
+                    raise RuntimeError(f"job {run.job_id} completed without a progress event")
+                sink.append(first.at - run.submitted_at)
+                if label == "cold":
+                    for name in ("loading_model", "preparing_data", "training"):
+                        event = run.first("phase", phase=name)
+                        if event is not None:
+                            phases.setdefault(name, []).append(event.at - run.submitted_at)
+        finally:
+            jobs.stop(harness)
+    rows.append(
+        Row(
+            "startup",
+            "submit -> first progress, tiny model, fresh worker",
+            fmt_ms(median(cold)),
+            "phases at " + ", ".join(f"{k} {median(v):.2f} s" for k, v in phases.items()),
+            note="includes importing torch and transformers on the runner thread",
+            data={"seconds": cold, "phases": phases},
+        )
+    )
+    rows.append(
+        Row(
+            "startup",
+            "submit -> first progress, tiny model, second job in the same worker",
+            fmt_ms(median(warm)),
+            data={"seconds": warm},
+        )
+    )
+    return rows
+
+
+def run_latency(opts: Options) -> list[Row]:
+    from transformers import AutoTokenizer
+
+    from bench.data import build_dataset, small_model
+
+    # Quick mode trains the tiny model: the point there is only that the part runs.
+    model = _tiny_model(opts.work_dir) if opts.quick else small_model(opts.work_dir)
+    data = build_dataset(
+        opts.work_dir / "data" / f"latency-{model.name}.jsonl",
+        AutoTokenizer.from_pretrained(str(model)),
+        n=256,
+    ).path
+    rows: list[Row] = []
+    harness = jobs.spawn()
+    try:
+        # A finished job, so ``status`` returns a real map in both conditions.
+        warmup = jobs.submit(
+            harness, jobs.train_config(model, data, opts.work_dir / "latency-warmup", steps=1)
+        )
+        jobs.follow(harness, warmup)
+        idle = _round_trips(harness, warmup.job_id, opts.status_calls)
+        rows.append(_latency_row("status round trip, worker idle", idle, target=False))
+
+        config = jobs.train_config(model, data, opts.work_dir / "latency-train", steps=100_000)
+        training = jobs.submit(harness, config)
+        jobs.follow(harness, training, until="progress")
+        busy = _round_trips(harness, training.job_id, opts.status_calls)
+        step = harness.call("status", training.job_id)["step"]
+        harness.call("cancel", training.job_id)
+        jobs.follow(harness, training, until="cancelled")
+        rows.append(
+            _latency_row(f"status round trip, while training (reached step {step})", busy, target=True)
+        )
+    finally:
+        jobs.stop(harness, timeout=60)
+    return rows
+
+
+def _round_trips(harness: object, job_id: str, calls: int) -> list[float]:
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        reply = harness.call("status", job_id)  # type: ignore[attr-defined]
+        times.append(time.perf_counter() - t0)
+        if not isinstance(reply, dict):
+            raise RuntimeError(f"status({job_id}) returned {reply!r}")
+    return times
+
+
+def _latency_row(name: str, times: list[float], *, target: bool) -> Row:
+    p50, p99 = percentile(times, 50), percentile(times, 99)
+    return Row(
+        "latency",
+        f"{name}, {len(times)} calls",
+        f"p50 {fmt_ms(p50)}, p99 {fmt_ms(p99)}",
+        f"max {fmt_ms(max(times))}",
+        target=f"p99 < {P99_TARGET_S * 1000:.0f} ms" if target else "",
+        met=(p99 < P99_TARGET_S) if target else None,
+        data={"p50": p50, "p99": p99, "max": max(times), "calls": len(times)},
+    )
+
+
+def _tiny_model(work_dir: Path) -> Path:
+    from finetune_worker.tiny import build_tiny_model
+
+    return build_tiny_model(work_dir / "tiny-model", size="tiny")
+
+
+run = run_latency
