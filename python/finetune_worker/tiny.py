@@ -145,6 +145,9 @@ def _build_into(path: Path, spec: TinySpec, seed: int) -> int:
         num_key_value_heads=spec.num_key_value_heads,
         max_position_embeddings=spec.max_position_embeddings,
         rms_norm_eps=1e-6,
+        # transformers' 0.02 caps a random head's logits near 0.02 * hidden (2.6 here), which LoRA, leaving
+        # the head and norms frozen, cannot lift: the loss would stall near 5. 1/sqrt(hidden) lets it learn.
+        initializer_range=spec.hidden_size**-0.5,
         rope_theta=10000.0,
         # Untied: LoRA on the LM head, merges and mergekit all treat the head as its own tensor.
         tie_word_embeddings=False,
