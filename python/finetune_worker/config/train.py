@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_worker.config.data import DataConfig
+from finetune_worker.config.tracking import TrackingConfig
 from finetune_worker.errors import ConfigIssue
 
 PeftMethod = Literal[
@@ -184,6 +185,9 @@ class TrainConfig(_Section):
     overwrite: bool = Field(
         False, description="Allow starting fresh in an output_dir that holds another run."
     )
+    tracking: TrackingConfig | None = Field(
+        None, description="Experiment tracking (MLflow, TensorBoard, W&B); failures only warn."
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 needs the flash_attn package and CUDA."
     )
@@ -205,7 +209,7 @@ class TrainConfig(_Section):
     def run_fingerprint(self) -> str:
         """What makes two runs the same run: everything except how long and whether to resume."""
         data = self.model_dump(mode="json")
-        for key in ("resume", "overwrite", "max_steps", "checkpoint", "eval"):
+        for key in ("resume", "overwrite", "max_steps", "checkpoint", "eval", "tracking"):
             data.pop(key, None)
         data["training_parameters"].pop("epochs", None)
         data["training_parameters"].pop("logging_steps", None)

@@ -35,15 +35,28 @@ _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentia
 
 def run(ctx: Any) -> dict[str, Any]:
     cfg: TrainConfig = ctx.config
+    trackers: list[Any] = []  # experiment-tracking runs, closed here whichever way the job ends
     try:
-        return _run(ctx, cfg)
-    except (JobFailed, JobCancelled):
+        return _run(ctx, cfg, trackers)
+    except JobCancelled:
+        _close_tracking(trackers, "KILLED")
+        raise
+    except JobFailed:
+        _close_tracking(trackers, "FAILED")
         raise
     except Exception as exc:
+        _close_tracking(trackers, "FAILED")
         raise classify_training_exception(exc) from exc
 
 
-def _run(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
+def _close_tracking(trackers: list[Any], status: str) -> None:
+    if trackers:
+        from finetune_worker.tracking import finish_tracking
+
+        finish_tracking(trackers, None, status)
+
+
+def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
     started = time.monotonic()
     out = cfg.resolved(cfg.output_dir)
     resume_from = _prepare_output_dir(cfg, out)
@@ -53,6 +66,7 @@ def _run(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
     # Heavy imports only now, on the runner thread.
     from transformers import set_seed
 
+    from finetune_worker.tracking import finish_tracking, tracking_callbacks, tracking_summary
     from finetune_worker.training.callbacks import EventCallback
     from finetune_worker.training.data import build_datasets, make_collator
     from finetune_worker.training.model import (
@@ -103,7 +117,10 @@ def _run(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
     ctx.check_cancelled()
 
     callback = EventCallback(ctx.emit, ctx.cancel_event, out)
-    trainer = build_trainer(cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [callback], out)
+    trackers.extend(tracking_callbacks(cfg.tracking, ctx, out))
+    trainer = build_trainer(
+        cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [callback, *trackers], out
+    )
     base_eval: dict[str, float] = {}
     if has_eval:
         ctx.phase("evaluating")
@@ -129,8 +146,12 @@ def _run(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
     summary = _summary(
         cfg, trainer, result, stats, base_eval, final_eval, resume_from, started, len(train_rows)
     )
+    if trackers:
+        summary["tracking"] = tracking_summary(trackers)
     summary_path = out / SUMMARY
     _write_json_atomic(summary_path, summary)
+    finish_tracking(trackers, out)  # uploads the saved adapter/model and summary.json
+    trackers.clear()
     ckpt.clear_staging(out)
     weights_key = "model_path" if cfg.peft.method == "full" else "adapter_path"
     return {

@@ -1,0 +1,377 @@
+"""Experiment tracking for training runs: MLflow, TensorBoard and Weights & Biases.
+
+Each backend is a ``TrainerCallback``: it logs the run's parameters when it starts, the
+training metrics at every logging step and the eval metrics after every evaluation, and on
+:func:`finish_tracking` the final artifacts (the adapter or model files and ``summary.json``).
+Tracking must never cost a training run: every call into a backend is guarded, and the first
+failure (package missing, server unreachable, disk full) turns that backend off with a
+``log`` warning while training goes on.
+
+Run names are stable: ``tracking.run_name``, else the output directory's name plus the run
+fingerprint, so a resumed run logs into the run it started (MLflow and W&B continue it).
+
+Used by the training job::
+
+    trackers = tracking_callbacks(cfg.tracking, ctx, out)   # [] when tracking is off
+    trainer = build_trainer(..., callbacks=[events, *trackers], ...)
+    summary["tracking"] = tracking_summary(trackers)
+    finish_tracking(trackers, out, status="FINISHED")        # or FAILED / KILLED
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from finetune_worker.config.tracking import MlflowSection, TensorboardSection, TrackingConfig, WandbSection
+
+#: Files of output_dir that are not the trained model: tracking stores, run bookkeeping.
+_NOT_ARTIFACTS = re.compile(r"^(\.|mlflow\.db|checkpoint-|runs$|wandb$|mlartifacts$)")
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
+_TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
+
+
+def tracking_callbacks(cfg: TrackingConfig | None, ctx: Any, output_dir: Path) -> list[Tracker]:
+    """Start a run in every enabled backend; backends that cannot start are skipped with a warning."""
+    if cfg is None or not cfg.enabled():
+        return []
+    out = Path(output_dir)
+    name = cfg.run_name or default_run_name(ctx, out)
+    params = flat_params(ctx.config)
+    trackers: list[Tracker] = []
+    for backend, section in (("mlflow", cfg.mlflow), ("tensorboard", cfg.tensorboard), ("wandb", cfg.wandb)):
+        if backend not in cfg.enabled():
+            continue
+        tracker = _BACKENDS[backend](name, section, out, ctx)
+        if tracker.start(params):
+            trackers.append(tracker)
+    if trackers:
+        where = "; ".join(t.describe() for t in trackers)
+        ctx.emit("log", level="info", message=f"tracking run '{name}': {where}", run_name=name)
+    return trackers
+
+
+def tracking_summary(trackers: list[Tracker]) -> dict[str, Any]:
+    """What goes into summary.json and the ``completed`` event: each backend's run and where it is."""
+    return {t.name: t.info() for t in trackers}
+
+
+def finish_tracking(trackers: list[Tracker], output_dir: Path | None, status: str = "FINISHED") -> None:
+    """Upload final artifacts (only for a finished run) and close every run with ``status``."""
+    for tracker in trackers:
+        artifacts = (
+            final_artifacts(Path(output_dir)) if output_dir is not None and status == "FINISHED" else []
+        )
+        tracker.finish(artifacts, status)
+
+
+def default_run_name(ctx: Any, out: Path) -> str:
+    fingerprint = getattr(ctx.config, "run_fingerprint", None)
+    digest = fingerprint()[:8] if callable(fingerprint) else hashlib.sha256(str(out).encode()).hexdigest()[:8]
+    return f"{out.name}-{digest}"
+
+
+def flat_params(config: Any) -> dict[str, str]:
+    """The job config as dotted keys (``peft.r``), secrets redacted, values as strings."""
+    data = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config or {})
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                key = f"{prefix}.{k}" if prefix else str(k)
+                walk(key, "<redacted>" if _SECRET_KEY.search(str(k)) else v)
+        else:
+            out[prefix] = (
+                json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
+            )
+
+    walk("", data)
+    return out
+
+
+def final_artifacts(out: Path) -> list[Path]:
+    """Top-level files of output_dir that make up the result (adapter/model, tokenizer, summary)."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.is_file() and not _NOT_ARTIFACTS.match(p.name))
+
+
+class Tracker(TrainerCallback):
+    """One backend. Subclasses implement ``_start``, ``_log``, ``_finish`` and ``info``."""
+
+    name = "tracker"
+
+    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: Any):
+        self.run_name = run_name
+        self.section = section
+        self.output_dir = output_dir
+        self._ctx = ctx
+        self.active = False
+        self.error: str | None = None
+
+    # ---- lifecycle, every call guarded ------------------------------------------------------
+
+    def start(self, params: dict[str, str]) -> bool:
+        self.active = self._guard("start", self._start, params)
+        return self.active
+
+    def finish(self, artifacts: list[Path], status: str) -> None:
+        if self.active:
+            self._guard("finish", self._finish, artifacts, status)
+            self.active = False
+
+    def describe(self) -> str:
+        return self.name
+
+    def info(self) -> dict[str, Any]:
+        return {"run_name": self.run_name, "error": self.error}
+
+    def _guard(self, what: str, fn: Any, *args: Any) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:  # tracking must never stop training
+            self.active = False
+            self.error = f"{type(exc).__name__}: {exc}"[:500]
+            self._ctx.log(
+                f"tracking: {self.name} {what} failed, so {self.name} logging is off for this run; "
+                f"training goes on ({self.error})",
+                level="warning",
+            )
+            return False
+
+    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.active and metrics:
+            self._guard("logging", self._log, metrics, step)
+
+    # ---- TrainerCallback hooks ------------------------------------------------------------
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        logs = logs or {}
+        if "loss" in logs:
+            self._log_metrics(_numbers({f"train/{k}": logs.get(k) for k in _TRAIN_KEYS}), state.global_step)
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        metrics = metrics or {}
+        values = {f"eval/{k.removeprefix('eval_')}": v for k, v in metrics.items() if k.startswith("eval_")}
+        loss = metrics.get("eval_loss")
+        if isinstance(loss, (int, float)) and loss < 700:
+            values["eval/perplexity"] = math.exp(loss)
+        self._log_metrics(_numbers(values), state.global_step)
+
+    # ---- backend specifics ------------------------------------------------------------------
+
+    def _start(self, params: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def _finish(self, artifacts: list[Path], status: str) -> None:
+        raise NotImplementedError
+
+
+class MlflowTracker(Tracker):
+    name = "mlflow"
+    section: MlflowSection
+
+    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: Any):
+        super().__init__(run_name, section, output_dir, ctx)
+        self.tracking_uri = section.tracking_uri or f"sqlite:///{output_dir / 'mlflow.db'}"
+        self.run_id: str | None = None
+        self.resumed = False
+        self._client: Any = None
+
+    def _start(self, params: dict[str, str]) -> None:
+        # An unreachable server would otherwise be retried with backoff for minutes on every call.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        if self.tracking_uri.startswith(("http://", "https://")):
+            _probe(self.tracking_uri)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(self.tracking_uri)
+        exp = client.get_experiment_by_name(self.section.experiment_name)
+        if exp is None:
+            # A local store keeps its artifacts beside it (MLflow's default is ./mlartifacts of the cwd).
+            location = None if self.section.tracking_uri else (self.output_dir / "mlartifacts").as_uri()
+            exp_id = client.create_experiment(self.section.experiment_name, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        quoted = self.run_name.replace("'", "\\'")
+        previous = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.mlflow.runName = '{quoted}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if previous and previous[0].info.status != "FINISHED":
+            # An interrupted run with this name: a resume continues it.
+            self.run_id, self.resumed = previous[0].info.run_id, True
+            client.update_run(self.run_id, status="RUNNING")
+        else:
+            tags = {"finetune_worker.job_id": self._ctx.job_id, **self.section.tags}
+            self.run_id = client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
+            items = [Param(k, v[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                client.log_batch(self.run_id, params=items[i : i + 100])
+        self._client = client
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def _finish(self, artifacts: list[Path], status: str) -> None:
+        if self.section.log_artifacts:
+            for path in artifacts:
+                self._client.log_artifact(
+                    self.run_id, str(path), None if path.name == "summary.json" else "model"
+                )
+        self._client.set_terminated(self.run_id, status=status)
+
+    def describe(self) -> str:
+        return f"mlflow run {self.run_id}{' (resumed)' if self.resumed else ''} at {self.tracking_uri}"
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **super().info(),
+            "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
+            "experiment": self.section.experiment_name,
+        }
+
+
+class TensorboardTracker(Tracker):
+    name = "tensorboard"
+    section: TensorboardSection
+
+    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: Any):
+        super().__init__(run_name, section, output_dir, ctx)
+        self.log_dir = Path(section.log_dir) if section.log_dir else output_dir / "runs" / run_name
+        self._writer: Any = None
+
+    def _start(self, params: dict[str, str]) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        table = "\n".join(f"| {k} | {v} |" for k, v in params.items())
+        self._writer.add_text("config", f"| param | value |\n|---|---|\n{table}", 0)
+        self._writer.flush()
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self._writer.add_scalar(key, value, step)
+        self._writer.flush()  # a killed worker still leaves the curves on disk
+
+    def _finish(self, artifacts: list[Path], status: str) -> None:
+        summary = next((p for p in artifacts if p.name == "summary.json"), None)
+        if summary is not None:
+            self._writer.add_text("summary", f"```\n{summary.read_text()[:20000]}\n```", 0)
+        self._writer.close()
+
+    def describe(self) -> str:
+        return f"tensorboard {self.log_dir}"
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "log_dir": str(self.log_dir)}
+
+
+class WandbTracker(Tracker):
+    name = "wandb"
+    section: WandbSection
+
+    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: Any):
+        super().__init__(run_name, section, output_dir, ctx)
+        # W&B run ids allow only [A-Za-z0-9_-]; derived from the name, so a resume continues the run.
+        self.run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]
+        self.dir = Path(section.dir) if section.dir else output_dir
+        self._run: Any = None
+
+    def _start(self, params: dict[str, str]) -> None:
+        import wandb
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._run = wandb.init(
+            project=self.section.project,
+            entity=self.section.entity,
+            name=self.run_name,
+            id=self.run_id,
+            resume="allow",
+            mode=self.section.mode,
+            dir=str(self.dir),
+            config=params,
+            tags=self.section.tags or None,
+            reinit="create_new",  # several jobs in one worker process: never reuse another job's run
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def _finish(self, artifacts: list[Path], status: str) -> None:
+        import wandb
+
+        if artifacts:
+            artifact = wandb.Artifact(f"{self.run_id}-model", type="model")
+            for path in artifacts:
+                artifact.add_file(str(path))
+            self._run.log_artifact(artifact)
+        self._run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+    def describe(self) -> str:
+        return f"wandb {self.section.mode} run {self.run_id} in {self.dir}"
+
+    def info(self) -> dict[str, Any]:
+        run_dir = getattr(self._run, "dir", None)
+        return {
+            **super().info(),
+            "run_id": self.run_id,
+            "mode": self.section.mode,
+            "dir": str(run_dir or self.dir),
+        }
+
+
+_BACKENDS: dict[str, type[Tracker]] = {
+    "mlflow": MlflowTracker,
+    "tensorboard": TensorboardTracker,
+    "wandb": WandbTracker,
+}
+
+
+def _probe(uri: str) -> None:
+    """Fail fast (3 s) when an MLflow server does not answer, instead of stalling a training step."""
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            response.read(64)
+    except urllib.error.HTTPError:
+        return  # it answered: an old server without /health is still a server
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectionError(f"MLflow server {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
+
+
+def _numbers(values: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = float(value)
+    return out

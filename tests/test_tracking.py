@@ -1,0 +1,177 @@
+"""Experiment tracking through real training runs: MLflow (local store and a real server),
+TensorBoard (event files read back), W&B offline, and failures that only warn."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_worker.config import parse_job_config
+from finetune_worker.config.tracking import TrackingConfig
+from test_train_helpers import run_job, tiny_config
+
+
+def _need(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (pip install '.[tracking]' to run this test)")
+
+
+def tracked_config(model: Path, out: Path, tracking: dict[str, Any], **over: Any) -> dict[str, Any]:
+    return tiny_config(
+        model,
+        out,
+        "qa.jsonl",
+        max_steps=6,
+        checkpoint={"every_steps": 100, "keep": 1},
+        tracking=tracking,
+        **over,
+    )
+
+
+def test_promised_tracking_block_validates_as_written(tiny_model_dir: Path, tmp_path: Path) -> None:
+    block = {
+        "mlflow": {"tracking_uri": "http://127.0.0.1:5000"},
+        "tensorboard": True,
+        "wandb": {"mode": "offline"},
+    }
+    _, cfg = parse_job_config(tracked_config(tiny_model_dir, tmp_path / "o", block))
+    assert cfg.tracking.mlflow.tracking_uri == "http://127.0.0.1:5000"
+    assert cfg.tracking.tensorboard is not None and cfg.tracking.wandb.mode == "offline"
+    assert cfg.tracking.enabled() == ["mlflow", "tensorboard", "wandb"]
+    assert TrackingConfig.model_validate({"mlflow": True, "tensorboard": False}).enabled() == ["mlflow"]
+    with pytest.raises(Exception, match="mode"):
+        TrackingConfig.model_validate({"wandb": {"mode": "sometimes"}})
+
+
+def test_mlflow_local_store_and_tensorboard(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _need("mlflow")
+    _need("tensorboard")
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run = run_job(tracked_config(tiny_model_dir, out, {"mlflow": {}, "tensorboard": True}), timeout=600)
+    done = run.terminal
+    assert done.type == "completed", done.payload
+    assert not [w for w in run.of("log") if w["level"] == "warning" and "tracking" in w["message"]]
+    info = done.payload["summary"]["tracking"]
+    assert json.loads((out / "summary.json").read_text())["tracking"] == info
+    name = info["mlflow"]["run_name"]
+    assert name.startswith("run-") and info["tensorboard"]["run_name"] == name
+    announced = [e for e in run.of("log") if e.get("run_name")]
+    assert announced and announced[0]["run_name"] == name
+
+    # MLflow: read the run back through its client
+    client = MlflowClient(info["mlflow"]["tracking_uri"])
+    assert info["mlflow"]["tracking_uri"] == f"sqlite:///{out / 'mlflow.db'}"
+    mrun = client.get_run(info["mlflow"]["run_id"])
+    assert mrun.info.status == "FINISHED" and mrun.info.run_name == name
+    assert mrun.data.params["peft.method"] == "lora" and mrun.data.params["max_steps"] == "6"
+    losses = client.get_metric_history(mrun.info.run_id, "train/loss")
+    assert [m.step for m in losses] == list(range(1, 7))
+    evals = client.get_metric_history(mrun.info.run_id, "eval/loss")
+    summary = done.payload["summary"]
+    assert [m.step for m in evals] == [0, 6]  # before and after training
+    assert evals[-1].value == pytest.approx(summary["final_eval_loss"])
+    assert "eval/perplexity" in mrun.data.metrics
+    top = {a.path for a in client.list_artifacts(mrun.info.run_id)}
+    model_files = {Path(a.path).name for a in client.list_artifacts(mrun.info.run_id, "model")}
+    assert "summary.json" in top and {"adapter_model.safetensors", "adapter_config.json"} <= model_files
+    assert (out / "mlartifacts").is_dir()  # artifacts stay beside the local store, not in the cwd
+
+    # TensorBoard: read the event file back
+    log_dir = Path(info["tensorboard"]["log_dir"])
+    assert log_dir == out / "runs" / name
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/learning_rate", "eval/loss", "eval/perplexity"} <= set(tags)
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 7))
+    assert acc.Scalars("eval/loss")[-1].value == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+
+
+def test_unreachable_mlflow_and_missing_backend_only_warn(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tracking: dict[str, Any] = {"mlflow": {"tracking_uri": f"http://127.0.0.1:{port}"}}
+    if importlib.util.find_spec("wandb") is None:
+        tracking["wandb"] = {"mode": "offline"}  # missing package: must only warn too
+    run = run_job(tracked_config(tiny_model_dir, tmp_path / "run", tracking), timeout=600)
+    assert run.terminal.type == "completed", run.terminal.payload
+    warnings = [w["message"] for w in run.of("log") if w["level"] == "warning"]
+    assert any("mlflow" in w and "unreachable" in w and "training goes on" in w for w in warnings), warnings
+    if "wandb" in tracking:
+        assert any("wandb" in w and "No module named" in w for w in warnings), warnings
+    assert run.terminal.payload["summary"]["steps"] == 6
+    assert "tracking" not in run.terminal.payload["summary"]  # no backend started
+
+
+def test_wandb_offline_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _need("wandb")
+    out = tmp_path / "run"
+    run = run_job(tracked_config(tiny_model_dir, out, {"wandb": {"mode": "offline"}}), timeout=600)
+    assert run.terminal.type == "completed", run.terminal.payload
+    assert not [w for w in run.of("log") if w["level"] == "warning" and "wandb" in w["message"]], run.of(
+        "log"
+    )
+    info = run.terminal.payload["summary"]["tracking"]["wandb"]
+    assert info["mode"] == "offline" and info["error"] is None
+    offline = list((out / "wandb").glob(f"offline-run-*-{info['run_id']}"))
+    assert offline, list((out / "wandb").iterdir())
+    assert list(offline[0].glob("*.wandb"))  # the run's record, ready for `wandb sync`
+
+
+@pytest.mark.slow
+def test_mlflow_server_on_loopback(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _need("mlflow")
+    from mlflow import MlflowClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "server"
+    store.mkdir()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+        "--default-artifact-root", (store / "artifacts").as_uri(), "--workers", "1",
+    ]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+                time.sleep(0.5)
+        run = run_job(
+            tracked_config(tiny_model_dir, tmp_path / "run", {"mlflow": {"tracking_uri": uri}}), timeout=600
+        )
+        assert run.terminal.type == "completed", run.terminal.payload
+        info = run.terminal.payload["summary"]["tracking"]["mlflow"]
+        assert info["error"] is None and info["tracking_uri"] == uri
+        client = MlflowClient(uri)
+        mrun = client.get_run(info["run_id"])
+        assert mrun.info.status == "FINISHED"
+        assert len(client.get_metric_history(mrun.info.run_id, "train/loss")) == 6
+        assert "summary.json" in {a.path for a in client.list_artifacts(mrun.info.run_id)}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
