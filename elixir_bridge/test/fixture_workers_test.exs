@@ -94,6 +94,16 @@ defmodule FineTuning.FixtureWorkersTest do
     assert {:fine_tuning, ^job_id, :completed, _} = FineTuning.await(pid, job_id, 1_000)
   end
 
+  test "a late reply is a timeout; a late submit still delivers the job's events" do
+    pid = start_supervised!({Worker, executable: fixture("misbehaving_worker"), args: ["slow"]})
+    assert FineTuning.status(pid, "job-1", timeout: 100) == {:error, :timeout}
+    assert FineTuning.status(pid, "job-1", timeout: 5_000) == {:error, :not_found}
+
+    assert FineTuning.submit(pid, %{}, timeout: 100) == {:error, :timeout}
+    assert_receive {:fine_tuning, job_id, :queued, _}, 5_000
+    assert [started: _, progress: _, completed: _] = collect_events(job_id, 5_000)
+  end
+
   test "the subscriber can be another process" do
     pid =
       start_supervised!(

@@ -191,8 +191,14 @@ defmodule FineTuning.Worker do
       {nil, _} ->
         {:noreply, state}
 
+      # A submit that timed out may still queue the job: keep waiting for its reply (without
+      # a caller) so the subscriber gets the job's events rather than nobody.
+      {{{from, {:submit, _} = kind}, _timer}, pending} ->
+        answer(from, {:error, :timeout})
+        {:noreply, %{state | pending: Map.put(pending, id, {{nil, kind}, nil})}}
+
       {{{from, _kind}, _timer}, pending} ->
-        GenServer.reply(from, {:error, :timeout})
+        answer(from, {:error, :timeout})
         {:noreply, %{state | pending: pending}}
     end
   end
@@ -274,20 +280,23 @@ defmodule FineTuning.Worker do
     state
   end
 
+  defp answer(nil, _result), do: :ok
+  defp answer(from, result), do: GenServer.reply(from, result)
+
   defp reply({from, :call}, result, state) do
-    GenServer.reply(from, result)
+    answer(from, result)
     state
   end
 
   defp reply({from, {:submit, subscriber}}, {:ok, job_id} = result, state) do
     {held, subs} = Subscriptions.job_submitted(state.subs, job_id, subscriber)
-    GenServer.reply(from, result)
+    answer(from, result)
     state = Enum.reduce(held, %{state | subs: subs}, &route_event/2)
     drop_held(state)
   end
 
   defp reply({from, {:submit, _}}, result, state) do
-    GenServer.reply(from, result)
+    answer(from, result)
     drop_held(state)
   end
 
@@ -327,7 +336,7 @@ defmodule FineTuning.Worker do
 
   defp fail_all(state, call_error, status, what) do
     Enum.each(state.pending, fn {_id, {{from, _kind}, _timer}} ->
-      GenServer.reply(from, {:error, call_error})
+      answer(from, {:error, call_error})
     end)
 
     message = "the finetune-worker process #{what} before the job finished"
