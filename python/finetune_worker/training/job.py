@@ -24,6 +24,11 @@ from finetune_worker.training.failures import (
     model_not_found,
 )
 
+# OpenMP threads that spin while they wait collapse CPU training 20-40x as soon as another
+# process competes for the cores (measured here: a 45-row eval went from 0.24 s to 22 s).
+# Only effective if torch is not imported yet; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 SUMMARY = "summary.json"
 #: peft loads it as an adapter named after the folder, and module names cannot hold "." or "-".
 INITIAL_ADAPTER = "initial_adapter"
