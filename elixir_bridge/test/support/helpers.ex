@@ -17,7 +17,9 @@ defmodule FineTuning.TestHelpers do
       "HF_DATASETS_OFFLINE" => "1",
       "TOKENIZERS_PARALLELISM" => "false",
       "OMP_NUM_THREADS" => "2",
-      "FINETUNE_WORKER_LOG_LEVEL" => "WARNING"
+      "FINETUNE_WORKER_LOG_LEVEL" => "WARNING",
+      # Spinning OpenMP threads slow CPU torch many times over when other tests share the cores.
+      "OMP_WAIT_POLICY" => "PASSIVE"
     }
 
     Keyword.merge([executable: worker_executable(), env: env, shutdown_grace: 5_000], extra)
