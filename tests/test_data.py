@@ -429,3 +429,34 @@ def test_packed_per_example_losses_equal_padded(tiny_model_dir: Path, tok: Any) 
 
     torch.testing.assert_close(packed_losses, padded_losses, atol=1e-5, rtol=0)
     assert (leaky - padded_losses).abs().max() > 1e-3
+
+
+def test_template_problems_are_named(tok: Any) -> None:
+    # A template that numbers turns renders earlier turns differently once more follow: no prefix diff.
+    unstable = "{{ messages|length }}" + PLAIN_CHATML
+    with pytest.raises(JobFailed) as err:
+        ChatEncoder(tok, DataConfig(chat_template=unstable)).encode_chat(CONVERSATION)
+    assert err.value.error == "invalid_config" and "train_on_responses_only" in err.value.hint
+    strict = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        + CHAT_TEMPLATE
+    )
+    with pytest.raises(JobFailed) as err:
+        ChatEncoder(tok, DataConfig(chat_template=strict)).encode_chat(CONVERSATION, row=9)
+    assert err.value.error == "bad_dataset_row"
+    assert err.value.message.startswith("row 9: the chat template cannot render this conversation")
+    assert "no system role" in err.value.message
+
+
+def test_demo_files_match_their_generator() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_demo_data", DATA / "make_demo_data.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, text in module.build().items():
+        assert (DATA / name).read_text(encoding="utf-8") == text, f"{name} drifted: rerun make_demo_data.py"
+    from finetune_worker.tiny import corpus_text
+
+    assert corpus_text() == module.corpus(module.random.Random(module.CORPUS_SEED))

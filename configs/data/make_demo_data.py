@@ -19,6 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE.parents[1] / "python" / "finetune_worker" / "assets"
+CORPUS_SEED = 7  # the tokenizer's merges depend on the corpus bytes: changing it changes every tiny model
 
 COLOURS = {
     "apple": "red",
@@ -348,7 +349,7 @@ def main() -> None:
     for name, text in build().items():
         (HERE / name).write_text(text, encoding="utf-8")
     ASSETS.mkdir(parents=True, exist_ok=True)
-    (ASSETS / "corpus.txt").write_text(corpus(random.Random(7)), encoding="utf-8")
+    (ASSETS / "corpus.txt").write_text(corpus(random.Random(CORPUS_SEED)), encoding="utf-8")
 
 
 if __name__ == "__main__":
