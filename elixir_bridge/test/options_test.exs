@@ -73,6 +73,8 @@ defmodule FineTuning.OptionsTest do
         {[env: "A=1"], ":env"},
         {[cd: "/no/such/dir"], ":cd"},
         {[cd: 42], ":cd"},
+        {[stderr: "/no/such/dir/worker.log"], ":stderr"},
+        {[stderr: ""], ":stderr"},
         {[name: "worker"], ":name"},
         {[call_timeout: -1], ":call_timeout"},
         {[call_timeout: 1.5], ":call_timeout"},

@@ -23,6 +23,16 @@ defmodule FineTuning.WorkerTest do
     assert info.pid == FineTuning.os_pid(w)
   end
 
+  test "the worker's stderr can go to a file, and the pid is still the worker's" do
+    log = Path.join(tmp_dir!("stderr"), "worker.log")
+    opts = worker_opts(stderr: log, env: %{"FINETUNE_WORKER_LOG_LEVEL" => "INFO"})
+    w = start_supervised!({Worker, opts}, id: :with_stderr)
+    os_pid = FineTuning.os_pid(w)
+    assert FineTuning.info(w).pid == os_pid
+    :ok = stop_supervised(:with_stderr)
+    assert File.read!(log) =~ "finetune-worker[#{os_pid}]"
+  end
+
   test "an invalid config returns every problem, each naming its field", %{worker: w} do
     config = %{
       "job" => "train",

@@ -8,6 +8,7 @@ defmodule FineTuning.Options do
   | `:args` | `[]` | extra arguments after `port` |
   | `:env` | `[]` | extra environment, e.g. `[{"CUDA_VISIBLE_DEVICES", "1"}]`; a `nil` value unsets |
   | `:cd` | this node's working directory | the worker's working directory |
+  | `:stderr` | inherited from this node | a file the worker's stderr (its log) is appended to |
   | `:name` | none | a GenServer name |
   | `:call_timeout` | `30_000` | ms a call may wait for its reply (`:infinity` allowed) |
   | `:startup_timeout` | `60_000` | ms the worker has to answer `info` after it starts |
@@ -26,6 +27,7 @@ defmodule FineTuning.Options do
     :args,
     :env,
     :cd,
+    :stderr,
     :name,
     :call_timeout,
     :startup_timeout,
@@ -38,6 +40,7 @@ defmodule FineTuning.Options do
           args: [String.t()],
           env: [{charlist(), charlist() | false}],
           cd: String.t() | nil,
+          stderr: String.t() | nil,
           name: GenServer.name() | nil,
           call_timeout: timeout(),
           startup_timeout: non_neg_integer(),
@@ -82,6 +85,7 @@ defmodule FineTuning.Options do
       args: args(Keyword.get(opts, :args, [])),
       env: env(Keyword.get(opts, :env, [])),
       cd: cd(Keyword.get(opts, :cd)),
+      stderr: stderr(Keyword.get(opts, :stderr)),
       name: name(Keyword.get(opts, :name)),
       call_timeout:
         timeout(:call_timeout, Keyword.get(opts, :call_timeout, @default_call_timeout)),
@@ -143,6 +147,20 @@ defmodule FineTuning.Options do
 
   defp cd(other),
     do: raise(ArgumentError, "option :cd must be a directory path, got: #{inspect(other)}")
+
+  defp stderr(nil), do: nil
+
+  defp stderr(path) when is_binary(path) and path != "" do
+    path = Path.expand(path)
+
+    unless File.dir?(Path.dirname(path)),
+      do: raise(ArgumentError, "option :stderr: directory of #{inspect(path)} does not exist")
+
+    path
+  end
+
+  defp stderr(other),
+    do: raise(ArgumentError, "option :stderr must be a file path, got: #{inspect(other)}")
 
   defp name(nil), do: nil
   defp name(name) when is_atom(name), do: name

@@ -21,17 +21,30 @@ defmodule FineTuning.OSProcess do
         {:error, {:executable_not_executable, path}}
 
       true ->
+        {program, args, env} = command_line(opts)
+
         port_opts =
           [{:packet, 4}, :binary, :exit_status, :use_stdio, :hide]
-          |> Kernel.++([{:args, ["port" | opts.args]}, {:env, worker_env(opts)}])
+          |> Kernel.++([{:args, args}, {:env, env}])
           |> Kernel.++(if opts.cd, do: [{:cd, opts.cd}], else: [])
 
         try do
-          {:ok, Port.open({:spawn_executable, path}, port_opts)}
+          {:ok, Port.open({:spawn_executable, program}, port_opts)}
         rescue
           error in ErlangError -> {:error, {:spawn_failed, path, error.original}}
         end
     end
+  end
+
+  # A port cannot redirect stderr alone, so with :stderr a shell opens the file and then
+  # execs the worker: same pid, nothing of the shell left behind.
+  defp command_line(%{stderr: nil} = opts),
+    do: {opts.executable, ["port" | opts.args], worker_env(opts)}
+
+  defp command_line(opts) do
+    script = ~S(exec "$0" "$@" 2>>"$FINETUNE_WORKER_STDERR")
+    env = [{~c"FINETUNE_WORKER_STDERR", String.to_charlist(opts.stderr)} | worker_env(opts)]
+    {"/bin/sh", ["-c", script, opts.executable, "port" | opts.args], env}
   end
 
   # The worker's own grace (how long a cancelled job may save after stdin closes) must end

@@ -9,7 +9,7 @@ defmodule FineTuning.TestHelpers do
   def python, do: Path.join(@repo, ".venv/bin/python")
   def worker_executable, do: Path.join(@repo, ".venv/bin/finetune-worker")
 
-  @doc "Options for a real worker: test job kinds on, no model hub, small grace."
+  @doc "Options for a real worker: test job kinds on, no model hub, small grace, log to a file."
   def worker_opts(extra \\ []) do
     env = %{
       "FINETUNE_WORKER_TEST_JOBS" => "1",
@@ -22,8 +22,21 @@ defmodule FineTuning.TestHelpers do
       "OMP_WAIT_POLICY" => "PASSIVE"
     }
 
-    Keyword.merge([executable: worker_executable(), env: env, shutdown_grace: 5_000], extra)
+    {more_env, extra} = Keyword.pop(extra, :env, %{})
+
+    Keyword.merge(
+      [
+        executable: worker_executable(),
+        env: Map.merge(env, more_env),
+        stderr: worker_log(),
+        shutdown_grace: 5_000
+      ],
+      extra
+    )
   end
+
+  @doc "Where the real workers started by the tests write their stderr (appended)."
+  def worker_log, do: Path.join(System.tmp_dir!(), "finetune-worker-elixir-tests.log")
 
   def os_alive?(os_pid) do
     {_, status} = System.cmd("kill", ["-0", to_string(os_pid)], stderr_to_stdout: true)
