@@ -86,7 +86,7 @@ def build_tiny_model(
         if any(out.iterdir()):
             existing = _read_marker(out)
             if not overwrite:
-                if existing == marker and all((out / f).is_file() for f in _REQUIRED_FILES):
+                if _is_complete(out, marker):
                     return out
                 what = (
                     f"a tiny model built with size={existing.get('size')!r}, seed={existing.get('seed')!r}"
@@ -99,27 +99,36 @@ def build_tiny_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        # mkdtemp makes a private directory; a model directory should be as readable as any other.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
+        # mkdtemp (and safetensors) make private files; a model directory is meant to be shared.
+        # Fixed modes rather than the umask: reading the umask means setting it, process-wide.
+        staging.chmod(0o755)
         vocab = _build_into(staging, SIZES[size], seed)
         for file in staging.iterdir():
-            file.chmod(0o666 & ~umask)
+            file.chmod(0o644)
         (staging / "README.md").write_text(_model_card(size, seed, SIZES[size], vocab), encoding="utf-8")
         (staging / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if not overwrite and _is_complete(out, marker):
+            return out  # another process (a parallel test worker) built the same model meanwhile
         if out.exists():
             shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        try:
+            os.replace(staging, out)
+        except OSError:
+            if _is_complete(out, marker):
+                return out
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed into place
     return out
 
 
 def corpus_text() -> str:
     """The English text the tokenizer learns its merges from (shipped with the package)."""
     return resources.files("finetune_worker").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
+
+
+def _is_complete(path: Path, marker: dict[str, object]) -> bool:
+    return _read_marker(path) == marker and all((path / f).is_file() for f in _REQUIRED_FILES)
 
 
 def _read_marker(path: Path) -> dict[str, object]:
