@@ -147,7 +147,6 @@ defmodule FineTuning.Worker do
   end
 
   def handle_call(:os_pid, _from, state), do: {:reply, state.os_pid, state}
-  def handle_call(:startup_info, _from, state), do: {:reply, state.info, state}
 
   defp send_call(state, function, args, waiter, timeout) do
     timeout = if timeout == :default, do: state.opts.call_timeout, else: timeout
@@ -182,7 +181,7 @@ defmodule FineTuning.Worker do
 
   # Normally {:exit_status, _} comes first and we have stopped; this is a port that broke.
   def handle_info({:EXIT, port, reason}, %{port: port} = state) do
-    fail_all(state, {:worker_exit, nil}, nil, "port closed: #{inspect(reason)}")
+    fail_all(state, {:worker_exit, nil}, nil, "became unreachable (#{inspect(reason)})")
     {:stop, {:port_exit, reason}, %{state | port: nil, pending: %{}, subs: Subscriptions.new()}}
   end
 
@@ -213,12 +212,7 @@ defmodule FineTuning.Worker do
   @impl true
   def terminate(reason, state) do
     if state.port do
-      fail_all(
-        state,
-        {:worker_exit, nil},
-        nil,
-        "the FineTuning.Worker stopped: #{inspect(reason)}"
-      )
+      fail_all(state, {:worker_exit, nil}, nil, "was stopped (#{inspect(reason)})")
 
       close_port(state)
     end
