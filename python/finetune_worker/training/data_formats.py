@@ -166,10 +166,25 @@ def _read_json(text: str) -> tuple[list[tuple[int, Any]], list[str]]:
 
 
 def _read_csv(text: str) -> tuple[list[tuple[int, Any]], list[str]]:
+    # Conversation cells can be long JSON; the csv module's 128 KiB field default is for other files.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     reader = csv.DictReader(io.StringIO(text))
-    header = reader.fieldnames or []
-    rows, errors = [], []
-    for number, row in enumerate(reader, start=1):
+    rows: list[tuple[int, Any]] = []
+    errors: list[str] = []
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as exc:
+        return rows, [f"header: {exc}"]
+    numbered = enumerate(reader, start=1)
+    while True:
+        try:
+            number, row = next(numbered)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            # The reader cannot resynchronize after a malformed record: report it and stop.
+            errors.append(f"row {reader.line_num}: {exc} (counting file lines)")
+            break
         if None in row:
             errors.append(
                 f"row {number}: {len(header) + len(row[None])} values but the header has {len(header)} columns"
