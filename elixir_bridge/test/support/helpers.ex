@@ -70,6 +70,8 @@ defmodule FineTuning.TestHelpers do
     dir = Path.join(System.tmp_dir!(), "#{prefix}-#{System.unique_integer([:positive])}")
     File.rm_rf!(dir)
     File.mkdir_p!(dir)
+    # Call from a test or setup_all: the directory goes when they end.
+    ExUnit.Callbacks.on_exit(fn -> File.rm_rf(dir) end)
     dir
   end
 
