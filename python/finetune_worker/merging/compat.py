@@ -112,7 +112,8 @@ def check_shapes(
     """Every adapter tensor must land on a base module of the right size; raise naming the first that does not."""
     vocab = base_cfg.get("vocab_size")
     for key, shape in sorted(shapes.items()):
-        name = key.removeprefix(_PREFIX)
+        # peft saves a targeted embedding/head's own weight as `X.base_layer.weight` (save_embedding_layers)
+        name = key.removeprefix(_PREFIX).replace(".base_layer.", ".")
         m = _LORA_KEY.match(name)
         module_name = m.group("module") if m else name.rsplit(".", 1)[0]
         module = _submodule(model, module_name)
