@@ -115,7 +115,10 @@ class ChatEncoder:
     def __init__(self, tokenizer: Any, cfg: DataConfig):
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.template: str = cfg.chat_template or getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+        own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, dict):  # named templates (e.g. "default", "tool_use"): chat rows need the default
+            own = own.get("default") or next(iter(own.values()), None)
+        self.template: str = cfg.chat_template or own or CHATML_TEMPLATE
         # Offsets (fast tokenizers) are what the generation-tag mask is computed from.
         has_tags = bool(_GENERATION_TAG.search(self.template))
         self.mask_method = (
