@@ -157,8 +157,9 @@ defmodule FineTuning do
   end
 
   @doc """
-  The job's events as a `Stream`, subscribing the calling process; the stream ends after the
-  terminal event. Options: `:timeout` (ms to wait for each event, default `:infinity`; the
+  The job's events as a `Stream`; the process that runs the stream subscribes when it
+  starts (events sent before that are not replayed) and the stream ends after the terminal
+  event. Options: `:timeout` (ms to wait for each event, default `:infinity`; the
   stream raises on timeout). A stream over an ended job yields just its terminal event.
   """
   @spec stream(worker(), job_id(), keyword()) :: Enumerable.t()

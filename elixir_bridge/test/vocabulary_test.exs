@@ -59,6 +59,19 @@ defmodule FineTuning.VocabularyTest do
     assert MapSet.subset?(python["atom_value_keys"], names(Protocol.known_keys()))
   end
 
+  test "every atom literal in the worker's sources is declared" do
+    names = MapSet.new(Protocol.atoms(), &Atom.to_string/1)
+
+    literals =
+      for file <- Path.wildcard(Path.join(repo(), "python/finetune_worker/**/*.py")),
+          [_, name] <- Regex.scan(~r/\bAtom\(["']([^"']+)["']\)/, File.read!(file)),
+          not String.ends_with?(file, ["testing.py", "etf.py", "etf_decode.py"]),
+          do: {Path.relative_to(file, repo()), name}
+
+    assert literals != []
+    assert Enum.reject(literals, fn {_, name} -> name in names end) == []
+  end
+
   test "error classes are the worker's exception classes" do
     {out, 0} =
       System.cmd(
