@@ -22,13 +22,13 @@ defmodule FineTuning.FaultsTest do
     assert_receive {:fine_tuning, ^job_id, :progress, _}, 30_000
 
     # A stopped process cannot answer, so this call is surely pending when the kill lands.
-    {_, 0} = System.cmd("kill", ["-STOP", to_string(os_pid)])
+    os_signal!(os_pid, "STOP")
     caller = Task.async(fn -> FineTuning.status(w, job_id) end)
     ref = Process.monitor(w)
 
     capture_log(fn ->
       Process.sleep(200)
-      {_, 0} = System.cmd("kill", ["-9", to_string(os_pid)])
+      os_signal!(os_pid, "9")
 
       assert Task.await(caller, 10_000) == {:error, {:worker_exit, 137}}
 
@@ -92,7 +92,7 @@ defmodule FineTuning.FaultsTest do
     # start_link succeeds (it answers info); then it stops reading entirely.
     w = start_supervised!({Worker, worker_opts(shutdown_grace: 500)})
     os_pid = FineTuning.os_pid(w)
-    {_, 0} = System.cmd("kill", ["-STOP", to_string(os_pid)])
+    os_signal!(os_pid, "STOP")
 
     log = capture_log(fn -> assert :ok = stop_supervised(Worker) end)
     refute os_alive?(os_pid)

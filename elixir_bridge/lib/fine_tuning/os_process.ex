@@ -101,16 +101,22 @@ defmodule FineTuning.OSProcess do
 
   @doc "Whether an OS process with this pid exists (zombies included, until reaped)."
   @spec alive?(pos_integer()) :: boolean()
-  def alive?(os_pid) when is_integer(os_pid) do
-    {_, status} = System.cmd("kill", ["-0", Integer.to_string(os_pid)], stderr_to_stdout: true)
-    status == 0
-  end
+  def alive?(os_pid) when is_integer(os_pid), do: kill("0", os_pid) == 0
 
   @doc "Send `signal` (e.g. `\"KILL\"`) to the pid; `:ok` even when it is already gone."
   @spec signal(pos_integer(), String.t()) :: :ok
   def signal(os_pid, signal) when is_integer(os_pid) do
-    System.cmd("kill", ["-" <> signal, Integer.to_string(os_pid)], stderr_to_stdout: true)
+    kill(signal, os_pid)
     :ok
+  end
+
+  # The shell's builtin kill: minimal images may lack /bin/kill (procps), never /bin/sh.
+  @doc false
+  @spec kill(String.t(), pos_integer()) :: non_neg_integer()
+  def kill(signal, os_pid) do
+    args = ["-c", ~S(kill -"$1" "$2"), "kill", signal, Integer.to_string(os_pid)]
+    {_, status} = System.cmd("/bin/sh", args, stderr_to_stdout: true)
+    status
   end
 
   @doc "Wait up to `timeout` ms for the pid to disappear; true if it did."

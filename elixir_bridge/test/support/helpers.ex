@@ -38,10 +38,10 @@ defmodule FineTuning.TestHelpers do
   @doc "Where the real workers started by the tests write their stderr (appended)."
   def worker_log, do: Path.join(System.tmp_dir!(), "finetune-worker-elixir-tests.log")
 
-  def os_alive?(os_pid) do
-    {_, status} = System.cmd("kill", ["-0", to_string(os_pid)], stderr_to_stdout: true)
-    status == 0
-  end
+  def os_alive?(os_pid), do: FineTuning.OSProcess.kill("0", os_pid) == 0
+
+  @doc "Send a signal (\"STOP\", \"9\") to an OS process; fail if it cannot be sent."
+  def os_signal!(os_pid, signal), do: 0 = FineTuning.OSProcess.kill(signal, os_pid)
 
   @doc "Poll until the OS pid is gone (true) or `timeout` ms pass (false)."
   def wait_os_gone(os_pid, timeout) do
