@@ -77,19 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Data: chat template, loss on the assistant's answer only.
     dataset = load_dataset("json", data_files=args.data, split="train")
-
-    def tokenize(row: dict) -> dict:
-        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-        enc = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        labels = [
-            tok if keep else -100 for tok, keep in zip(enc["input_ids"], enc["assistant_masks"], strict=True)
-        ]
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
-
-    dataset = dataset.map(tokenize, remove_columns=dataset.column_names)
+    dataset = dataset.map(tokenize, fn_kwargs={"tokenizer": tokenizer}, remove_columns=dataset.column_names)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     # 4. Train.
@@ -132,6 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(RESULT_PREFIX + json.dumps(report), flush=True)
     return 0
+
+
+def tokenize(row: dict, tokenizer: AutoTokenizer) -> dict:
+    """One instruction row -> input ids, attention mask, and labels that train on the answer only."""
+    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    enc = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    labels = [
+        tok if keep else -100 for tok, keep in zip(enc["input_ids"], enc["assistant_masks"], strict=True)
+    ]
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
 def _peak_rss() -> int:
