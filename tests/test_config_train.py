@@ -103,7 +103,7 @@ def test_every_error_at_once_with_json_paths(workdir: Path) -> None:
     assert any(p.startswith("resume") for p in found)
 
 
-@pytest.mark.parametrize("section", ["distributed", "evaluation"])
+@pytest.mark.parametrize("section", ["distributed"])
 def test_future_sections_are_unknown_keys(workdir: Path, section: str) -> None:
     raw = json.loads(SEED)
     raw[section] = {}

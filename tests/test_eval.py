@@ -238,3 +238,38 @@ def test_cancel_between_batches(tiny_model_dir: Path) -> None:
     finally:
         run.close()
     assert done.type == "cancelled", done.payload
+
+
+def test_train_job_evaluation_section_scores_base_and_fine_tuned(
+    tiny_model_dir: Path, toy_qa: Path, tmp_path: Path
+) -> None:
+    """The train job's `evaluation` block: before/after scores and side-by-side answers in the summary."""
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_model_dir,
+        out,
+        dataset={"path": str(toy_qa), "validation_split": 0},
+        peft={"method": "lora", "r": 16, "alpha": 32, "dropout": 0.1},
+        training_parameters={"epochs": 1, "batch_size": 6, "learning_rate": 1e-2, "logging_steps": 10},
+        max_steps=40,
+        checkpoint={"every_steps": 1000, "keep": 1},
+        evaluation={"generation": {"max_new_tokens": 8}, "samples": 2},
+    )
+    run = run_job(cfg, timeout=600)
+    done = run.terminal
+    assert done.type == "completed", done.payload
+    ev = done.payload["summary"]["evaluation"]
+    assert json.loads((out / "summary.json").read_text())["evaluation"] == ev
+    assert ev["rows_from"] == "training rows" and ev["rows"] == len(TOY_QA)  # nothing held out
+    assert ev["fine_tuned"]["perplexity"] < ev["base"]["perplexity"]
+    assert ev["fine_tuned"]["exact_match"] > ev["base"]["exact_match"]
+    assert ev["improvement"]["perplexity_reduction_pct"] > 0
+    assert len(ev["samples"]) == 2
+    assert {"prompt", "reference", "base", "fine_tuned"} <= set(ev["samples"][0])
+    assert [e["model"] for e in run.of("eval") if "model" in e] == ["base", "fine_tuned"]
+
+    # The standalone evaluate job on the saved adapter agrees with the in-training score.
+    again = run_job(eval_config(tiny_model_dir, toy_qa, adapter_path=str(out), generate_answers=False))
+    assert again.terminal.payload["summary"]["eval_loss"] == pytest.approx(
+        ev["fine_tuned"]["eval_loss"], abs=1e-4
+    )

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_worker.config.data import DataConfig
+from finetune_worker.config.generation import TrainingEvaluation
 from finetune_worker.config.tracking import TrackingConfig
 from finetune_worker.errors import ConfigIssue
 
@@ -185,6 +186,9 @@ class TrainConfig(_Section):
     overwrite: bool = Field(
         False, description="Allow starting fresh in an output_dir that holds another run."
     )
+    evaluation: TrainingEvaluation | None = Field(
+        None, description="Run the evaluate job's scoring on the model before and after training."
+    )
     tracking: TrackingConfig | None = Field(
         None, description="Experiment tracking (MLflow, TensorBoard, W&B); failures only warn."
     )
@@ -209,7 +213,7 @@ class TrainConfig(_Section):
     def run_fingerprint(self) -> str:
         """What makes two runs the same run: everything except how long and whether to resume."""
         data = self.model_dump(mode="json")
-        for key in ("resume", "overwrite", "max_steps", "checkpoint", "eval", "tracking"):
+        for key in ("resume", "overwrite", "max_steps", "checkpoint", "eval", "tracking", "evaluation"):
             data.pop(key, None)
         data["training_parameters"].pop("epochs", None)
         data["training_parameters"].pop("logging_steps", None)

@@ -139,6 +139,8 @@ def _batch_nll(model: Any, tokenizer: Any, seqs: list[dict[str, list[int]]]) -> 
         labels[r, :n] = torch.tensor(s["labels"])
         mask[r, :n] = 1
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    # Prompt tuning prepends virtual tokens: their logits come first and predict nothing of ours.
+    logits = logits[:, -width:]
     out: list[tuple[float, int]] = []
     for r in range(len(seqs)):
         # One row at a time keeps the float32 copy of the logits to a single sequence.

@@ -126,11 +126,20 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
     trainer = build_trainer(
         cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [callback, *trackers], out
     )
+    evaluator = None
+    if cfg.evaluation is not None:  # the evaluate job's scores before and after training
+        from finetune_worker.evaluation.in_training import TrainingEvaluator
+
+        evaluator = TrainingEvaluator(cfg, tokenizer, ctx)
     base_eval: dict[str, float] = {}
-    if has_eval:
+    if has_eval or evaluator is not None:
         ctx.phase("evaluating")
+    if has_eval:
         trainer.evaluate()
         base_eval = dict(callback.last_eval)
+        ctx.check_cancelled()
+    if evaluator is not None:
+        evaluator.run("base", model)
         ctx.check_cancelled()
 
     ctx.phase("training")
@@ -141,16 +150,21 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
         raise JobCancelled(step=step, checkpoint=str(last) if last else None)
 
     final_eval: dict[str, float] = {}
-    if has_eval:
+    if has_eval or evaluator is not None:
         ctx.phase("evaluating")
+    if has_eval:
         trainer.evaluate()
         final_eval = dict(callback.last_eval)
+    if evaluator is not None:
+        evaluator.run("fine_tuned", trainer.model)
 
     ctx.phase("saving")
     save_outputs(trainer, tokenizer, out, initial_adapter)
     summary = _summary(
         cfg, trainer, result, stats, base_eval, final_eval, resume_from, started, len(train_rows)
     )
+    if evaluator is not None:
+        summary["evaluation"] = evaluator.summary()
     if trackers:
         summary["tracking"] = tracking_summary(trackers)
     summary_path = out / SUMMARY

@@ -1,0 +1,92 @@
+"""The train job's ``evaluation`` section: the evaluate job's scores before and after training.
+
+Runs on the model the Trainer trains, in process: before training the adapters are at their
+init (LoRA's B is zero, so the model computes what the base computes), after training they
+hold the result. Both runs use the same rows, the same tokenization as training and greedy
+answers, so the two sets of numbers compare fairly. Used by the training job::
+
+    evaluator = TrainingEvaluator(cfg, tokenizer, ctx)   # when cfg.evaluation is set
+    evaluator.run("base", model)                          # before trainer.train()
+    evaluator.run("fine_tuned", model)                    # after it
+    summary["evaluation"] = evaluator.summary()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_worker.evaluation import metrics
+from finetune_worker.evaluation.scoring import ModelScores, prepare, score_model
+
+STAGES = ("base", "fine_tuned")
+
+
+class TrainingEvaluator:
+    def __init__(self, train_cfg: Any, tokenizer: Any, ctx: Any):
+        from finetune_worker.training.data import split_examples
+        from finetune_worker.training.data_formats import load_examples
+
+        self.section = train_cfg.evaluation
+        self._ctx = ctx
+        if self.section.dataset is not None:
+            examples = load_examples(train_cfg.resolved(self.section.dataset.path), train_cfg.data)
+            source = self.section.dataset.path
+        else:
+            examples = load_examples(train_cfg.resolved(train_cfg.dataset.path), train_cfg.data)
+            # The same held-out rows the Trainer's eval uses; training rows only if none are held out.
+            train, held = split_examples(examples, train_cfg.dataset.validation_split, train_cfg.seed)
+            examples, source = (held, "held-out split") if held else (train, "training rows")
+        self.source = source
+        self.items = prepare(examples[: self.section.max_rows], tokenizer, train_cfg.data)
+        self._tokenizer = tokenizer
+        self.scores: dict[str, ModelScores] = {}
+
+    def run(self, stage: str, model: Any) -> dict[str, Any]:
+        """Score ``model`` now; ``stage`` is "base" or "fine_tuned". Restores train mode after."""
+        was_training = model.training
+        model.eval()  # dropout off: the scores must not depend on the RNG
+        try:
+            scores = score_model(
+                model,
+                self._tokenizer,
+                self.items,
+                batch_size=self.section.batch_size,
+                sampling=self.section.generation if self.section.generate_answers else None,
+                cancel=self._ctx.cancel_event,
+            )
+        finally:
+            model.train(was_training)
+        self.scores[stage] = scores
+        values = {k: v for k, v in scores.metrics.items() if v is not None}
+        self._ctx.emit("eval", model=stage, **values)
+        return scores.metrics
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rows_from": self.source, "rows": len(self.items)}
+        for stage in STAGES:
+            if stage in self.scores:
+                out[stage] = self.scores[stage].metrics
+        if all(stage in self.scores for stage in STAGES):
+            out["improvement"] = metrics.improvement(
+                self.scores["fine_tuned"].metrics, self.scores["base"].metrics
+            )
+            out["samples"] = self._samples()
+        return out
+
+    def _samples(self) -> list[dict[str, Any]]:
+        base, tuned = self.scores["base"].rows, self.scores["fine_tuned"].rows
+        shown = []
+        for before, after in zip(base, tuned, strict=True):
+            if len(shown) >= self.section.samples:
+                break
+            if "prediction" in after:
+                shown.append(
+                    {
+                        "row": after["row"],
+                        "prompt": after["prompt"],
+                        "reference": after["reference"],
+                        "base": before.get("prediction"),
+                        "fine_tuned": after["prediction"],
+                    }
+                )
+        return shown
