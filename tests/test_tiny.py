@@ -109,6 +109,11 @@ def test_existing_directory_rules(tiny_model_dir: Path, tmp_path: Path) -> None:
     rebuilt = build_tiny_model(foreign, overwrite=True)
     assert not (rebuilt / "notes.txt").exists() and (rebuilt / MARKER).is_file()
 
+    # A build by an older version of the builder is stale: replaced without asking.
+    marker = json.loads((rebuilt / MARKER).read_text())
+    (rebuilt / MARKER).write_text(json.dumps(marker | {"format_version": 1}))
+    assert json.loads((build_tiny_model(rebuilt) / MARKER).read_text()) == marker
+
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (build_tiny_model(empty) / "model.safetensors").is_file()

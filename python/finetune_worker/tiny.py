@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
 )
 
 MARKER = "tiny_model.json"  # written last: its presence means the directory is complete
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the same size and seed would build different bytes
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,9 @@ def build_tiny_model(
             raise FileExistsError(f"{out} exists and is not a directory")
         if any(out.iterdir()):
             existing = _read_marker(out)
-            if not overwrite:
+            # Our own build from an older version of this module: stale, so replace it.
+            stale = bool(existing) and existing.get("format_version") != FORMAT_VERSION
+            if not overwrite and not stale:
                 if _is_complete(out, marker):
                     return out
                 what = (
