@@ -177,3 +177,25 @@ def test_kind_is_inferred_from_prompts_and_promised_names_validate(tiny_model_di
         }
     )
     assert kind == "generate" and cfg.max_new_tokens == 5 and cfg.seed == 3
+
+
+def test_4bit_base_with_adapter_generates(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """QLoRA-style loading: the base in 4-bit NF4 (bitsandbytes, works on CPU) plus a peft adapter."""
+    from test_train_helpers import tiny_config
+
+    adapter = tmp_path / "adapter"
+    trained = run_job(tiny_config(tiny_model_dir, adapter, "qa.jsonl", max_steps=2))
+    assert trained.terminal.type == "completed", trained.terminal.payload
+    cfg = gen_config(
+        tiny_model_dir,
+        adapter_path=str(adapter),
+        quantization={"bits": 4},
+        prompts=[CHAT],
+        temperature=0,
+        max_new_tokens=8,
+    )
+    run = run_job(cfg)
+    assert run.terminal.type == "completed", run.terminal.payload
+    assert any("4-bit" in m["message"] and "adapter" in m["message"] for m in run.of("log"))
+    text = run.terminal.payload["summary"]["completions"][0]["text"]
+    assert "".join(t["text"] for t in run.of("token")) == text
