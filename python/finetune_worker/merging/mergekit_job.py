@@ -198,7 +198,10 @@ def drive_merge(
         mk._set_chat_template(tokenizer, merge_config)
         tokenizer.save_pretrained(str(out_path))
     elif options.copy_tokenizer:
-        mk._copy_tokenizer(merge_config, str(out_path), options=options)
+        try:
+            mk._copy_tokenizer(merge_config, str(out_path), options=options)
+        except (OSError, ValueError) as exc:  # as run_merge: a model without a tokenizer still merges
+            ctx.log(f"no tokenizer copied to the merged model: {exc}", level="warning")
     mk._copy_tagalong_files(
         merge_config, str(out_path), files=arch_info.tagalong_files or [], options=options
     )
