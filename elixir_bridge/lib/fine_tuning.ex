@@ -30,7 +30,9 @@ defmodule FineTuning do
 
   Every call returns `{:error, {:worker_exit, status}}` if the worker process dies before it
   answers, `{:error, :timeout}` after the worker's `:call_timeout` (or the `:timeout` given
-  here), and `{:error, {:python, class, message, trace}}` if the call raised in Python.
+  here), `{:error, {:python, class, message, trace}}` if the call raised in Python, and
+  `{:error, {:undecodable_reply, reason}}` for a reply `binary_to_term(_, [:safe])` refused
+  (an atom from a newer worker).
   """
 
   alias FineTuning.Protocol
@@ -45,7 +47,11 @@ defmodule FineTuning do
         }
   @type event :: Protocol.event()
   @type call_error ::
-          {:error, :timeout | {:worker_exit, integer() | nil} | {:python, atom(), term(), term()}}
+          {:error,
+           :timeout
+           | {:worker_exit, integer() | nil}
+           | {:python, atom(), term(), term()}
+           | {:undecodable_reply, term()}}
 
   @doc "Versions, devices and queue length of the worker."
   @spec info(worker(), keyword()) :: map() | call_error()

@@ -56,6 +56,10 @@ defmodule FineTuning.FixtureWorkersTest do
         assert {:error, {:python, :"finetune_worker.errors.CallError", _, _}} =
                  FineTuning.jobs(pid)
 
+        # The reply cannot be decoded, but it names its call: the caller is told at once.
+        assert {:error, {:undecodable_reply, {:undecodable, _}}} =
+                 FineTuning.status(pid, "job-1", timeout: 60_000)
+
         assert Process.alive?(pid)
       end)
 

@@ -74,6 +74,17 @@ defmodule FineTuning.ProtocolTest do
       assert_raise ArgumentError, fn -> String.to_existing_atom(name) end
     end
 
+    test "reply_id reads the call id of a reply it cannot decode" do
+      assert Protocol.reply_id(:erlang.term_to_binary({:r, 7, :x})) == {:ok, 7}
+      assert Protocol.reply_id(:erlang.term_to_binary({:e, 70_000, :x})) == {:ok, 70_000}
+      utf8 = :erlang.term_to_binary({:r, 300, :x}, [:deterministic, {:minor_version, 2}])
+      assert Protocol.reply_id(utf8) == {:ok, 300}
+      assert Protocol.reply_id(:erlang.term_to_binary({:M, 7, :x})) == :error
+      assert Protocol.reply_id(:erlang.term_to_binary({:r, -1, :x})) == :error
+      assert Protocol.reply_id(<<131, 104, 3, 100, 0, 1, ?r>>) == :error
+      assert Protocol.reply_id(<<1, 2, 3>>) == :error
+    end
+
     test "well-formed terms that are not messages are reported" do
       assert Protocol.decode(:erlang.term_to_binary({:r, :not_an_id, 1})) ==
                {:error, {:unexpected, {:r, :not_an_id, 1}}}

@@ -141,6 +141,35 @@ defmodule FineTuning.Protocol do
       {:error, {:undecodable, "#{byte_size(frame)} bytes: #{preview(frame)}"}}
   end
 
+  @doc """
+  The call id of a reply frame (`{:r, id, _}` or `{:e, id, _}`) read from its first bytes, for
+  a frame that `decode/1` refused: its caller can then be told at once instead of timing out.
+  """
+  @spec reply_id(binary()) :: {:ok, non_neg_integer()} | :error
+  def reply_id(<<131, 104, 3, rest::binary>>) do
+    with {:ok, tag, rest} when tag in ["r", "e"] <- atom_prefix(rest),
+         {:ok, id} <- integer_prefix(rest) do
+      {:ok, id}
+    else
+      _ -> :error
+    end
+  end
+
+  def reply_id(_frame), do: :error
+
+  # ATOM_EXT / SMALL_ATOM_EXT (Latin-1) and their UTF-8 twins; one-letter tags read the same.
+  defp atom_prefix(<<tag, len::16, name::binary-size(len), rest::binary>>) when tag in [100, 118],
+    do: {:ok, name, rest}
+
+  defp atom_prefix(<<tag, len, name::binary-size(len), rest::binary>>) when tag in [115, 119],
+    do: {:ok, name, rest}
+
+  defp atom_prefix(_), do: :error
+
+  defp integer_prefix(<<97, id, _::binary>>), do: {:ok, id}
+  defp integer_prefix(<<98, id::32-signed, _::binary>>) when id >= 0, do: {:ok, id}
+  defp integer_prefix(_), do: :error
+
   defp classify({:ok, {:r, id, result}}) when is_integer(id), do: {:ok, {:reply, id, result}}
 
   defp classify({:ok, {:e, id, {:python, class, message, trace}}}) when is_integer(id),

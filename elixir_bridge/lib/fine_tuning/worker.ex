@@ -166,7 +166,7 @@ defmodule FineTuning.Worker do
 
   @impl true
   def handle_info({port, {:data, frame}}, %{port: port} = state) do
-    {:noreply, handle_frame(Protocol.decode(frame), state)}
+    {:noreply, handle_frame(Protocol.decode(frame), state, frame)}
   end
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
@@ -273,6 +273,21 @@ defmodule FineTuning.Worker do
     Logger.warning("finetune-worker sent an undecodable frame, ignored: #{inspect(reason)}")
     state
   end
+
+  # An undecodable reply (say, an atom from a newer worker) still names its call: answer the
+  # caller now rather than after its timeout.
+  defp handle_frame({:error, {:undecodable, _} = reason} = error, state, frame) do
+    with {:ok, id} <- Protocol.reply_id(frame),
+         {{waiter, timer}, pending} when waiter != nil <- Map.pop(state.pending, id) do
+      Logger.warning("finetune-worker's reply to call #{id} is undecodable: #{inspect(reason)}")
+      if timer, do: Process.cancel_timer(timer)
+      reply(waiter, {:error, {:undecodable_reply, reason}}, %{state | pending: pending})
+    else
+      _ -> handle_frame(error, state)
+    end
+  end
+
+  defp handle_frame(decoded, state, _frame), do: handle_frame(decoded, state)
 
   defp answer(nil, _result), do: :ok
   defp answer(from, result), do: GenServer.reply(from, result)
