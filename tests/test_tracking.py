@@ -26,15 +26,8 @@ def _need(module: str) -> None:
 
 
 def tracked_config(model: Path, out: Path, tracking: dict[str, Any], **over: Any) -> dict[str, Any]:
-    return tiny_config(
-        model,
-        out,
-        "qa.jsonl",
-        max_steps=6,
-        checkpoint={"every_steps": 100, "keep": 1},
-        tracking=tracking,
-        **over,
-    )
+    settings: dict[str, Any] = {"max_steps": 6, "checkpoint": {"every_steps": 100, "keep": 1}, **over}
+    return tiny_config(model, out, "qa.jsonl", tracking=tracking, **settings)
 
 
 def test_promised_tracking_block_validates_as_written(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -175,3 +168,36 @@ def test_mlflow_server_on_loopback(tiny_model_dir: Path, tmp_path: Path) -> None
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_cancelled_run_is_killed_and_resume_continues_the_same_mlflow_run(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    _need("mlflow")
+    from mlflow import MlflowClient
+
+    from test_train_helpers import Run
+
+    out = tmp_path / "run"
+    cfg = tracked_config(tiny_model_dir, out, {"mlflow": {}}, max_steps=12)
+    first = Run(cfg)
+    try:
+        first.wait_for("progress", lambda p: p["step"] >= 2)
+        first.manager.cancel(first.job_id)
+        assert first.wait(300).type == "cancelled"
+    finally:
+        first.close()
+    name = next(e["run_name"] for e in first.of("log") if e.get("run_name"))
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (killed,) = client.search_runs([client.get_experiment_by_name("finetune-worker").experiment_id])
+    assert killed.info.status == "KILLED" and killed.info.run_name == name
+
+    second = run_job(cfg, timeout=600)  # resume: "auto" continues from the cancel checkpoint
+    assert second.terminal.type == "completed", second.terminal.payload
+    info = second.terminal.payload["summary"]["tracking"]["mlflow"]
+    assert info["run_name"] == name and info["run_id"] == killed.info.run_id
+    assert any("(resumed)" in e["message"] for e in second.of("log") if e.get("run_name"))
+    run = client.get_run(info["run_id"])
+    assert run.info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
+    assert steps == list(range(1, 13))
