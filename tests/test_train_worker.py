@@ -6,7 +6,6 @@ Each test spawns real ``finetune-worker port`` processes and talks to them as th
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -176,13 +175,25 @@ def test_kill_during_checkpoint_saves_never_leaves_an_incomplete_checkpoint(
     out = tmp_path / "kills"
     cfg = tiny_config(tiny_model_dir, out, max_steps=400, checkpoint={"every_steps": 1, "keep": 2})
     rng = random.Random(1)
-    for _round in range(6):
+    staging = out / ".staging"
+    caught_mid_save = 0
+    for round_ in range(6):
         with WorkerHarness() as w:
             job = submit(w, cfg)
             w.wait_for(job, "checkpoint", timeout=300)
-            time.sleep(rng.uniform(0.0, 0.3))  # lands inside a save most of the time (one per step)
+            if round_ % 2:
+                time.sleep(rng.uniform(0.0, 0.3))  # anywhere: a save runs every step
+            else:
+                # the moment a checkpoint starts being written, before it is published
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not (
+                    staging.is_dir() and any(p.name.startswith("checkpoint-") for p in staging.iterdir())
+                ):
+                    time.sleep(0.001)
             w.kill()
             w.wait(10)
+        if staging.is_dir() and any(p.name.startswith("checkpoint-") for p in staging.iterdir()):
+            caught_mid_save += 1
         for child in out.iterdir():
             if CHECKPOINT_RE.match(child.name):
                 assert is_complete(child), f"{child} looks like a checkpoint but is incomplete"
@@ -190,4 +201,5 @@ def test_kill_during_checkpoint_saves_never_leaves_an_incomplete_checkpoint(
                 load_file(str(child / "adapter_model.safetensors"))
                 torch.load(child / "optimizer.pt", weights_only=True)
                 torch.load(child / "scheduler.pt", weights_only=False)
-        assert os.listdir(out)
+        assert complete_checkpoints(out)
+    assert caught_mid_save >= 3, "the kills never landed inside a save; the test proved nothing"
