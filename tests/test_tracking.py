@@ -102,7 +102,9 @@ def test_unreachable_mlflow_and_missing_backend_only_warn(tiny_model_dir: Path, 
     run = run_job(tracked_config(tiny_model_dir, tmp_path / "run", tracking), timeout=600)
     assert run.terminal.type == "completed", run.terminal.payload
     warnings = [w["message"] for w in run.of("log") if w["level"] == "warning"]
-    assert any("mlflow" in w and "unreachable" in w and "training goes on" in w for w in warnings), warnings
+    # without mlflow installed the same run only warns about the missing package
+    why = "unreachable" if importlib.util.find_spec("mlflow") else "No module named"
+    assert any("mlflow" in w and why in w and "training goes on" in w for w in warnings), warnings
     if "wandb" in tracking:
         assert any("wandb" in w and "No module named" in w for w in warnings), warnings
     assert run.terminal.payload["summary"]["steps"] == 6
