@@ -200,3 +200,40 @@ def test_vocabulary_and_target_mismatches_are_named(
     assert done.payload["error"] == "adapter_mismatch"
     assert "target module 'model.layers.2." in done.payload["message"]
     assert "the base has 2 layers" in done.payload["message"]
+
+
+def test_prequantized_base_is_dequantized_before_merging(
+    tiny_model_dir: Path, adapter: Path, tmp_path: Path
+) -> None:
+    """A base saved in 4-bit: the merge runs on its dequantized weights and the result is a plain model."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from test_merge_helpers import BATCH
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base4 = tmp_path / "base4"
+    AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir), quantization_config=quant, device_map="cpu"
+    ).save_pretrained(str(base4))
+    shutil.copy(tiny_model_dir / "tokenizer.json", base4 / "tokenizer.json")
+    shutil.copy(tiny_model_dir / "tokenizer_config.json", base4 / "tokenizer_config.json")
+    assert "quantization_config" in json.loads((base4 / "config.json").read_text())
+
+    out = tmp_path / "merged"
+    events = run_job(merge_cfg(base4, adapter, out))
+    assert terminal(events).type == "completed", terminal(events).payload
+    assert any(e.type == "log" and "dequantizing" in e.payload["message"] for e in events)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+    reference_base = AutoModelForCausalLM.from_pretrained(str(base4), device_map="cpu")
+    reference_base.dequantize(dtype=torch.float32)
+    reference = PeftModel.from_pretrained(reference_base, str(adapter)).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=BATCH).logits
+    diff = (merged_logits(out) - expected).abs().max().item()
+    assert diff < 1e-4, diff

@@ -97,9 +97,7 @@ def load_base(
                 f"{cfg.precision} before merging (the merged weights inherit its rounding)",
                 level="warning",
             )
-            model = AutoModelForCausalLM.from_pretrained(str(base_dir), device_map="cpu")
-            model = model.dequantize(dtype=dtype) or model
-            model.to(dtype)
+            model = dequantized_base(base_dir, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype, device_map="cpu")
     except (OSError, ValueError) as exc:
@@ -109,6 +107,26 @@ def load_base(
             hint="Point base_model_path at a transformers model directory (config.json + weights).",
         ) from exc
     model.eval()
+    return model
+
+
+def dequantized_base(base_dir: Path, dtype: Any) -> Any:
+    """A pre-quantized checkpoint, dequantized into a plain model of the same architecture.
+
+    The dequantized model itself cannot be saved (transformers tries to reverse its bitsandbytes
+    load conversions), so its weights move into a fresh model built from the config minus
+    ``quantization_config``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quantized = AutoModelForCausalLM.from_pretrained(str(base_dir), device_map="cpu")
+    quantized.dequantize(dtype=dtype)
+    state = quantized.state_dict()
+    config = AutoConfig.from_pretrained(str(base_dir))
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    model.generation_config = quantized.generation_config
     return model
 
 
