@@ -41,8 +41,14 @@ _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentia
 _TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
 
 
-def tracking_callbacks(cfg: TrackingConfig | None, ctx: Any, output_dir: Path) -> list[Tracker]:
-    """Start a run in every enabled backend; backends that cannot start are skipped with a warning."""
+def tracking_callbacks(
+    cfg: TrackingConfig | None, ctx: Any, output_dir: Path, *, resuming: bool = True
+) -> list[Tracker]:
+    """Start a run in every enabled backend; backends that cannot start are skipped with a warning.
+
+    ``resuming`` says whether training continues from a checkpoint: only then may a backend
+    continue an interrupted run of the same name instead of starting a new one.
+    """
     if cfg is None or not cfg.enabled():
         return []
     out = Path(output_dir)
@@ -53,6 +59,7 @@ def tracking_callbacks(cfg: TrackingConfig | None, ctx: Any, output_dir: Path) -
         if backend not in cfg.enabled():
             continue
         tracker = _BACKENDS[backend](name, section, out, ctx)
+        tracker.may_resume = resuming
         if tracker.start(params):
             trackers.append(tracker)
     if trackers:
@@ -119,6 +126,7 @@ class Tracker(TrainerCallback):
         self._ctx = ctx
         self.active = False
         self.error: str | None = None
+        self.may_resume = True
 
     # ---- lifecycle, every call guarded ------------------------------------------------------
 
@@ -222,7 +230,7 @@ class MlflowTracker(Tracker):
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
-        if previous and previous[0].info.status != "FINISHED":
+        if self.may_resume and previous and previous[0].info.status != "FINISHED":
             # An interrupted run with this name: a resume continues it.
             self.run_id, self.resumed = previous[0].info.run_id, True
             client.update_run(self.run_id, status="RUNNING")
@@ -315,7 +323,7 @@ class WandbTracker(Tracker):
             entity=self.section.entity,
             name=self.run_name,
             id=self.run_id,
-            resume="allow",
+            resume="allow",  # same name, same run id: a rerun or resume continues it
             mode=self.section.mode,
             dir=str(self.dir),
             config=params,

@@ -122,7 +122,7 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
     ctx.check_cancelled()
 
     callback = EventCallback(ctx.emit, ctx.cancel_event, out)
-    trackers.extend(tracking_callbacks(cfg.tracking, ctx, out))
+    trackers.extend(tracking_callbacks(cfg.tracking, ctx, out, resuming=resume_from is not None))
     trainer = build_trainer(
         cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [callback, *trackers], out
     )
