@@ -74,7 +74,9 @@ def test_qlora_4bit_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
     summary = run.terminal.payload["summary"]
     assert summary["final_eval_loss"] < summary["base_eval_loss"]
     assert any("4-bit base" in log["message"] for log in run.of("log"))
-    assert reload_eval_loss(cfg, out, quantized=True) == pytest.approx(summary["final_eval_loss"], abs=1e-4)
+    # The reloaded 4-bit base skips prepare_model_for_kbit_training and lands ~1e-4 relative off;
+    # a lost adapter would be off by the whole training gain (~1).
+    assert reload_eval_loss(cfg, out, quantized=True) == pytest.approx(summary["final_eval_loss"], abs=2e-3)
 
 
 def test_full_finetune_with_frozen_first_layer(tiny_model_dir: Path, tmp_path: Path) -> None:
