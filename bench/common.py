@@ -57,7 +57,7 @@ class Options:
         if work_dir is not None:
             opts.work_dir = work_dir
         if quick:
-            opts.rounds, opts.steps, opts.extra_steps, opts.examples, opts.status_calls = 1, 4, 3, 64, 200
+            opts.rounds, opts.steps, opts.extra_steps, opts.examples, opts.status_calls = 1, 2, 2, 64, 200
         opts.work_dir.mkdir(parents=True, exist_ok=True)
         return opts
 

@@ -48,6 +48,15 @@ def small_model(work_dir: Path) -> Path:
     return build_tiny_model(work_dir / "small-model", size="small")
 
 
+def bench_model(work_dir: Path, quick: bool) -> Path:
+    """The small model, or in quick mode the tiny one: quick runs check that a part works, no more."""
+    if not quick:
+        return small_model(work_dir)
+    from finetune_worker.tiny import build_tiny_model
+
+    return build_tiny_model(work_dir / "tiny-model", size="tiny")
+
+
 def messages_of(row: dict[str, str]) -> list[dict[str, str]]:
     """The conversation an instruction row stands for, as the worker's data pipeline builds it."""
     user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")

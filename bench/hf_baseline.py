@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 needs a GPU")
     args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
     # 1. Model and tokenizer.
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -55,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=dtype,
         )
     model = AutoModelForCausalLM.from_pretrained(
         args.model,
-        dtype=torch.float32,
+        dtype=dtype,
+        attn_implementation="sdpa",
         quantization_config=quantization,
-        device_map="cpu" if quantization else None,
+        device_map=("cuda" if cuda else "cpu") if quantization else None,
     )
     model.config.use_cache = False
     if args.method == "qlora":
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=not cuda,
+        bf16=args.precision == "bf16",
         seed=args.seed,
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",  # benchmark only: real tokens, as the worker counts them
@@ -102,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         data_collator=collator,
         processing_class=tokenizer,
     )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - started
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "losses": losses,
         "peak_rss_bytes": _peak_rss(),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
     }
     print(RESULT_PREFIX + json.dumps(report), flush=True)
     return 0

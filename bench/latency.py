@@ -11,7 +11,6 @@ that answers, which is what the 20 ms p99 target is about.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from bench import jobs
 from bench.common import Options, Row, fmt_ms, median, percentile
@@ -21,7 +20,7 @@ P99_TARGET_S = 0.020
 
 
 def run_startup(opts: Options) -> list[Row]:
-    from bench.data import build_dataset
+    from bench.data import bench_model, build_dataset
 
     rows: list[Row] = []
     spawn_times = []
@@ -46,7 +45,7 @@ def run_startup(opts: Options) -> list[Row]:
         )
     )
 
-    model = _tiny_model(opts.work_dir)
+    model = bench_model(opts.work_dir, quick=True)  # the "tiny model" for start-up
     from transformers import AutoTokenizer
 
     data = build_dataset(
@@ -98,10 +97,9 @@ def run_startup(opts: Options) -> list[Row]:
 def run_latency(opts: Options) -> list[Row]:
     from transformers import AutoTokenizer
 
-    from bench.data import build_dataset, small_model
+    from bench.data import bench_model, build_dataset
 
-    # Quick mode trains the tiny model: the point there is only that the part runs.
-    model = _tiny_model(opts.work_dir) if opts.quick else small_model(opts.work_dir)
+    model = bench_model(opts.work_dir, opts.quick)
     data = build_dataset(
         opts.work_dir / "data" / f"latency-{model.name}.jsonl",
         AutoTokenizer.from_pretrained(str(model)),
@@ -155,12 +153,6 @@ def _latency_row(name: str, times: list[float], *, target: bool) -> Row:
         met=(p99 < P99_TARGET_S) if target else None,
         data={"p50": p50, "p99": p99, "max": max(times), "calls": len(times)},
     )
-
-
-def _tiny_model(work_dir: Path) -> Path:
-    from finetune_worker.tiny import build_tiny_model
-
-    return build_tiny_model(work_dir / "tiny-model", size="tiny")
 
 
 run = run_latency

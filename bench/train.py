@@ -41,6 +41,7 @@ class Result:
     peak_rss: int
     first_loss: float | None
     steps: int
+    peak_gpu: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -48,7 +49,14 @@ class Result:
 
 
 def run_script(
-    opts: Options, model: Path, data: Path, out: Path, *, steps: int, method: str = "lora"
+    opts: Options,
+    model: Path,
+    data: Path,
+    out: Path,
+    *,
+    steps: int,
+    method: str = "lora",
+    extra_args: tuple[str, ...] = (),
 ) -> Result:
     """Variant A: ``bench.hf_baseline`` in its own process."""
     from bench.hf_baseline import RESULT_PREFIX
@@ -56,7 +64,7 @@ def run_script(
     log_path = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "bench.hf_baseline", "--model", str(model), "--data", str(data)]
-    cmd += ["--output", str(out), "--steps", str(steps), "--method", method]
+    cmd += ["--output", str(out), "--steps", str(steps), "--method", method, *extra_args]
     with log_path.open("w") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=log, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
@@ -71,6 +79,7 @@ def run_script(
         peak_rss=int(r["peak_rss_bytes"]),
         first_loss=r["losses"][0] if r["losses"] else None,
         steps=int(r["steps"]),
+        peak_gpu=r.get("peak_gpu_bytes"),
     )
 
 
@@ -113,11 +122,11 @@ def run_worker(
 def run(opts: Options) -> list[Row]:
     from transformers import AutoTokenizer
 
-    from bench.data import build_dataset, padding_share, small_model
+    from bench.data import bench_model, build_dataset, padding_share
 
-    model = small_model(opts.work_dir)
+    model = bench_model(opts.work_dir, opts.quick)
     dataset = build_dataset(
-        opts.work_dir / "data" / f"instructions-{opts.examples}.jsonl",
+        opts.work_dir / "data" / f"instructions-{opts.examples}-{model.name}.jsonl",
         AutoTokenizer.from_pretrained(str(model)),
         n=opts.examples,
     )
