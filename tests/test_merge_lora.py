@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,53 @@ def test_prequantized_base_is_dequantized_before_merging(
         expected = reference(input_ids=BATCH).logits
     diff = (merged_logits(out) - expected).abs().max().item()
     assert diff < 1e-4, diff
+
+
+@pytest.mark.parametrize("variant", ["dora", "modules_to_save"])
+def test_dora_and_modules_to_save_merge_exactly(tiny_model_dir: Path, tmp_path: Path, variant: str) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    torch.manual_seed(7)
+    extra = {"use_dora": True} if variant == "dora" else {"modules_to_save": ["lm_head"]}
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, **extra
+    )
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name or "modules_to_save" in name:
+                p.mul_(1.5)  # a trained magnitude / head, not the copy of the base's
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(str(adapter))
+
+    out = tmp_path / "merged"
+    done = terminal(run_job(merge_cfg(tiny_model_dir, adapter, out)))
+    assert done.type == "completed", done.payload
+    reference = logits_of(tiny_model_dir, adapter)
+    diff = (merged_logits(out) - reference).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_staging_left_by_a_killed_merge_is_removed(
+    tiny_model_dir: Path, adapter: Path, tmp_path: Path
+) -> None:
+    """A worker killed while saving leaves `.NAME.merging-PID-*`; the next merge removes it once PID is gone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    out = tmp_path / "merged"
+    stale = tmp_path / f".merged.merging-{dead_pid}-x1y2"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a model")
+    alive = tmp_path / f".merged.merging-{os.getppid()}-busy"  # another live worker's merge in progress
+    alive.mkdir()
+    done = terminal(run_job(merge_cfg(tiny_model_dir, adapter, out)))
+    assert done.type == "completed", done.payload
+    assert not stale.exists() and alive.exists()
+    assert (out / "model.safetensors").stat().st_size > 1000
