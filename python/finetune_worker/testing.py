@@ -236,15 +236,16 @@ class WorkerHarness:
 
     def wait_reply(self, call_id: Any, timeout: float = 10) -> Reply:
         deadline = time.monotonic() + timeout
+        key = _id_key(call_id)
         with self._cond:
-            while call_id not in self._replies:
+            while key not in self._replies:
                 left = deadline - time.monotonic()
                 if self._eof:
                     raise ConnectionError(f"worker closed its output before answering call {call_id!r}")
                 if left <= 0:
                     raise TimeoutError(f"no reply to call {call_id!r} within {timeout} s")
                 self._cond.wait(left)
-            return self._replies.pop(call_id)
+            return self._replies.pop(key)
 
     def events(self, job_id: str) -> list[HarnessEvent]:
         """Every event of ``job_id`` received so far (does not consume)."""
@@ -312,7 +313,10 @@ class WorkerHarness:
                 if payload is None:
                     self._note_stray(f"EOF inside a frame of {int.from_bytes(header, 'big')} bytes")
                     break
-                self._route(payload)
+                try:
+                    self._route(payload)
+                except Exception as exc:  # a harness bug must show up in a test, not hang it
+                    self._note_stray(f"could not route a frame: {exc!r}")
         except OSError as exc:
             self._note_stray(f"read error: {exc}")
         finally:
@@ -333,14 +337,14 @@ class WorkerHarness:
             return
         with self._cond:
             if _is(term, "r", 3):
-                self._replies[term[1]] = Reply(term[1], True, _plain(term[2]), term=term)
+                self._replies[_id_key(term[1])] = Reply(term[1], True, _plain(term[2]), term=term)
             elif _is(term, "e", 3):
                 err = term[2]
                 if isinstance(err, tuple) and len(err) == 4:
                     error = RemoteError(str(err[1]), str(err[2]), err[3], term[1])
                 else:
                     error = RemoteError("?", repr(err), None, term[1])
-                self._replies[term[1]] = Reply(term[1], False, error=error, term=term)
+                self._replies[_id_key(term[1])] = Reply(term[1], False, error=error, term=term)
             elif _is(term, "M", 3):
                 msg = term[2]
                 if _is(msg, "fine_tuning", 4):
@@ -406,6 +410,15 @@ class WorkerHarness:
         self.close()
         with contextlib.suppress(OSError):
             os.unlink(self.stderr_path)
+
+
+def _id_key(call_id: Any) -> Any:
+    """Call ids may be any term, maps and lists included; those are keyed by their repr."""
+    try:
+        hash(call_id)
+    except TypeError:
+        return ("unhashable id", repr(call_id))
+    return call_id
 
 
 def _is(term: Any, tag: str, size: int) -> bool:
