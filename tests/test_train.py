@@ -141,3 +141,41 @@ def test_data_formats_each_train_with_lora(tiny_model_dir: Path, tmp_path: Path)
         assert run.terminal.type == "completed", (name, run.terminal.payload)
         s = run.terminal.payload["summary"]
         assert s["final_eval_loss"] < s["base_eval_loss"], (name, s)
+
+
+def test_step_evaluation_and_early_stopping(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # A learning rate this high makes held-out loss climb, so patience 1 stops the run early.
+    cfg = tiny_config(
+        tiny_model_dir,
+        tmp_path / "es",
+        max_steps=40,
+        eval={"every_steps": 2, "early_stopping_patience": 1},
+        training_parameters={"epochs": 1, "batch_size": 8, "learning_rate": 3.0, "logging_steps": 1},
+    )
+    run = run_job(cfg)
+    assert run.terminal.type == "completed", run.terminal.payload
+    steps = [e["step"] for e in run.of("eval")]
+    assert steps[0] == 0 and steps[1:3] == [2, 4]  # base, then every 2 steps
+    assert run.terminal.payload["summary"]["steps"] < 40
+
+
+def test_overwrite_replaces_an_earlier_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ow"
+    first = tiny_config(tiny_model_dir, out, max_steps=4, checkpoint={"every_steps": 2, "keep": 5})
+    assert run_job(first).terminal.type == "completed"
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    second = dict(first, seed=8, overwrite=True, max_steps=3)  # a different run: fresh start
+    run = run_job(second)
+    assert run.terminal.type == "completed", run.terminal.payload
+    assert run.terminal.payload["summary"]["resumed_from"] is None
+    assert [p["step"] for p in run.of("progress")] == [1, 2, 3]
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_resume_from_an_explicit_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "explicit"
+    cfg = tiny_config(tiny_model_dir, out, max_steps=6, checkpoint={"every_steps": 2, "keep": 5})
+    assert run_job(cfg).terminal.type == "completed"
+    run = run_job(dict(cfg, resume=str(out / "checkpoint-2")))
+    assert run.terminal.type == "completed", run.terminal.payload
+    assert [p["step"] for p in run.of("progress")] == [3, 4, 5, 6]
