@@ -199,3 +199,21 @@ def test_4bit_base_with_adapter_generates(tiny_model_dir: Path, tmp_path: Path) 
     assert any("4-bit" in m["message"] and "adapter" in m["message"] for m in run.of("log"))
     text = run.terminal.payload["summary"]["completions"][0]["text"]
     assert "".join(t["text"] for t in run.of("token")) == text
+
+
+def test_several_sequences_per_prompt_stream_separately(tiny_model_dir: Path) -> None:
+    run = run_job(gen_config(tiny_model_dir, num_return_sequences=3, max_new_tokens=10))
+    assert run.terminal.type == "completed", run.terminal.payload
+    completions = run.terminal.payload["summary"]["completions"]
+    assert [(c["prompt_index"], c["sequence"]) for c in completions] == [
+        (p, s) for p in (0, 1) for s in range(3)
+    ]
+    assert len({c["text"] for c in completions if c["prompt_index"] == 0}) > 1  # sampled, so they differ
+    for c in completions:
+        pieces = [
+            t
+            for t in run.of("token")
+            if (t["prompt_index"], t["sequence"]) == (c["prompt_index"], c["sequence"])
+        ]
+        assert [t["index"] for t in pieces] == list(range(len(pieces)))
+        assert "".join(t["text"] for t in pieces) == c["text"]
