@@ -167,6 +167,8 @@ def _attach_adapter(model: Any, adapter_dir: Path, key: str) -> Any:
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
+        if not (adapter_dir / "adapter_config.json").is_file():  # removed since the checks ran
+            raise JobFailed("model_not_found", f"{key}: no peft adapter at '{adapter_dir}' any more") from exc
         # A shape mismatch means the adapter was trained on another base model.
         raise JobFailed(
             "adapter_mismatch",
