@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,32 @@ def test_yaml_mirror_matches_installed_mergekit() -> None:
     ]
     for theirs, mine in pairs:
         assert set(theirs.model_fields) == set(mine.model_fields), theirs.__name__
+
+
+def test_model_plus_lora_reference_matches_the_lora_merge_job(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`model+lora` in a YAML (relative to the YAML) gives the same weights as the merge_lora job."""
+    from test_merge_helpers import make_lora_adapter
+
+    (tmp_path / "base").symlink_to(tiny_model_dir)
+    make_lora_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
+    doc = {
+        "models": [{"model": "base+adapter", "parameters": {"weight": 1.0}}],
+        "merge_method": "linear",
+        "dtype": "float32",
+    }
+    caches = set(Path(tempfile.gettempdir()).glob("mergekit-lora-*"))
+    kit = terminal(merge(write_yaml(tmp_path / "lora.yaml", doc), tmp_path / "kit"))
+    assert (
+        set(Path(tempfile.gettempdir()).glob("mergekit-lora-*")) <= caches
+    )  # MergeKit's LoRA cache was temporary
+    assert kit.type == "completed", kit.payload
+    cfg = {
+        "base_model_path": str(tiny_model_dir),
+        "adapter_path": str(tmp_path / "adapter"),
+        "output_path": str(tmp_path / "job"),
+    }
+    assert terminal(run_job(cfg)).type == "completed"
+    ours, theirs = weights(tmp_path / "job"), weights(tmp_path / "kit")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=1e-6, msg=name)
