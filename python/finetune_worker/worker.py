@@ -24,6 +24,7 @@ reading: no orphan may keep a GPU busy.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -72,6 +73,7 @@ class Worker:
         self.runtime = api.Runtime(manager=self.manager)
         self._terminating = False
         self._reading = False
+        self._watchdog: threading.Timer | None = None
         self._frames = 0
         self._offset = 0  # stream offset of the next frame, for warnings that locate a bad frame
 
@@ -131,6 +133,15 @@ class Worker:
         # Only interrupt a read: raising while a reply is half written would corrupt the stream.
         if self._reading:
             raise _Terminate
+        # Not reading: a write may be blocked on a peer that stopped reading, and the loop may
+        # never get back to check the flag; the deadline must hold anyway.
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = threading.Timer(self.grace_s + EXIT_SLACK_S, _hard_exit, args=(self.grace_s,))
+            self._watchdog.daemon = True
+            self._watchdog.start()
 
     def shutdown(self, reason: str) -> int:
         """Cancel everything, wait up to ``grace_s`` for the running job, then return 0.
@@ -140,17 +151,13 @@ class Worker:
         stuck in native code can hang interpreter finalization.
         """
         log.info("shutting down (%s); grace period %.1f s", reason, self.grace_s)
-        watchdog = threading.Timer(self.grace_s + EXIT_SLACK_S, _hard_exit, args=(self.grace_s,))
-        watchdog.daemon = True
-        watchdog.start()
+        self._start_watchdog()
         if not self.manager.close(self.grace_s):
             log.warning(
                 "the running job did not stop within %.1f s of its cancel; exiting anyway", self.grace_s
             )
-        try:
+        with contextlib.suppress(OSError):
             self.port.close()
-        except OSError:
-            pass
         return 0
 
     @property
@@ -215,16 +222,15 @@ class Worker:
         return func(self.runtime, *args)
 
     def _cast(self, message: Any, where: str) -> None:
-        if isinstance(message, tuple) and len(message) == 2 and isinstance(message[0], Atom):
-            if message[0] == "cancel":
-                try:
-                    job_id = api._job_id(message[1], "cancel cast")
-                except CallError as exc:
-                    log.warning("%s ignored: %s", where, exc)
-                    return
-                if not self.manager.cancel(job_id):
-                    log.warning("cancel cast for unknown job %s", job_id)
+        if isinstance(message, tuple) and len(message) == 2 and _atom(message[0], "cancel"):
+            try:
+                job_id = api._job_id(message[1], "cancel cast")
+            except CallError as exc:
+                log.warning("%s ignored: %s", where, exc)
                 return
+            if not self.manager.cancel(job_id):
+                log.warning("cancel cast for unknown job %s", job_id)
+            return
         log.warning("%s ignored: unknown cast %s", where, _brief(message))
 
     def _reply_error(self, call_id: Any, exc: BaseException) -> None:
@@ -248,6 +254,10 @@ class Worker:
         """JobManager sink: ``{'M', Pid, Event}`` to the job's subscriber, if it has one."""
         if isinstance(record.reply_to, Pid):
             self.port.send((Atom("M"), record.reply_to, event.to_term()))
+
+
+def _atom(value: Any, name: str) -> bool:
+    return isinstance(value, Atom) and value == name
 
 
 def _arities(func: Any) -> str:
