@@ -18,13 +18,18 @@ BATCH = torch.tensor(
 )
 
 
-def run_job(config: dict[str, Any], *, cancel_after: str | None = None, timeout: float = 300) -> list[Event]:
+def run_job(
+    config: Any, *, cancel_after: str | None = None, timeout: float = 300, after_submit_checks: Any = None
+) -> list[Event]:
     """Validate ``config``, run it on a real JobManager's runner thread, return its events.
 
     ``cancel_after``: cancel the job as soon as an event of that type arrives (from the runner thread,
-    so the job sees the flag at its very next check).
+    so the job sees the flag at its very next check). ``after_submit_checks``: called between validation
+    and queueing, to change the world the way it can change while a job waits in the queue.
     """
     kind, model = parse_job_config(config)
+    if after_submit_checks is not None:
+        after_submit_checks()
     events: list[Event] = []
     done = threading.Event()
     holder: dict[str, Any] = {}

@@ -288,3 +288,20 @@ def test_staging_left_by_a_killed_merge_is_removed(
     assert done.type == "completed", done.payload
     assert not stale.exists() and alive.exists()
     assert (out / "model.safetensors").stat().st_size > 1000
+
+
+def test_output_filled_while_queued_fails_before_merging(
+    tiny_model_dir: Path, adapter: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "merged"
+
+    def someone_writes_there() -> None:
+        out.mkdir()
+        (out / "theirs.bin").write_bytes(b"x")
+
+    events = run_job(merge_cfg(tiny_model_dir, adapter, out), after_submit_checks=someone_writes_there)
+    done = terminal(events)
+    assert done.type == "failed" and done.payload["error"] == "output_dir_conflict", done.payload
+    assert "output_path" in done.payload["message"] and done.payload["hint"]
+    assert "phase" not in [e.type for e in events]  # refused before loading anything
+    assert [p.name for p in out.iterdir()] == ["theirs.bin"]

@@ -18,7 +18,7 @@ from finetune_worker.config.merge import MergeLoraConfig
 from finetune_worker.errors import JobFailed
 from finetune_worker.jobs import JobContext
 from finetune_worker.merging import compat
-from finetune_worker.merging.output import StagedOutput, count_tensors, dir_size
+from finetune_worker.merging.output import StagedOutput, check_destination, count_tensors, dir_size
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -36,6 +36,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         raise JobFailed(
             "model_not_found", f"adapter_path: no peft adapter (adapter_config.json) at '{adapter_dir}'"
         )
+    check_destination(out, overwrite=cfg.overwrite, key="output_path")
     base_cfg = compat.read_json(base_dir / "config.json")
     adapter_cfg = compat.read_json(adapter_dir / "adapter_config.json")
     for warning in compat.check_config(adapter_cfg, base_cfg, base_dir):

@@ -25,7 +25,7 @@ import yaml
 from finetune_worker.config.merge import MergeKitConfig
 from finetune_worker.errors import JobFailed
 from finetune_worker.jobs import JobContext
-from finetune_worker.merging.output import StagedOutput, count_tensors, dir_size
+from finetune_worker.merging.output import StagedOutput, check_destination, count_tensors, dir_size
 from finetune_worker.merging.yaml_config import check_merge_yaml, resolved_document
 
 _HINT = "Fix the MergeKit YAML at yaml_config_path (see docs/configs.md, Merging)."
@@ -40,6 +40,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     issues = check_merge_yaml(yaml_path) if yaml_path.is_file() else [("", f"'{yaml_path}' does not exist")]
     if issues:
         raise invalid("; ".join(f"{w}: {m}" if w else m for w, m in issues), issues=issues)
+    check_destination(out, overwrite=cfg.overwrite, key="output_dir")
 
     ctx.phase("loading")
     document = resolved_document(yaml_path)

@@ -80,15 +80,19 @@ class StagedOutput:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def _check_dest(self) -> None:
-        # Checked at submit too, but the directory may have filled up while the job queued.
-        if self.dest.exists() and not self.dest.is_dir():
-            raise JobFailed("output_dir_conflict", f"{self.key}: '{self.dest}' exists and is not a directory")
-        if self.dest.is_dir() and any(self.dest.iterdir()) and not self.overwrite:
-            raise JobFailed(
-                "output_dir_conflict",
-                f"{self.key}: '{self.dest}' is not empty",
-                hint='Choose a new path, or set "overwrite": true to replace it once the merge is complete.',
-            )
+        check_destination(self.dest, overwrite=self.overwrite, key=self.key)
+
+
+def check_destination(dest: Path, *, overwrite: bool, key: str) -> None:
+    """Checked at submit too, but the directory may have filled up while the job queued."""
+    if dest.exists() and not dest.is_dir():
+        raise JobFailed("output_dir_conflict", f"{key}: '{dest}' exists and is not a directory")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise JobFailed(
+            "output_dir_conflict",
+            f"{key}: '{dest}' is not empty",
+            hint='Choose a new path, or set "overwrite": true to replace it once the merge is complete.',
+        )
 
 
 def _remove_stale_staging(dest: Path) -> None:
