@@ -179,3 +179,19 @@ def test_resume_from_an_explicit_checkpoint(tiny_model_dir: Path, tmp_path: Path
     run = run_job(dict(cfg, resume=str(out / "checkpoint-2")))
     assert run.terminal.type == "completed", run.terminal.payload
     assert [p["step"] for p in run.of("progress")] == [3, 4, 5, 6]
+
+
+def test_summary_config_echo_hides_secrets() -> None:
+    from finetune_worker.training.job import _redact
+
+    echoed = _redact(
+        {
+            "tracking": {"mlflow": {"tracking_uri": "https://bob:s3cret@mlflow.example.com/x"}},
+            "hf_token": "hf_abc",
+            "api_key": "k",
+            "peft": {"num_virtual_tokens": 20},
+            "output_dir": "runs/a@b",
+        }
+    )
+    assert "s3cret" not in json.dumps(echoed) and "hf_abc" not in json.dumps(echoed)
+    assert echoed["peft"]["num_virtual_tokens"] == 20 and echoed["output_dir"] == "runs/a@b"

@@ -36,6 +36,7 @@ INITIAL_ADAPTER = "initial_adapter"
 #: (LoftQ's adapter is meant for the LoftQ-quantized base, i.e. the base loaded in 4-bit.)
 MUTATING_INITS = frozenset({"pissa"})
 _SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # https://user:pass@host -> https://<redacted>@host
 
 
 def run(ctx: Any) -> dict[str, Any]:
@@ -293,6 +294,8 @@ def _redact(value: Any) -> Any:
         return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else _redact(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v) for v in value]
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub("<redacted>@", value)
     return value
 
 
