@@ -46,6 +46,7 @@ class Renderer:
             console=self.console,
         )
         self.task: TaskID | None = None
+        self.phase = "running"
         self.stats: dict[str, str] = {}
 
     def __call__(self, record: Any, event: Event) -> None:
@@ -71,7 +72,10 @@ class Renderer:
         self._line(f"[bold]{job_id}[/] started: {p.get('kind')}")
 
     def _on_phase(self, job_id: str, p: dict[str, Any]) -> None:
-        self._line(f"[magenta]▸ {p.get('phase')}")
+        self.phase = str(p.get("phase"))
+        self._line(f"[magenta]▸ {self.phase}")
+        if self.task is not None:
+            self.progress.update(self.task, description=self.phase)
 
     def _on_log(self, job_id: str, p: dict[str, Any]) -> None:
         style = {"warning": "yellow", "error": "red", "debug": "dim"}.get(str(p.get("level")), "")
@@ -79,13 +83,16 @@ class Renderer:
         self._line(f"[{style}]{text}[/]" if style else text)
 
     def _on_progress(self, job_id: str, p: dict[str, Any]) -> None:
-        total = p.get("total_steps") or p.get("total")
-        step = p.get("step", p.get("done", 0)) or 0
+        # Training reports step/total_steps; merges and evaluations report done/total/unit.
+        total = p.get("total_steps", p.get("total"))
+        done = p.get("step", p.get("done")) or 0
         eta = _duration(p.get("eta_s"))
         if self.task is None:
             self.progress.start()
-            self.task = self.progress.add_task("train", total=total, stats="", eta="")
-        self.progress.update(self.task, completed=step, total=total, eta=f"ETA {eta}" if eta else "")
+            self.task = self.progress.add_task(self.phase, total=total, stats="", eta="")
+        self.progress.update(
+            self.task, completed=done, total=total, description=self.phase, eta=f"ETA {eta}" if eta else ""
+        )
 
     def _on_metrics(self, job_id: str, p: dict[str, Any]) -> None:
         for key, label, fmt in (
@@ -116,7 +123,8 @@ class Renderer:
         table.add_column("value")
         for section in ("summary", "outputs"):
             for key, value in (p.get(section) or {}).items():
-                table.add_row(str(key), _cell(value))
+                if value is not None:
+                    table.add_row(str(key), _cell(value))
         self.console.print(table)
 
     def _on_failed(self, job_id: str, p: dict[str, Any]) -> None:
@@ -135,7 +143,7 @@ class Renderer:
 def _duration(seconds: Any) -> str:
     if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         return ""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
@@ -144,5 +152,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (dict, list)):
-        return json.dumps(value, default=str)
+        text = json.dumps(value, default=str)
+        # The full config and data report live in summary.json; a table cell is for a glance.
+        return text if len(text) <= 80 else f"{len(value)} entries (in the job's summary file)"
     return str(value)
