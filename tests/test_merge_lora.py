@@ -305,3 +305,54 @@ def test_output_filled_while_queued_fails_before_merging(
     assert "output_path" in done.payload["message"] and done.payload["hint"]
     assert "phase" not in [e.type for e in events]  # refused before loading anything
     assert [p.name for p in out.iterdir()] == ["theirs.bin"]
+
+
+def test_vocabulary_extending_adapter_resizes_the_base(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An adapter from a run that added tokens (resized embeddings saved whole, tokenizer of the new size)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from test_merge_helpers import BATCH
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tokenizer.add_tokens([f"<new{i}>" for i in range(5)])
+    rows = len(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model.resize_token_embeddings(rows)
+    torch.manual_seed(8)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], init_lora_weights=False,
+                     modules_to_save=["embed_tokens", "lm_head"])  # fmt: skip
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p[-5:].normal_()  # the new tokens learned something
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    tokenizer.save_pretrained(str(adapter))
+
+    out = tmp_path / "merged"
+    events = run_job(merge_cfg(tiny_model_dir, adapter, out))
+    assert terminal(events).type == "completed", terminal(events).payload
+    assert any(e.type == "log" and f"from 1017 to {rows} rows" in e.payload["message"] for e in events)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == rows
+    assert len(AutoTokenizer.from_pretrained(str(out))) == rows
+
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    reference.resize_token_embeddings(rows)
+    reference = PeftModel.from_pretrained(reference, str(adapter)).eval()
+    batch = torch.cat([BATCH, torch.full((2, 3), rows - 1)], dim=1)  # the new tokens too
+    with torch.no_grad():
+        expected = reference(input_ids=batch).logits
+        got = AutoModelForCausalLM.from_pretrained(str(out)).eval()(input_ids=batch).logits
+    assert (got - expected).abs().max().item() < 1e-4
+
+    # The same tokenizer next to an adapter that does not bring the new rows: refused, naming the sizes.
+    plain = make_lora_adapter(tiny_model_dir, tmp_path / "plain", seed=9)
+    tokenizer.save_pretrained(str(plain))
+    done = terminal(run_job(merge_cfg(tiny_model_dir, plain, tmp_path / "o")))
+    assert done.payload["error"] == "adapter_mismatch"
+    assert (
+        f"the adapter's tokenizer has {rows} tokens, the base's embedding 1017 rows"
+        in done.payload["message"]
+    )

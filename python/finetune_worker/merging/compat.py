@@ -28,6 +28,7 @@ _LORA_KEY = re.compile(
     r"(?:\.weight)?$"
 )
 _PREFIX = "base_model.model."
+_WRAPPERS = re.compile(r"\.(?:base_layer|modules_to_save|original_module)(?=\.)")
 _HINT = "Merge the adapter into the model it was trained on (the base_model_path of its training run)."
 
 
@@ -112,8 +113,8 @@ def check_shapes(
     """Every adapter tensor must land on a base module of the right size; raise naming the first that does not."""
     vocab = base_cfg.get("vocab_size")
     for key, shape in sorted(shapes.items()):
-        # peft saves a targeted embedding/head's own weight as `X.base_layer.weight` (save_embedding_layers)
-        name = key.removeprefix(_PREFIX).replace(".base_layer.", ".")
+        # peft saves whole embeddings/heads (save_embedding_layers, modules_to_save) under wrapper names
+        name = _WRAPPERS.sub("", key.removeprefix(_PREFIX))
         m = _LORA_KEY.match(name)
         module_name = m.group("module") if m else name.rsplit(".", 1)[0]
         module = _submodule(model, module_name)
@@ -160,18 +161,37 @@ def check_shapes(
             )
 
 
-def check_vocab(adapter_dir: Path, base_rows: int, shapes: dict[str, list[int]]) -> None:
-    """A tokenizer saved with the adapter must fit the base's embedding (unless the adapter brings one)."""
-    tok_cfg = adapter_dir / "tokenizer.json"
-    if not tok_cfg.is_file():
-        return
-    data = read_json(tok_cfg)
-    vocab = data.get("model", {}).get("vocab") or {}
+def tokenizer_size(adapter_dir: Path) -> int | None:
+    """Token ids a tokenizer saved with the adapter can produce (highest id + 1), if it saved one."""
+    tok_file = adapter_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        return None
+    data = read_json(tok_file)
+    vocab = (data.get("model") or {}).get("vocab") or {}
     ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
     ids += [t.get("id", -1) for t in data.get("added_tokens") or []]
-    needed = max(ids, default=-1) + 1
-    brought = [s[0] for k, s in shapes.items() if k.endswith("embed_tokens.weight")]
-    if needed > base_rows and not any(rows >= needed for rows in brought):
+    return max(ids, default=-1) + 1
+
+
+def resized_vocab(adapter_dir: Path, base_rows: int, shapes: dict[str, list[int]]) -> int | None:
+    """Rows to resize the base's embeddings to, when the adapter comes from a vocabulary-extending run.
+
+    That run resized the embeddings before training and saved them whole (``save_embedding_layers``)
+    next to a tokenizer of the new size; peft then needs the base resized the same way first. Larger
+    embeddings *without* a matching tokenizer are another model's, which :func:`check_shapes` refuses.
+    """
+    rows = {s[0] for k, s in shapes.items() if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
+    tokens = tokenizer_size(adapter_dir)
+    if tokens is None or len(rows) != 1:
+        return None
+    (saved,) = rows
+    return saved if saved > base_rows and tokens <= saved and tokens > base_rows else None
+
+
+def check_vocab(adapter_dir: Path, base_rows: int) -> None:
+    """A tokenizer saved with the adapter must fit the base's embedding (after any resize)."""
+    needed = tokenizer_size(adapter_dir)
+    if needed is not None and needed > base_rows:
         raise mismatch(
             f"vocabulary size differs: the adapter's tokenizer has {needed} tokens, the base's embedding "
             f"{base_rows} rows",

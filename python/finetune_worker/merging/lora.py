@@ -31,10 +31,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
     adapter_dir = cfg.resolved(cfg.adapter_path)
     out = cfg.resolved(cfg.output_path)
     if not (base_dir / "config.json").is_file():
-        raise JobFailed("model_not_found", f"base_model_path: no model (config.json) at '{base_dir}'")
+        raise JobFailed(
+            "model_not_found",
+            f"base_model_path: no model (config.json) at '{base_dir}'",
+            hint="Point base_model_path at a local transformers model directory.",
+        )
     if not (adapter_dir / "adapter_config.json").is_file():
         raise JobFailed(
-            "model_not_found", f"adapter_path: no peft adapter (adapter_config.json) at '{adapter_dir}'"
+            "model_not_found",
+            f"adapter_path: no peft adapter (adapter_config.json) at '{adapter_dir}'",
+            hint="Point adapter_path at a training run's output_dir or another peft adapter directory.",
         )
     check_destination(out, overwrite=cfg.overwrite, key="output_path")
     base_cfg = compat.read_json(base_dir / "config.json")
@@ -46,8 +52,17 @@ def run(ctx: JobContext) -> dict[str, Any]:
     model = load_base(ctx, cfg, base_dir, base_cfg, adapter_dir)
     ctx.check_cancelled()
     shapes = compat.adapter_shapes(adapter_dir)
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    resize = compat.resized_vocab(adapter_dir, rows, shapes)
+    if resize is not None:
+        ctx.log(
+            f"the adapter extends the vocabulary: resizing the base's embeddings from {rows} to {resize} rows"
+        )
+        model.resize_token_embeddings(resize)
+        base_cfg = {**base_cfg, "vocab_size": resize}
+        rows = resize
     compat.check_shapes(model, shapes, adapter_cfg, base_cfg)
-    compat.check_vocab(adapter_dir, int(model.get_input_embeddings().weight.shape[0]), shapes)
+    compat.check_vocab(adapter_dir, rows)
     model = apply_adapter(model, adapter_dir)
 
     ctx.phase("merging")
