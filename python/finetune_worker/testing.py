@@ -182,6 +182,9 @@ class WorkerHarness:
         self._reader = threading.Thread(target=self._read_loop, name="harness-reader", daemon=True)
         self._reader.start()
 
+    make_pid = staticmethod(make_pid)
+    make_ref = staticmethod(make_ref)
+
     # ---- sending -------------------------------------------------------------------------------
 
     def send_bytes(self, data: bytes) -> None:

@@ -74,6 +74,7 @@ class Worker:
         self._terminating = False
         self._reading = False
         self._watchdog: threading.Timer | None = None
+        self._output_closed = False
         self._frames = 0
         self._offset = 0  # stream offset of the next frame, for warnings that locate a bad frame
 
@@ -252,8 +253,15 @@ class Worker:
 
     def _deliver(self, record: JobRecord, event: Event) -> None:
         """JobManager sink: ``{'M', Pid, Event}`` to the job's subscriber, if it has one."""
-        if isinstance(record.reply_to, Pid):
+        if not isinstance(record.reply_to, Pid):
+            return
+        try:
             self.port.send((Atom("M"), record.reply_to, event.to_term()))
+        except PortClosed:
+            # The BEAM is gone; the job still runs to its cancel. Say so once, not per event.
+            if not self._output_closed:
+                self._output_closed = True
+                log.warning("output closed; events of job %s and later ones are dropped", record.job_id)
 
 
 def _atom(value: Any, name: str) -> bool:
