@@ -73,10 +73,14 @@ reply(Port, Id) ->
 
 collect(Port, JobId, Acc) ->
     Me = self(),
+    % Events stashed while waiting for a reply came first: take them before newer frames.
     Next = receive
-        {stashed, M} -> M;
-        {Port, {data, Bin}} -> binary_to_term(Bin, [safe])
-    after 30000 -> exit({no_event, lists:reverse(Acc)})
+        {stashed, M} -> M
+    after 0 ->
+        receive
+            {Port, {data, Bin}} -> binary_to_term(Bin, [safe])
+        after 30000 -> exit({no_event, lists:reverse(Acc)})
+        end
     end,
     {'M', Me, {fine_tuning, JobId, Type, Payload}} = Next,
     true = is_map(Payload),
