@@ -155,3 +155,33 @@ def test_classification_of_library_errors() -> None:
     disk.__cause__ = OSError(errno.ENOSPC, "No space left on device")
     assert classify_training_exception(disk).error == "disk_full"
     assert classify_training_exception(ValueError("something else")).error == "internal_error"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 600 KiB tmpfs: room for one tiny checkpoint, not two. Needs mount rights (root in a container)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root with mount rights)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_while_checkpointing(tiny_model_dir: Path, small_disk: Path) -> None:
+    from finetune_worker.training.checkpoints import complete_checkpoints
+
+    out = small_disk / "out"
+    cfg = tiny_config(tiny_model_dir, out, max_steps=40, checkpoint={"every_steps": 2, "keep": 5})
+    p = fail_after_submit(cfg)
+    assert p["error"] == "disk_full" and "No space left" in p["message"], p
+    assert "checkpoint.keep" in p["hint"]
+    # the checkpoint that did not fit was never published; the ones before it are intact
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / "checkpoint-4").exists()

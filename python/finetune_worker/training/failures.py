@@ -50,9 +50,9 @@ def classify_training_exception(exc: BaseException) -> JobFailed:
         return JobFailed("out_of_memory", f"{where} out of memory: {text}", hint=OOM_HINT)
     for cause in _chain(exc):
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return JobFailed("disk_full", text, hint=DISK_HINT)
+            return JobFailed("disk_full", f"disk full while writing: {text}", hint=DISK_HINT)
         if any(marker in str(cause).lower() for marker in _DISK_MARKERS):
-            return JobFailed("disk_full", text, hint=DISK_HINT)
+            return JobFailed("disk_full", f"disk full while writing: {text}", hint=DISK_HINT)
     return classify_exception(exc)
 
 
