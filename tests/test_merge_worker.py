@@ -141,3 +141,28 @@ def test_mergekit_merge_and_refusals_through_the_worker(
         and "merge_method: unknown merge method 'frankenmerge'" in refused[1][0]["message"]
     )
     assert_alive(worker)
+
+
+def test_sigkill_mid_merge_leaves_nothing_that_looks_complete(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Kill -9 the worker at its first progress event; output_dir is absent (or, if the merge won the race,
+    complete), and the next merge to the same place cleans up the dead worker's staging directory."""
+    from finetune_worker.tiny import build_tiny_model
+
+    model_b = build_tiny_model(tmp_path / "b", seed=1)
+    cfg = {"yaml_config_path": str(slerp_yaml(tmp_path / "m.yaml", tiny_model_dir, model_b)),
+           "output_dir": str(tmp_path / "out"), "cpu_offload": True}  # fmt: skip
+    out = tmp_path / "out"
+    with WorkerHarness() as w:
+        result = submit(w, cfg)
+        w.wait_for(str(result[1]), "progress", timeout=120)
+        w.kill()
+        w.wait(timeout=10)
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.merging-")]
+    if out.exists():  # the merge finished between the event and the kill
+        assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    else:
+        assert leftovers, "a killed merge leaves its (hidden) staging directory, nothing at output_dir"
+    with WorkerHarness() as w:
+        assert run(w, {**cfg, "overwrite": True})[-1].type == "completed"
+    assert (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
