@@ -272,6 +272,10 @@ class JobManager:
         with self._lock:
             record.state = type
             record.finished_at = time.time()
+            # Not running any more once its terminal event is out: a job submitted in answer
+            # to that event must not count this one as ahead of it.
+            if self._current and self._current[0] is record:
+                self._current = None
         self._emit(record, type, payload)
 
     def _emit(self, record: JobRecord, type: str, payload: dict[str, Any]) -> None:
