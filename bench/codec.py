@@ -88,7 +88,7 @@ def run(opts: Options) -> list[Row]:
 
     from finetune_worker import etf
 
-    number = 300 if opts.quick else 20000
+    number = 300 if opts.quick else 5000
     rows: list[Row] = []
     terms = sample_terms()
     encoded = {name: etf.encode(term) for name, term in terms.items()}

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes: checks that it works, measures nothing"
     )
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved A/B/C rounds (default 2)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per A/B/C run (default 100)")
     parser.add_argument("--work-dir", type=Path, default=None, help="scratch space (default: runs/bench)")
     parser.add_argument(
         "--record",
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench {time.monotonic() - t0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     opts = Options.make(args.quick, args.work_dir, log)
+    if args.rounds is not None:
+        opts.rounds = max(1, args.rounds)
+    if args.steps is not None:
+        opts.steps = max(1, args.steps)
     rows: list[Row] = []
     failed = False
     for name in args.parts:
