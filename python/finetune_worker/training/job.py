@@ -8,10 +8,14 @@ Every failure leaves as a :class:`JobFailed` with a code and a hint; a cancel le
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
 import re
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,8 @@ from finetune_worker.training.failures import (
 # Only effective if torch is not imported yet; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+log = logging.getLogger("finetune_worker.training")
+
 SUMMARY = "summary.json"
 #: peft loads it as an adapter named after the folder, and module names cannot hold "." or "-".
 INITIAL_ADAPTER = "initial_adapter"
@@ -44,15 +50,41 @@ def run(ctx: Any) -> dict[str, Any]:
     trackers: list[Any] = []  # experiment-tracking runs, closed here whichever way the job ends
     try:
         return _run(ctx, cfg, trackers)
-    except JobCancelled:
+    except JobCancelled as exc:
         _close_tracking(trackers, "KILLED")
+        _drop_frames(exc)
         raise
-    except JobFailed:
+    except JobFailed as exc:
         _close_tracking(trackers, "FAILED")
+        _drop_frames(exc)
         raise
     except Exception as exc:
         _close_tracking(trackers, "FAILED")
-        raise classify_training_exception(exc) from exc
+        failure = classify_training_exception(exc)
+        # The JobManager logs no traceback for a named failure, so keep it in the worker's log here.
+        log.error("train job %s failed (%s)", getattr(ctx, "job_id", "?"), failure.error, exc_info=exc)
+        _drop_frames(exc)
+        raise failure from None
+    finally:
+        _release_memory()
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Let go of the model and trainer that the traceback's frames still hold (GPU memory)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        traceback.clear_frames(cur.__traceback__)
+        cur = cur.__cause__ or cur.__context__
+
+
+def _release_memory() -> None:
+    # The worker outlives the job: the next job must get the memory this one held.
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _close_tracking(trackers: list[Any], status: str) -> None:
