@@ -185,3 +185,10 @@ def test_disk_full_while_checkpointing(tiny_model_dir: Path, small_disk: Path) -
     # the checkpoint that did not fit was never published; the ones before it are intact
     assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-2"]
     assert not (out / "checkpoint-4").exists()
+
+
+def test_damaged_weights(model_copy: Path, tmp_path: Path) -> None:
+    weights = model_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy that was cut short
+    p = fail_after_submit(tiny_config(model_copy, tmp_path / "o"))
+    assert p["error"] == "unsupported_model" and "damaged" in p["message"], p

@@ -146,6 +146,10 @@ def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
         raise
     except OSError as exc:
         raise unsupported_model(str(path), f"cannot load its weights ({exc})") from exc
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError":  # truncated or corrupt weight file
+            raise unsupported_model(str(path), f"its weight files are damaged ({exc})") from exc
+        raise
     model.config.use_cache = False  # the KV cache is useless in training and warns with checkpointing
     gc = cfg.training_parameters.gradient_checkpointing
     if q is not None:
