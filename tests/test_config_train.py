@@ -180,6 +180,8 @@ def test_fingerprint_ignores_length_and_resume(workdir: Path) -> None:
     raw["training_parameters"]["epochs"] = 9
     b = TrainConfig.model_validate(raw)
     assert a.run_fingerprint() == b.run_fingerprint()
+    raw["output_dir"] = str(workdir / "runs" / "mistral")  # the same place, spelled absolute
+    assert TrainConfig.model_validate(raw).run_fingerprint() == a.run_fingerprint()
     raw["training_parameters"]["learning_rate"] = 1e-3
     assert TrainConfig.model_validate(raw).run_fingerprint() != a.run_fingerprint()
 

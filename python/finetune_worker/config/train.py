@@ -219,6 +219,7 @@ class TrainConfig(_Section):
         data["training_parameters"].pop("logging_steps", None)
         data["model_name"] = str(self.resolved(self.model_name))
         data["dataset"]["path"] = str(self.resolved(self.dataset.path))
+        data["output_dir"] = str(self.resolved(self.output_dir))
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
