@@ -184,3 +184,10 @@ def test_port_subcommand_help_lists_the_options() -> None:
     for flag in ("--packet", "--use_stdio", "--nouse_stdio", "--compressed", "--buffer_size", "--grace"):
         assert flag in out.stdout
     assert fw("--help").returncode == 0
+
+
+def test_make_tiny_model(tmp_path: Path) -> None:
+    out = fw("make-tiny-model", str(tmp_path / "tiny"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("tiny")
+    assert (tmp_path / "tiny" / "config.json").is_file()
