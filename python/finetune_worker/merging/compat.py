@@ -108,7 +108,7 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, list[int]]:
 
 
 def check_shapes(
-    model: Any, shapes: dict[str, list[int]], adapter_cfg: dict[str, Any], base_cfg: dict
+    model: Any, shapes: dict[str, list[int]], adapter_cfg: dict[str, Any], base_cfg: dict[str, Any]
 ) -> None:
     """Every adapter tensor must land on a base module of the right size; raise naming the first that does not."""
     vocab = base_cfg.get("vocab_size")
@@ -131,9 +131,10 @@ def check_shapes(
                 raise _size_mismatch(module_name, name, shape, list(param.shape), vocab)
             continue
         part = m.group("part")
-        expected_in, expected_out = _io_features(module)
-        if expected_in is None:
+        features = _io_features(module)
+        if features is None:
             continue
+        expected_in, expected_out = features
         rank = _configured_rank(adapter_cfg, module_name)
         if part == "lora_A":
             got_rank, got_in = shape[0], shape[-1]
@@ -218,12 +219,12 @@ def _submodule(model: Any, name: str) -> Any:
         return None
 
 
-def _io_features(module: Any) -> tuple[int | None, int | None]:
+def _io_features(module: Any) -> tuple[int, int] | None:
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return int(module.in_features), int(module.out_features)
     if hasattr(module, "num_embeddings"):
         return int(module.num_embeddings), int(module.embedding_dim)
-    return None, None
+    return None
 
 
 def _configured_rank(adapter_cfg: dict[str, Any], module_name: str) -> int | None:

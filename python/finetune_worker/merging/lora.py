@@ -93,7 +93,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
 
 def load_base(
-    ctx: JobContext, cfg: MergeLoraConfig, base_dir: Path, base_cfg: dict, adapter_dir: Path
+    ctx: JobContext, cfg: MergeLoraConfig, base_dir: Path, base_cfg: dict[str, Any], adapter_dir: Path
 ) -> Any:
     """The base in ``cfg.precision`` on the CPU, never quantized (a pre-quantized base is dequantized)."""
     import torch

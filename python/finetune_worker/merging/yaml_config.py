@@ -87,12 +87,12 @@ def _check_model_ref(value: Any) -> Any:
             raise ValueError(f"{unknown[0]}: unknown key in a model reference")
         if "model" not in value:
             raise ValueError("model: missing in a model reference")
-        for key in ("model", "lora"):
-            part = value.get(key)
-            if part is None or isinstance(part, str):
+        for field in ("model", "lora"):
+            entry = value.get(field)
+            if entry is None or isinstance(entry, str):
                 continue
-            if not isinstance(part, dict) or not isinstance(part.get("path"), str):
-                raise ValueError(f"{key}: must be a path string or {{path, revision}}")
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+                raise ValueError(f"{field}: must be a path string or {{path, revision}}")
         return value
     raise ValueError(f"a model reference must be a path string or a mapping, got {_short(value)}")
 
