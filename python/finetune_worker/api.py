@@ -219,11 +219,16 @@ def _devices() -> list[dict[str, Any]]:
     cuda = getattr(torch, "cuda", None) if torch is not None else None
     if cuda is not None:
         try:  # torch may be half-imported by the runner right now; then we report the CPU only
-            for i in range(cuda.device_count() if cuda.is_available() else 0):
-                props = cuda.get_device_properties(i)
-                devices.append(
-                    {"type": "cuda", "index": i, "name": props.name, "memory_bytes": props.total_memory}
-                )
+            count = cuda.device_count() if cuda.is_available() else 0
+            # Device properties would create a CUDA context on this thread (memory, seconds);
+            # ask for them only once a job has initialized CUDA anyway.
+            detailed = cuda.is_initialized()
+            for i in range(count):
+                entry: dict[str, Any] = {"type": "cuda", "index": i}
+                if detailed:
+                    props = cuda.get_device_properties(i)
+                    entry.update(name=props.name, memory_bytes=props.total_memory)
+                devices.append(entry)
         except Exception:
             devices = []
     devices.append(
