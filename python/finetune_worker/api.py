@@ -54,7 +54,7 @@ def ping(rt: Runtime) -> Atom:
     return Atom("pong")
 
 
-def info(rt: Runtime) -> dict[Any, Any]:
+def info(rt: Runtime) -> Any:
     """Versions, devices, queue: answered without importing torch on this thread."""
     return payload_term(
         {
