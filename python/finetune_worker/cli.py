@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model", help="build the tiny offline test model into DIR")
     tiny.add_argument("dir")
+    tiny.add_argument(
+        "--size", choices=["tiny", "small"], default="tiny", help="tiny: tests and demo; small: benchmarks"
+    )
+    tiny.add_argument(
+        "--seed", type=int, default=0, help="initial weights seed (two seeds give two mergeable models)"
+    )
+    tiny.add_argument("--overwrite", action="store_true", help="replace DIR if it holds something else")
     return parser
 
 
@@ -190,7 +197,12 @@ def cmd_schema() -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from finetune_worker.tiny import build_tiny_model
 
-    print(build_tiny_model(args.dir))
+    try:
+        path = build_tiny_model(args.dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(path)
     return EXIT_OK
 
 

@@ -72,7 +72,9 @@ KNOWN_KEYS: frozenset[str] = frozenset(
         # replies: validate / status / jobs / info
         "value", "job_id", "state", "submitted_at", "started_at", "finished_at", "last_checkpoint",
         "version", "python", "torch", "transformers", "peft", "devices", "queue_length", "running",
-        "name", "memory_bytes", "type", "pid", "protocol",
+        "name", "memory_bytes", "type", "pid", "protocol", "uptime_s", "cores",
+        # evaluation / generation / merge summaries
+        "model", "sequence", "dtype", "tensors",
     }
 )  # fmt: skip
 

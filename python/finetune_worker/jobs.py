@@ -130,6 +130,7 @@ class JobManager:
         self._jobs: dict[str, JobRecord] = {}
         self._current: tuple[JobRecord, JobContext] | None = None
         self._closing = False
+        self._sink_failures = 0
         self._ids = itertools.count(1)
         self._prefix = job_prefix or f"job-{os.getpid()}-{int(time.time()) % 100000}"
         self._runner = threading.Thread(target=self._run_loop, name="finetune-runner", daemon=True)
@@ -284,8 +285,11 @@ class JobManager:
             _update_record(record, event)
         try:
             self._sink(record, event)
-        except Exception:  # a broken sink (closed pipe) must not kill the runner mid-job
-            log.exception("could not deliver %s event of job %s", type, record.job_id)
+        except Exception as exc:  # a broken sink (closed pipe) must not kill the runner mid-job
+            # Once the BEAM is gone every later event fails the same way: say so once, not per event.
+            if self._sink_failures == 0:
+                log.warning("could not deliver %s event of job %s: %s", type, record.job_id, exc)
+            self._sink_failures += 1
 
 
 def _update_record(record: JobRecord, event: Event) -> None:

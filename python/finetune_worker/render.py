@@ -48,6 +48,7 @@ class Renderer:
         self.task: TaskID | None = None
         self.phase = "running"
         self.stats: dict[str, str] = {}
+        self.prompt_index: Any = None
 
     def __call__(self, record: Any, event: Event) -> None:
         p = plain(event.payload)
@@ -114,10 +115,18 @@ class Renderer:
         self._line(f"[green]checkpoint[/] step {p.get('step')}: {p.get('path')}")
 
     def _on_token(self, job_id: str, p: dict[str, Any]) -> None:
+        # Tokens of one prompt run together; each prompt's completion starts on its own line.
+        index = p.get("prompt_index")
+        if index != self.prompt_index:
+            prefix = "\n" if self.prompt_index is not None else ""
+            self.progress.console.print(f"{prefix}[bold]\\[{index}][/] ", end="", highlight=False)
+            self.prompt_index = index
         self.progress.console.print(str(p.get("text", "")), end="", highlight=False, markup=False)
 
     def _on_completed(self, job_id: str, p: dict[str, Any]) -> None:
         self.close()
+        if self.prompt_index is not None:
+            self.console.print()
         table = Table(title=f"{job_id} completed", show_header=False, title_style="bold green")
         table.add_column("key", style="bold")
         table.add_column("value")

@@ -60,7 +60,8 @@ defmodule FineTuning.Protocol do
                  index text prompt_index completions
                  value job_id state submitted_at started_at finished_at last_checkpoint
                  version python torch transformers peft devices queue_length running
-                 name memory_bytes type pid protocol)a
+                 name memory_bytes type pid protocol uptime_s cores
+                 model sequence dtype tensors)a
   @error_classes [
     :"finetune_worker.errors.ProtocolError",
     :"finetune_worker.errors.CallError",

@@ -60,8 +60,14 @@ def load_raw(raw: Any) -> dict[str, Any]:
         try:
             raw = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError([ConfigIssue("", f"cannot read config file {path}: {exc.strerror or exc}")]) from None
-    elif isinstance(raw, (str, os.PathLike)) and not str(raw).lstrip().startswith("{") and Path(str(raw)).is_file():
+            raise ConfigError(
+                [ConfigIssue("", f"cannot read config file {path}: {exc.strerror or exc}")]
+            ) from None
+    elif (
+        isinstance(raw, (str, os.PathLike))
+        and not str(raw).lstrip().startswith("{")
+        and Path(str(raw)).is_file()
+    ):
         source = str(raw)
         raw = Path(str(raw)).read_text(encoding="utf-8")
     if isinstance(raw, (bytes, bytearray)):
@@ -74,7 +80,11 @@ def load_raw(raw: Any) -> dict[str, Any]:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ConfigError(
-                [ConfigIssue("", f"invalid JSON in {source} at line {exc.lineno}, column {exc.colno}: {exc.msg}")]
+                [
+                    ConfigIssue(
+                        "", f"invalid JSON in {source} at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+                    )
+                ]
             ) from None
     if not isinstance(raw, dict):
         raise ConfigError([ConfigIssue("", f"a job config must be a JSON object, got {type(raw).__name__}")])
@@ -105,7 +115,7 @@ def infer_kind(data: dict[str, Any]) -> str:
         [
             ConfigIssue(
                 "job",
-                "cannot tell the job kind: set \"job\" to one of "
+                'cannot tell the job kind: set "job" to one of '
                 f"{sorted(KIND_MODELS)} (or use a seed format: model_name/training_parameters for "
                 "training, base_model_path/adapter_path for a LoRA merge, yaml_config_path for MergeKit)",
             )
@@ -118,6 +128,9 @@ def issues_from_validation(exc: ValidationError) -> list[ConfigIssue]:
     for err in exc.errors():
         path = json_path(err.get("loc", ()))
         message = err.get("msg", "invalid value")
+        # pydantic prefixes messages raised by our validators; the user needs only our words.
+        for prefix in ("Value error, ", "Assertion failed, "):
+            message = message.removeprefix(prefix)
         if err.get("type") == "extra_forbidden":
             message = "unknown key (not part of this job's config; see `finetune-worker schema`)"
         value = err.get("input") if err.get("type") != "missing" else None
