@@ -195,3 +195,21 @@ def test_summary_config_echo_hides_secrets() -> None:
     )
     assert "s3cret" not in json.dumps(echoed) and "hf_abc" not in json.dumps(echoed)
     assert echoed["peft"]["num_virtual_tokens"] == 20 and echoed["output_dir"] == "runs/a@b"
+
+
+def test_cuda_only_settings_fall_back_on_cpu_with_a_warning(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback")
+    cfg = tiny_config(
+        tiny_model_dir,
+        tmp_path / "fallback",
+        max_steps=2,
+        training_parameters={"batch_size": 4, "optimizer": "paged_adamw_8bit", "precision": "fp16"},
+    )
+    run = run_job(cfg)
+    assert run.terminal.type == "completed", run.terminal.payload
+    warnings = [e["message"] for e in run.of("log") if e["level"] == "warning"]
+    assert any("paged_adamw_8bit needs CUDA" in w for w in warnings), warnings
+    assert any("fp16 needs CUDA" in w for w in warnings), warnings
