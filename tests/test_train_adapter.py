@@ -82,13 +82,7 @@ def reload(cfg: TrainConfig, out: Path) -> Any:
     return PeftModel.from_pretrained(base, str(out))
 
 
-#: The common three run in the quick suite; the rest of the matrix under -m slow.
-QUICK = ("lora", "full", "qlora-4bit")
-
-
-@pytest.mark.parametrize(
-    "method", [m if m in QUICK else pytest.param(m, marks=pytest.mark.slow) for m in METHODS]
-)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_saved_outputs_reload_to_the_trained_logits(
     method: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
