@@ -213,3 +213,14 @@ def test_cuda_only_settings_fall_back_on_cpu_with_a_warning(tiny_model_dir: Path
     warnings = [e["message"] for e in run.of("log") if e["level"] == "warning"]
     assert any("paged_adamw_8bit needs CUDA" in w for w in warnings), warnings
     assert any("fp16 needs CUDA" in w for w in warnings), warnings
+
+
+def test_without_a_validation_split_there_is_no_evaluation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_model_dir, tmp_path / "noeval", max_steps=2)
+    cfg["dataset"]["validation_split"] = 0
+    run = run_job(cfg)
+    assert run.terminal.type == "completed", run.terminal.payload
+    assert [p["phase"] for p in run.of("phase")] == ["loading_model", "preparing_data", "training", "saving"]
+    summary = run.terminal.payload["summary"]
+    assert summary["base_eval_loss"] is None and summary["final_perplexity"] is None
+    assert summary["improvement_pct"] is None and summary["steps"] == 2
