@@ -140,7 +140,7 @@ def test_overwrite_replaces_only_a_complete_model(
 
 
 def test_config_errors_name_the_field(tiny_model_dir: Path, adapter: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match='dtype: Value error, conflicts with "use_fp16": true'):
+    with pytest.raises(ConfigError, match='dtype: conflicts with "use_fp16": true'):
         run_job(merge_cfg(tiny_model_dir, adapter, tmp_path / "o", use_fp16=True, dtype="bf16"))
     with pytest.raises(ConfigError, match="adapter_path: no adapter directory there"):
         run_job(merge_cfg(tiny_model_dir, tmp_path / "missing", tmp_path / "o", use_fp16=True))
