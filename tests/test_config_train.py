@@ -103,13 +103,6 @@ def test_every_error_at_once_with_json_paths(workdir: Path) -> None:
     assert any(p.startswith("resume") for p in found)
 
 
-@pytest.mark.parametrize("section", ["distributed"])
-def test_future_sections_are_unknown_keys(workdir: Path, section: str) -> None:
-    raw = json.loads(SEED)
-    raw[section] = {}
-    assert "unknown key" in issues_of(raw)[section]
-
-
 def test_hub_id_without_local_dir_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     found = issues_of(SEED)

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_worker.config.data import DataConfig
+from finetune_worker.config.distributed import DistributedConfig
 from finetune_worker.config.generation import TrainingEvaluation
 from finetune_worker.config.tracking import TrackingConfig
 from finetune_worker.errors import ConfigIssue
@@ -195,6 +196,9 @@ class TrainConfig(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 needs the flash_attn package and CUDA."
     )
+    distributed: DistributedConfig | None = Field(
+        None, description="Train as a torchrun process group (several GPUs or nodes); null: in the worker."
+    )
 
     # ---- derived values -------------------------------------------------------------------
 
@@ -220,6 +224,10 @@ class TrainConfig(_Section):
         data["model_name"] = str(self.resolved(self.model_name))
         data["dataset"]["path"] = str(self.resolved(self.dataset.path))
         data["output_dir"] = str(self.resolved(self.output_dir))
+        if data.get("distributed"):
+            # Where the rendezvous happens and which node this is do not change what is trained.
+            for key in ("node_rank", "master_addr", "master_port", "stop_timeout_s"):
+                data["distributed"].pop(key, None)
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -291,6 +299,8 @@ class TrainConfig(_Section):
             )
         if isinstance(self.resume, str) and self.resume not in ("auto",) and not self.resume.strip():
             issues.append(ConfigIssue("resume", "expected 'auto', false, or a checkpoint path", self.resume))
+        if self.distributed is not None:
+            issues.extend(self.distributed.issues())
         return issues
 
     def environment_issues(self) -> list[ConfigIssue]:

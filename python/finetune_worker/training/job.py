@@ -47,6 +47,11 @@ _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # https://user:pass@host ->
 
 def run(ctx: Any) -> dict[str, Any]:
     cfg: TrainConfig = ctx.config
+    if cfg.distributed is not None and getattr(ctx, "rank", None) is None:
+        # A torchrun process group trains; this thread only launches and supervises it.
+        from finetune_worker.distributed.launcher import run_distributed
+
+        return run_distributed(ctx)
     trackers: list[Any] = []  # experiment-tracking runs, closed here whichever way the job ends
     try:
         return _run(ctx, cfg, trackers)
@@ -97,9 +102,14 @@ def _close_tracking(trackers: list[Any], status: str) -> None:
 def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
     started = time.monotonic()
     out = cfg.resolved(cfg.output_dir)
-    resume_from = _prepare_output_dir(cfg, out)
-    if resume_from is not None:
-        ctx.log(f"resuming from {resume_from}")
+    # Inside a torchrun rank (distributed.rank_main) the launcher prepared the output_dir once.
+    rank = getattr(ctx, "rank", None)
+    if rank is None:
+        resume_from = _prepare_output_dir(cfg, out)
+        if resume_from is not None:
+            ctx.log(f"resuming from {resume_from}")
+    else:
+        resume_from = ctx.resume_from
 
     # Heavy imports only now, on the runner thread.
     from transformers import set_seed
@@ -126,7 +136,7 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
     check_model_dir(model_path)
     tokenizer = load_tokenizer(model_path)
     model = load_model(cfg, plan, warn)
-    initial_adapter = save_initial_adapter(cfg, model, out)
+    initial_adapter = save_initial_adapter(cfg, model, out) if rank in (None, 0) else None
     trainable, total = trainable_parameters(model)
     ctx.log(
         f"{cfg.peft.method} on {plan.device} ({plan.precision}"
@@ -193,6 +203,8 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
 
     ctx.phase("saving")
     save_outputs(trainer, tokenizer, out, initial_adapter)
+    if not trainer.args.should_save:
+        return {}  # a rank other than 0: rank 0 writes the outputs and reports them
     summary = _summary(
         cfg, trainer, result, stats, base_eval, final_eval, resume_from, started, len(train_rows)
     )
@@ -223,7 +235,9 @@ def save_initial_adapter(cfg: TrainConfig, model: Any, out: Path) -> Path | None
 
 def save_outputs(trainer: Any, tokenizer: Any, out: Path, initial_adapter: Path | None) -> None:
     """Adapter (or full model), tokenizer and training args into ``out``."""
-    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # every rank calls it: FSDP gathers the sharded weights here
+    if not trainer.args.should_save:
+        return
     tokenizer.save_pretrained(str(out))
     if initial_adapter is not None:
         # Saved as the difference to the initial adapter, it is a plain LoRA (rank 2r) that applies

@@ -35,15 +35,24 @@ class AtomicCheckpointTrainer(Trainer):
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         out = Path(self.args.output_dir)
         staged = staging_dir(out) / f"checkpoint-{self.state.global_step}"
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.parent.mkdir(parents=True, exist_ok=True)
+        # Under torchrun every rank writes into the same staged folder (its RNG state at least),
+        # so only the saving process prepares and publishes it, and the others wait on both
+        # sides (a no-op in a single process).
+        main = self.args.should_save
+        if main:
+            shutil.rmtree(staged, ignore_errors=True)
+            staged.parent.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
-        final = publish(staged, out)
-        rotate(out, self._keep, protect=final)
+        self.accelerator.wait_for_everyone()
+        if main:
+            final = publish(staged, out)
+            rotate(out, self._keep, protect=final)
+        self.accelerator.wait_for_everyone()
 
 
 def training_arguments(cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: bool) -> TrainingArguments:
@@ -88,6 +97,8 @@ def training_arguments(cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval:
         remove_unused_columns=False,  # our rows are already model inputs; the collator needs them all
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        # Inside a torchrun rank (distributed.rank_main): the strategy's own arguments.
+        **(cfg.distributed.trainer_arguments() if cfg.distributed is not None else {}),
     )
 
 

@@ -1,0 +1,1 @@
+"""Multi-process training: torchrun launcher, event relay, and the per-rank entry point."""

@@ -1,0 +1,343 @@
+"""Run a train job as a torchrun process group, supervised from the worker's runner thread.
+
+The runner thread prepares the output_dir once, writes the validated config to a private temp
+dir, opens the event relay, and starts ``python -m torch.distributed.run ... -m
+finetune_worker.distributed.rank_main`` in a session of its own, so that one ``killpg`` reaches
+the agent and every rank. It then relays rank 0's events to ``ctx.emit`` (the BEAM sees the
+stream of a single-process job), turns a cancel into a stop file the ranks agree on, and
+ends the job as the ranks report it, or as torchrun's exit shows it when a rank died silently.
+
+No orphans: the agent gets SIGKILL from Linux if the runner thread dies (parent-death signal),
+the ranks get it if the agent dies, and the launcher kills the group itself once a cancel or a
+failure has had ``stop_timeout_s`` to end by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from finetune_worker.distributed.relay import RelayServer
+from finetune_worker.errors import JobCancelled, JobFailed
+
+log = logging.getLogger("finetune_worker.distributed")
+
+POLL_S = 0.2
+#: After SIGTERM to the group, how long before SIGKILL.
+TERM_GRACE_S = 5.0
+#: Events the ranks may relay; anything else from a rank is logged and dropped.
+RELAYED = frozenset({"phase", "progress", "metrics", "eval", "checkpoint", "log"})
+_ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+_ROOT_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun_command(dist: Any, master_port: int, launch: Path, relay: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={dist.nproc_per_node}",
+        f"--nnodes={dist.nnodes}",
+        f"--node-rank={dist.node_rank}",
+        f"--master-addr={dist.master_addr}",
+        f"--master-port={master_port}",
+        "--max-restarts=0",  # a failed rank fails the job; resume is ours, from checkpoints
+        "--monitor-interval=0.5",  # notice a dead rank (and stop its peers) within half a second
+        "-m",
+        "finetune_worker.distributed.rank_main",
+        f"--launch={launch}",
+        f"--relay={relay}",
+    ]
+
+
+def _arm_parent_death() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class _StderrTee(threading.Thread):
+    """Copies torchrun's output to the worker's stderr and keeps the tail to explain a failure."""
+
+    def __init__(self, stream: Any):
+        super().__init__(name="torchrun-stderr", daemon=True)
+        self._stream = stream
+        self.tail: deque[str] = deque(maxlen=400)
+
+    def run(self) -> None:
+        for raw in iter(self._stream.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            self.tail.append(line.rstrip("\n"))
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        self._stream.close()
+
+    def root_cause(self) -> tuple[int, int] | None:
+        """(rank, exitcode) from torchrun's "Root Cause (first observed failure)" report."""
+        lines = list(self.tail)
+        for i, line in enumerate(lines):
+            if "Root Cause" not in line:
+                continue
+            rank = exitcode = None
+            for follow in lines[i + 1 : i + 12]:
+                if rank is None and (m := _ROOT_RANK.match(follow)):
+                    rank = int(m.group(1))
+                if exitcode is None and (m := _ROOT_EXIT.match(follow)):
+                    exitcode = int(m.group(1))
+            if rank is not None and exitcode is not None:
+                return rank, exitcode
+        return None
+
+
+class Group:
+    """The torchrun process group of one job, and what its ranks have said so far."""
+
+    def __init__(self, ctx: Any, proc: subprocess.Popen[bytes], server: RelayServer, tee: _StderrTee):
+        self.ctx = ctx
+        self.proc = proc
+        self.server = server
+        self.tee = tee
+        self.pids: dict[int, int] = {}  # rank -> pid (from each rank's hello)
+        self.gone: dict[int, bool] = {}
+        self.failures: list[dict[str, Any]] = []  # in arrival order
+        #: The first sign of trouble: ("failed", report) or ("died", rank) for a silent death.
+        self.culprit: tuple[str, Any] | None = None
+        self.outcome: dict[str, Any] | None = None  # rank 0's completed / cancelled frame
+        self.step = 0
+
+    def pump(self, timeout: float) -> None:
+        for frame in self.server.poll(timeout):
+            self._handle(frame)
+        self._watch_pids()
+
+    def _handle(self, frame: dict[str, Any]) -> None:
+        kind, rank, payload = frame["type"], frame.get("rank"), frame.get("payload") or {}
+        if kind == "hello":
+            self.pids[int(rank)] = int(payload["pid"])
+            self.ctx.emit(
+                "log",
+                level="info",
+                message=f"rank {rank} of {payload.get('world_size')} running as pid {payload['pid']}",
+                rank=rank,
+                pid=payload["pid"],
+            )
+        elif kind == "failed":
+            # A peer that was SIGKILLed shows up in the others as a broken connection: look for
+            # a silent death before taking this report as the first failure.
+            self._watch_pids()
+            report = {"rank": rank, **payload}
+            self.failures.append(report)
+            if self.culprit is None:
+                self.culprit = ("failed", report)
+        elif kind in ("completed", "cancelled") and rank == 0:
+            self.outcome = {"type": kind, **payload}
+        elif kind in RELAYED and rank == 0:
+            if kind == "progress":
+                self.step = int(payload.get("step") or self.step)
+            self.ctx.emit(kind, **payload)
+        else:
+            log.warning("dropped relay frame %r from rank %s", kind, rank)
+
+    def _watch_pids(self) -> None:
+        for rank, pid in self.pids.items():
+            if self.gone.get(rank):
+                continue
+            if not _alive(pid):
+                self.gone[rank] = True
+                reported = any(f["rank"] == rank for f in self.failures) or (
+                    rank == 0 and self.outcome is not None
+                )
+                if not reported and self.culprit is None:
+                    self.culprit = ("died", rank)
+
+    def kill(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        """SIGTERM the whole group, SIGKILL what is left, then reap the agent."""
+        self.kill(signal.SIGTERM)
+        deadline = time.monotonic() + TERM_GRACE_S
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.pump(POLL_S)
+        self.kill(signal.SIGKILL)  # ranks the agent did not take with it, too
+        self.proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def run_distributed(ctx: Any) -> dict[str, Any]:
+    """The train job's handler when ``distributed`` is set (see ``training.job.run``)."""
+    from finetune_worker.training.job import _prepare_output_dir
+
+    cfg = ctx.config
+    out = cfg.resolved(cfg.output_dir)
+    resume_from = _prepare_output_dir(cfg, out)
+    if resume_from is not None:
+        ctx.log(f"resuming from {resume_from}")
+    ctx.check_cancelled()
+
+    tmp = Path(tempfile.mkdtemp(prefix="ftw-dist-"))
+    try:
+        return _launch_and_supervise(ctx, cfg, tmp, resume_from)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _launch_and_supervise(ctx: Any, cfg: Any, tmp: Path, resume_from: Path | None) -> dict[str, Any]:
+    dist = cfg.distributed
+    launch = tmp / "launch.json"
+    stop_file = tmp / "stop"
+    launch.write_text(
+        json.dumps(
+            {
+                "job_id": ctx.job_id,
+                "config": cfg.model_dump(mode="json"),
+                "resume_from": str(resume_from) if resume_from else None,
+                "stop_file": str(stop_file),
+            }
+        )
+    )
+    port = dist.master_port or free_port()
+    server = RelayServer(tmp / "relay.sock")
+    ctx.phase("launching")
+    ctx.log(
+        f"torchrun: {dist.nproc_per_node} process(es) on node {dist.node_rank} of {dist.nnodes}, "
+        f"{dist.strategy}, rendezvous at {dist.master_addr}:{port}"
+    )
+    proc = subprocess.Popen(
+        torchrun_command(dist, port, launch, server.path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # one killpg reaches the agent and every rank
+        preexec_fn=_arm_parent_death,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    tee = _StderrTee(proc.stdout)
+    tee.start()
+    group = Group(ctx, proc, server, tee)
+    try:
+        return _supervise(ctx, group, stop_file, dist.stop_timeout_s, out=cfg.resolved(cfg.output_dir))
+    finally:
+        if proc.poll() is None:
+            group.stop()
+        tee.join(timeout=5)
+        server.close()
+
+
+def _supervise(ctx: Any, group: Group, stop_file: Path, stop_timeout: float, out: Path) -> dict[str, Any]:
+    stop_sent: float | None = None
+    failed_at: float | None = None
+    while group.proc.poll() is None:
+        group.pump(POLL_S)
+        now = time.monotonic()
+        if ctx.cancel_event.is_set() and stop_sent is None:
+            stop_file.write_text("stop\n")
+            stop_sent = now
+            ctx.log("cancel: every rank stops at the next step boundary")
+        if group.culprit is not None and failed_at is None:
+            failed_at = now
+        started = min(t for t in (stop_sent, failed_at, float("inf")) if t is not None)
+        if now - started > stop_timeout:
+            why = "cancel" if stop_sent is not None else "failure"
+            log.warning("process group still running %.0f s after the %s; killing it", stop_timeout, why)
+            ctx.log(
+                f"the ranks did not stop within {stop_timeout:.0f} s of the {why}; killed", level="warning"
+            )
+            group.stop()
+    group.pump(0)  # frames sent just before the exit
+    code = group.proc.returncode
+
+    if group.outcome is not None and group.outcome["type"] == "completed" and code == 0:
+        result: dict[str, Any] = group.outcome.get("result") or {}
+        return result
+    if stop_sent is not None and group.culprit is None:
+        if group.outcome is not None and group.outcome["type"] == "cancelled":
+            raise JobCancelled(
+                step=group.outcome.get("step") or 0, checkpoint=group.outcome.get("checkpoint")
+            )
+        from finetune_worker.training.checkpoints import latest_checkpoint
+
+        last = latest_checkpoint(out)
+        raise JobCancelled(step=group.step, checkpoint=str(last) if last else None)
+    raise _failure(group, code)
+
+
+def _failure(group: Group, code: int) -> JobFailed:
+    """Name the rank that failed first: its own report, else torchrun's root cause, else a pid."""
+    hint = "See the worker's stderr log for every rank's output; the job can resume from its last checkpoint."
+    cause = group.tee.root_cause()
+    if group.culprit is not None and group.culprit[0] == "died":
+        rank = group.culprit[1]
+        how = (
+            _describe_exit(cause[1])
+            if cause is not None and cause[0] == rank
+            else "died without reporting an error"
+        )
+        return JobFailed(
+            "distributed_failure",
+            f"rank {rank} (pid {group.pids[rank]}) {how}",
+            hint=hint,
+            details={"rank": rank},
+        )
+    if group.culprit is not None:
+        first = group.culprit[1]
+        rank = first.get("rank")
+        error = first.get("error") or "distributed_failure"
+        return JobFailed(
+            error if error != "internal_error" else "distributed_failure",
+            f"rank {rank}: {first.get('message')}",
+            hint=first.get("hint") or hint,
+            details={"rank": rank},
+        )
+    if cause is not None:
+        rank, exitcode = cause
+        return JobFailed(
+            "distributed_failure",
+            f"rank {rank} {_describe_exit(exitcode)}",
+            hint=hint,
+            details={"rank": rank},
+        )
+    return JobFailed(
+        "distributed_failure",
+        f"torchrun {_describe_exit(code)} before any rank reported a result",
+        hint=hint,
+    )
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "an unknown signal"
+        return f"exited with signal {-code} ({name})"
+    return f"exited with status {code}"
