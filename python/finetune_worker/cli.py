@@ -71,6 +71,18 @@ def _add_port_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_allowed_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allowed-root",
+        "--allowed_root",
+        dest="allowed_root",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="confine every job path to PATH (repeatable; env FINETUNE_WORKER_ALLOWED_ROOTS=/a:/b)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune-worker", description="LLM fine-tuning worker for the BEAM (ErlPort-compatible port)."
@@ -80,15 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    _add_port_options(sub.add_parser("port", help="serve the BEAM over a port (stdio frames)"))
+    port = sub.add_parser("port", help="serve the BEAM over a port (stdio frames)")
+    _add_port_options(port)
+    _add_allowed_root(port)
 
     run = sub.add_parser("run", help="run one job in this terminal with live progress")
     run.add_argument("config", help="job config (JSON file)")
     run.add_argument("--json", action="store_true", help="print events as JSON lines instead")
     run.add_argument("--grace", type=float, default=_default_grace(), help="seconds to save after a cancel")
+    _add_allowed_root(run)
 
     val = sub.add_parser("validate", help="check a job config and print every problem")
     val.add_argument("config", help="job config (JSON file)")
+    _add_allowed_root(val)
 
     sub.add_parser("schema", help="print the JSON schema of job configs")
 
@@ -133,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     erlport = _erlport_args(args_list)
     args = build_parser().parse_args(erlport if erlport is not None else args_list)
     _setup_logging()
+    if getattr(args, "allowed_root", None):
+        from finetune_worker.security import set_allowed_roots
+
+        set_allowed_roots(args.allowed_root)
     command = args.command
     if command == "port":
         return cmd_port(args)

@@ -34,6 +34,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from finetune_worker.config.tracking import MlflowSection, TensorboardSection, TrackingConfig, WandbSection
+from finetune_worker.security import redact
 
 #: Files of output_dir that are not the trained model: tracking stores, run bookkeeping.
 _NOT_ARTIFACTS = re.compile(r"^(\.|mlflow\.db|checkpoint-|runs$|wandb$|mlartifacts$)")
@@ -91,6 +92,7 @@ def default_run_name(ctx: Any, out: Path) -> str:
 def flat_params(config: Any) -> dict[str, str]:
     """The job config as dotted keys (``peft.r``), secrets redacted, values as strings."""
     data = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config or {})
+    data = redact(data)  # URL credentials (an MLflow URI with user:password) too
     out: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -151,7 +153,7 @@ class Tracker(TrainerCallback):
             return True
         except Exception as exc:  # tracking must never stop training
             self.active = False
-            self.error = f"{type(exc).__name__}: {exc}"[:500]
+            self.error = redact(f"{type(exc).__name__}: {exc}")[:500]  # errors may quote a URI
             self._ctx.log(
                 f"tracking: {self.name} {what} failed, so {self.name} logging is off for this run; "
                 f"training goes on ({self.error})",
@@ -374,7 +376,9 @@ def _probe(uri: str) -> None:
     except urllib.error.HTTPError:
         return  # it answered: an old server without /health is still a server
     except (urllib.error.URLError, OSError) as exc:
-        raise ConnectionError(f"MLflow server {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
+        raise ConnectionError(
+            f"MLflow server {redact(uri)} is unreachable ({getattr(exc, 'reason', exc)})"
+        ) from None
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, float]:

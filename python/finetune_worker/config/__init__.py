@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from finetune_worker.errors import ConfigError, ConfigIssue
+from finetune_worker.security import confinement_issues, outside_issue, redact_issues
 
 #: kind -> "module:Class" of its pydantic model (imported lazily: pydantic models are cheap,
 #: but each kind's module is owned by its feature).
@@ -57,6 +58,9 @@ def load_raw(raw: Any) -> dict[str, Any]:
     if isinstance(raw, tuple) and len(raw) == 2 and str(raw[0]) == "file":
         path = raw[1].decode() if isinstance(raw[1], (bytes, bytearray)) else str(raw[1])
         source = path
+        outside = outside_issue("", path)
+        if outside is not None:
+            raise ConfigError([ConfigIssue("", f"config file: {outside.message}", path)])
         try:
             raw = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
@@ -158,7 +162,11 @@ def parse_job_config(raw: Any) -> tuple[str, BaseModel]:
     try:
         model = cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(issues_from_validation(exc)) from None
+        raise ConfigError(redact_issues(issues_from_validation(exc))) from None
+    # Confinement first: no other check may probe (and report on) a path outside the roots.
+    outside = confinement_issues(model)
+    if outside:
+        raise ConfigError(outside)
     check = getattr(model, "environment_issues", None)
     if check is not None:
         issues = list(check())
