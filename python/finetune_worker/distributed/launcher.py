@@ -228,10 +228,6 @@ def _launch_and_supervise(ctx: Any, cfg: Any, tmp: Path, resume_from: Path | Non
     port = dist.master_port or free_port()
     server = RelayServer(tmp / "relay.sock")
     ctx.phase("launching")
-    ctx.log(
-        f"torchrun: {dist.nproc_per_node} process(es) on node {dist.node_rank} of {dist.nnodes}, "
-        f"{dist.strategy}, rendezvous at {dist.master_addr}:{port}"
-    )
     proc = subprocess.Popen(
         torchrun_command(dist, port, launch, server.path),
         stdin=subprocess.DEVNULL,
@@ -240,6 +236,15 @@ def _launch_and_supervise(ctx: Any, cfg: Any, tmp: Path, resume_from: Path | Non
         start_new_session=True,  # one killpg reaches the agent and every rank
         preexec_fn=_arm_parent_death,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    # The agent's pid (and each rank's, from its hello) go out in log events: the supervisor can
+    # see, and tests can check, that no process of the job outlives it.
+    ctx.emit(
+        "log",
+        level="info",
+        message=f"torchrun (pid {proc.pid}): {dist.nproc_per_node} process(es) on node {dist.node_rank} "
+        f"of {dist.nnodes}, {dist.strategy}, rendezvous at {dist.master_addr}:{port}",
+        pid=proc.pid,
     )
     tee = _StderrTee(proc.stdout)
     tee.start()
