@@ -29,7 +29,7 @@ from finetune_worker.distributed.relay import (
 )
 from finetune_worker.errors import ConfigError
 from finetune_worker.testing import HarnessEvent, WorkerHarness
-from test_train_helpers import tiny_config
+from test_train_helpers import DATA, tiny_config
 
 
 def issue_paths(raw: dict[str, Any]) -> dict[str, str]:
@@ -152,23 +152,18 @@ def test_socket_roundtrip_and_close_order(tmp_path: Path) -> None:
 
 def ddp_config(model: Path, out: Path, *, ranks: int, **over: Any) -> dict[str, Any]:
     """Global batch 8: 2 ranks x 4, or 1 process x 8. No held-out split (see the DDP test)."""
-    cfg = tiny_config(
-        model,
-        out,
-        dataset={
-            "path": str(Path(__file__).parents[1] / "configs/data/conversations.jsonl"),
-            "validation_split": 0,
-        },
-        training_parameters={
+    settings: dict[str, Any] = {
+        "dataset": {"path": str(DATA / "conversations.jsonl"), "validation_split": 0},
+        "training_parameters": {
             "epochs": 1,
             "batch_size": 8 // ranks,
             "learning_rate": 5e-3,
             "logging_steps": 1,
         },
-        max_steps=8,
-        checkpoint={"every_steps": 4, "keep": 2},
-        **over,
-    )
+        "max_steps": 8,
+        "checkpoint": {"every_steps": 4, "keep": 2},
+    }
+    cfg = tiny_config(model, out, **{**settings, **over})
     if ranks > 1:
         cfg["distributed"] = {"nproc_per_node": ranks, "backend": "gloo"}
     return cfg

@@ -121,6 +121,7 @@ class Group:
         self.pids: dict[int, int] = {}  # rank -> pid (from each rank's hello)
         self.gone: dict[int, bool] = {}
         self.failures: list[dict[str, Any]] = []  # in arrival order
+        self.ended: set[int] = set()  # ranks that reported a clean end
         #: The first sign of trouble: ("failed", report) or ("died", rank) for a silent death.
         self.culprit: tuple[str, Any] | None = None
         self.outcome: dict[str, Any] | None = None  # rank 0's completed / cancelled frame
@@ -145,13 +146,15 @@ class Group:
         elif kind == "failed":
             # A peer that was SIGKILLed shows up in the others as a broken connection: look for
             # a silent death before taking this report as the first failure.
-            self._watch_pids()
+            self._watch_pids(drain=False)
             report = {"rank": rank, **payload}
             self.failures.append(report)
             if self.culprit is None:
                 self.culprit = ("failed", report)
-        elif kind in ("completed", "cancelled") and rank == 0:
-            self.outcome = {"type": kind, **payload}
+        elif kind in ("completed", "cancelled"):
+            self.ended.add(rank)
+            if rank == 0:
+                self.outcome = {"type": kind, **payload}
         elif kind in RELAYED and rank == 0:
             if kind == "progress":
                 self.step = int(payload.get("step") or self.step)
@@ -159,17 +162,21 @@ class Group:
         else:
             log.warning("dropped relay frame %r from rank %s", kind, rank)
 
-    def _watch_pids(self) -> None:
-        for rank, pid in self.pids.items():
-            if self.gone.get(rank):
-                continue
-            if not _alive(pid):
-                self.gone[rank] = True
-                reported = any(f["rank"] == rank for f in self.failures) or (
-                    rank == 0 and self.outcome is not None
-                )
-                if not reported and self.culprit is None:
-                    self.culprit = ("died", rank)
+    def _watch_pids(self, drain: bool = True) -> None:
+        dead = [r for r, pid in self.pids.items() if not self.gone.get(r) and not _alive(pid)]
+        if not dead:
+            return
+        for rank in dead:
+            self.gone[rank] = True
+        if drain:
+            # A rank writes its last frame before it exits: read what is buffered before judging.
+            while frames := self.server.poll(0):
+                for frame in frames:
+                    self._handle(frame)
+        for rank in dead:
+            reported = rank in self.ended or any(f["rank"] == rank for f in self.failures)
+            if not reported and self.culprit is None:
+                self.culprit = ("died", rank)
 
     def kill(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

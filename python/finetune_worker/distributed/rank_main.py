@@ -156,8 +156,8 @@ def run_rank(launch_path: Path, client: RelayClient, rank: int) -> int:
     from finetune_worker.training.job import run
 
     result = run(ctx)
-    if rank == 0:
-        client.send("completed", result=result)
+    # Every rank says how it ended, so that the launcher can tell a clean exit from a silent death.
+    client.send("completed", result=result if rank == 0 else {})
     dist.destroy_process_group()
     return 0
 
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run_rank(Path(args.launch), client, rank)
     except JobCancelled as exc:
-        if rank == 0:
-            client.send("cancelled", step=exc.step, checkpoint=exc.checkpoint)
+        client.send("cancelled", step=exc.step, checkpoint=exc.checkpoint)
         code = 0
     except JobFailed as exc:
         client.send("failed", error=exc.error, message=exc.message, hint=exc.hint)
