@@ -132,9 +132,36 @@ class Renderer:
         table.add_column("value")
         for section in ("summary", "outputs"):
             for key, value in (p.get(section) or {}).items():
-                if value is not None:
+                if value is not None and key != "evaluation":
                     table.add_row(str(key), _cell(value))
         self.console.print(table)
+        evaluation = (p.get("summary") or {}).get("evaluation")
+        if isinstance(evaluation, dict):
+            self._print_evaluation(evaluation)
+
+    def _print_evaluation(self, evaluation: dict[str, Any]) -> None:
+        """Before/after scores and sample answers of a training job's ``evaluation`` block."""
+        base, tuned = evaluation.get("base") or {}, evaluation.get("fine_tuned") or {}
+        where = f"{evaluation.get('rows')} rows, {evaluation.get('rows_from', '')}".rstrip(", ")
+        scores = Table(title=f"base vs fine-tuned ({where})")
+        for column in ("metric", "base", "fine-tuned"):
+            scores.add_column(column, justify="left" if column == "metric" else "right")
+        for key in ("eval_loss", "perplexity", "exact_match", "f1", "bleu", "rouge_l"):
+            if key in base or key in tuned:
+                scores.add_row(key, _cell(base.get(key)), _cell(tuned.get(key)))
+        self.console.print(scores)
+        for sample in evaluation.get("samples") or []:
+            prompt = str(sample.get("prompt", ""))
+            # Show the last user turn, not the whole rendered chat template.
+            question = prompt.rsplit("user\n", 1)[-1].split("<|im_end|>", 1)[0].strip()
+            self.console.print(f"[bold]Q:[/] {question}", highlight=False)
+            self.console.print(f"  reference:  {sample.get('reference')}", markup=False, highlight=False)
+            self.console.print(
+                f"  base:       {str(sample.get('base'))[:100]}", markup=False, highlight=False
+            )
+            self.console.print(
+                f"  fine-tuned: {str(sample.get('fine_tuned'))[:100]}", markup=False, highlight=False
+            )
 
     def _on_failed(self, job_id: str, p: dict[str, Any]) -> None:
         self.close()
