@@ -169,7 +169,13 @@ def parse_job_config(raw: Any) -> tuple[str, BaseModel]:
         raise ConfigError(outside)
     check = getattr(model, "environment_issues", None)
     if check is not None:
-        issues = list(check())
+        try:
+            issues = list(check())
+        except OSError as exc:  # a path this user may not look at: an answer, not a crash
+            where = f" '{exc.filename}'" if exc.filename else ""
+            raise ConfigError(
+                [ConfigIssue("", f"cannot check the config's paths: {exc.strerror or exc}{where}")]
+            ) from None
         if issues:
             raise ConfigError(issues)
     return kind, model

@@ -150,6 +150,10 @@ def holds_run(output_dir: Path) -> bool:
 def output_dir_issue(cfg: TrainConfig) -> str | None:
     """Why ``output_dir`` cannot take this run, or None. Shared by submit-time and run-time checks."""
     out = cfg.resolved(cfg.output_dir)
+    try:
+        out.exists()
+    except PermissionError:  # a parent this user may not search (mode 0500, 0700 of another user)
+        return f"'{cfg.output_dir}' is not writable by this user (cannot even look inside its parent folder)"
     if out.exists() and not out.is_dir():
         return f"'{cfg.output_dir}' exists and is not a directory"
     probe = out
