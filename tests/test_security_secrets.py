@@ -38,7 +38,15 @@ def leaks(text: str | bytes, where: str) -> list[str]:
 
 
 def test_secret_names() -> None:
-    for name in ("HF_TOKEN", "hub_token", "WANDB_API_KEY", "api-key", "apikey", "db_password", "client_secret"):
+    for name in (
+        "HF_TOKEN",
+        "hub_token",
+        "WANDB_API_KEY",
+        "api-key",
+        "apikey",
+        "db_password",
+        "client_secret",
+    ):
         assert is_secret_name(name), name
     for name in ("model_name", "max_new_tokens", "output_dir", "tokenizer_source", "tokens_per_second"):
         assert not is_secret_name(name), name
@@ -58,8 +66,9 @@ def test_secrets_never_leave_the_worker(tiny_model_dir: Path, tmp_path: Path) ->
             "tags": {"api_token": CONFIG_SECRETS["tag_value"]},
         },
         "tensorboard": True,
+        "wandb": {"mode": "offline"},
     }
-    env = dict(os.environ, **ENV_SECRETS)
+    env = dict(os.environ, **ENV_SECRETS, FINETUNE_WORKER_LOG_LEVEL="DEBUG")
     found: list[str] = []
     with WorkerHarness(env=env) as w:
         bad = dict(cfg, hf_token=CONFIG_SECRETS["unknown_key"])
@@ -86,6 +95,8 @@ def test_secrets_never_leave_the_worker(tiny_model_dir: Path, tmp_path: Path) ->
 
     files = [p for p in out.rglob("*") if p.is_file()]
     assert (out / "summary.json").is_file() and len(files) > 5
+    written = {p.relative_to(out).parts[0] for p in files}
+    assert {"runs", "wandb"} <= written, f"tracking wrote nothing to search: {sorted(written)}"
     for path in files:
         found += leaks(path.read_bytes(), str(path.relative_to(out)))
     assert not found, "secrets leaked:\n" + "\n".join(found)
