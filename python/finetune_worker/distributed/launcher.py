@@ -124,7 +124,9 @@ class Group:
         self.ended: set[int] = set()  # ranks that reported a clean end
         #: The first sign of trouble: ("failed", report) or ("died", rank) for a silent death.
         self.culprit: tuple[str, Any] | None = None
-        self.outcome: dict[str, Any] | None = None  # rank 0's completed / cancelled frame
+        #: How the job ended here: rank 0's completed/cancelled frame, or on a node without
+        #: rank 0 (multi-node) the first one of its own ranks.
+        self.outcome: dict[str, Any] | None = None
         self.step = 0
 
     def pump(self, timeout: float) -> None:
@@ -153,8 +155,8 @@ class Group:
                 self.culprit = ("failed", report)
         elif kind in ("completed", "cancelled"):
             self.ended.add(rank)
-            if rank == 0:
-                self.outcome = {"type": kind, **payload}
+            if rank == 0 or self.outcome is None:
+                self.outcome = {"type": kind, "rank": rank, **payload}
         elif kind in RELAYED and rank == 0:
             if kind == "progress":
                 self.step = int(payload.get("step") or self.step)
@@ -289,9 +291,13 @@ def _supervise(ctx: Any, group: Group, stop_file: Path, stop_timeout: float, out
     code = group.proc.returncode
 
     if group.outcome is not None and group.outcome["type"] == "completed" and code == 0:
+        if group.outcome["rank"] != 0:  # another node's worker: node 0 reports the outputs
+            return {"outputs": {"output_dir": str(out)}, "summary": {"ranks": sorted(group.ended)}}
         result: dict[str, Any] = group.outcome.get("result") or {}
         return result
-    if stop_sent is not None and group.culprit is None:
+    cancelled = group.outcome is not None and group.outcome["type"] == "cancelled"
+    if (stop_sent is not None or cancelled) and group.culprit is None:
+        # A cancel on another node reaches these ranks through the agreed stop flag as well.
         if group.outcome is not None and group.outcome["type"] == "cancelled":
             raise JobCancelled(
                 step=group.outcome.get("step") or 0, checkpoint=group.outcome.get("checkpoint")
