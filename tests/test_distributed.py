@@ -169,6 +169,12 @@ def ddp_config(model: Path, out: Path, *, ranks: int, **over: Any) -> dict[str, 
     return cfg
 
 
+def free_port() -> int:
+    from finetune_worker.distributed.launcher import free_port as pick
+
+    return pick()
+
+
 def job_pids(events: list[HarnessEvent]) -> list[int]:
     """The agent's and every rank's pid, from the launcher's log events."""
     return [int(e.payload["pid"]) for e in events if e.type == "log" and "pid" in e.payload]

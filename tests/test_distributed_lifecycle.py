@@ -45,8 +45,8 @@ def rank_pids(events: list[HarnessEvent]) -> dict[int, int]:
     }
 
 
-def assert_all_gone(pids: list[int], within: float = 20) -> None:
-    assert len(pids) == 3, pids  # agent + 2 ranks
+def assert_all_gone(pids: list[int], within: float = 20, count: int = 3) -> None:
+    assert len(pids) == count, pids  # agent + 2 ranks
     deadline = time.monotonic() + within
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -115,3 +115,50 @@ def test_a_sigkilled_worker_takes_the_group_with_it(tiny_model_dir: Path, tmp_pa
         w.kill()
         w.wait(10)
     assert_all_gone(pids)
+
+
+def host_address() -> str | None:
+    """A non-loopback IPv4 address of this machine (multi-node configs refuse loopback)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            addr = str(s.getsockname()[0])
+    except OSError:
+        return None
+    return None if addr.startswith("127.") else addr
+
+
+def test_two_nodes_on_one_machine(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """nnodes 2 x 1 process, each node a worker of its own, as two machines would run it."""
+    from test_distributed import free_port
+
+    addr = host_address()
+    if addr is None:
+        pytest.skip("no non-loopback IPv4 address")
+    cfg = ddp_config(tiny_model_dir, tmp_path / "run", ranks=2, max_steps=6)
+    cfg["distributed"] = {
+        "nproc_per_node": 1,
+        "nnodes": 2,
+        "master_addr": addr,
+        "master_port": free_port(),
+        "backend": "gloo",
+    }
+    with WorkerHarness() as node0, WorkerHarness() as node1:
+        jobs = []
+        for rank, w in ((0, node0), (1, node1)):
+            cfg["distributed"]["node_rank"] = rank
+            result = w.call("submit", json.dumps(cfg), w.pid)
+            assert str(result[0]) == "ok", result
+            jobs.append(str(result[1]))
+        first = node0.wait_for(jobs[0], "terminal", timeout=300)
+        second = node1.wait_for(jobs[1], "terminal", timeout=120)
+    assert first[-1].type == "completed", first[-1].payload
+    assert second[-1].type == "completed", second[-1].payload
+    assert [e.payload["step"] for e in first if e.type == "progress"] == list(range(1, 7))
+    assert not [e for e in second if e.type == "progress"]  # rank 0's node reports the steps
+    assert second[-1].payload["summary"] == {"ranks": [1]}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6
+    assert_all_gone(job_pids(first) + job_pids(second), count=4)  # two agents, two ranks
