@@ -113,3 +113,53 @@ def test_stdin_closed_while_a_long_step_runs(ignore_cancel: bool) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(w.proc.pid, 0)
         assert "did not stop within" in w.stderr_text()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 600 KiB tmpfs (room for one tiny checkpoint, not two), grown later with a remount."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode:
+        pytest.skip(
+            f"cannot mount a tmpfs here (needs root with mount rights): {done.stderr.decode().strip()}"
+        )
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_disk_full_through_the_worker_then_resume_once_there_is_room(
+    tiny_model_dir: Path, small_disk: Path
+) -> None:
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    out = small_disk / "run"
+    cfg = tiny_config(tiny_model_dir, out, max_steps=8, checkpoint={"every_steps": 2, "keep": 5})
+    with WorkerHarness() as w:
+        job = submit(w, cfg)
+        events = w.wait_for(job, "terminal", timeout=300)
+        failed = events[-1]
+        assert failed.type == "failed", failed.payload
+        assert str(failed.payload["error"]) == "disk_full" and "No space left" in failed.payload["message"]
+        assert failed.payload["hint"]
+        assert str(w.call("status", job)["state"]) == "failed"
+        assert w.call("ping") == "pong" and w.alive  # the worker survives a full disk
+
+    # the checkpoint published before the disk filled is intact and loads
+    survivors = complete_checkpoints(out)
+    assert [p.name for p in survivors] == ["checkpoint-2"]
+    load_file(str(survivors[0] / "adapter_model.safetensors"))
+    json.loads((survivors[0] / "trainer_state.json").read_text())
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    done = resume_and_finish(cfg)
+    assert done["summary"]["resumed_from"] == str(out / "checkpoint-2")
+    assert [e.payload["step"] for e in done["events"] if e.type == "progress"] == list(range(3, 9))
