@@ -150,10 +150,12 @@ def test_socket_roundtrip_and_close_order(tmp_path: Path) -> None:
 # ---- a 2-rank DDP job through the real worker ------------------------------------------------
 
 
-def ddp_config(model: Path, out: Path, *, ranks: int, **over: Any) -> dict[str, Any]:
-    """Global batch 8: 2 ranks x 4, or 1 process x 8. No held-out split (see the DDP test)."""
+def ddp_config(
+    model: Path, out: Path, *, ranks: int, validation_split: float = 0.15, **over: Any
+) -> dict[str, Any]:
+    """Global batch 8: 2 ranks x 4, or 1 process x 8."""
     settings: dict[str, Any] = {
-        "dataset": {"path": str(DATA / "conversations.jsonl"), "validation_split": 0},
+        "dataset": {"path": str(DATA / "conversations.jsonl"), "validation_split": validation_split},
         "training_parameters": {
             "epochs": 1,
             "batch_size": 8 // ranks,
@@ -206,8 +208,8 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(
     that transformers already scaled by the global token count, so the update is the same sum
     computed in a different order: only float32 rounding differs. Compared: every step's
     logged loss (rel. 1e-4) and every adapter tensor (abs. 1e-4; the tensors are ~1e-2).
-    With a held-out split the two runs drift apart after the first step (seen here, not yet
-    explained), hence ``validation_split: 0``.
+    The held-out split matters: an evaluation before training used to leave the model without
+    its DDP wrapper (ranks stepping on unsynchronized gradients: same step-1 loss, then drift).
     """
     single = run_job(ddp_config(tiny_model_dir, tmp_path / "single", ranks=1))
     ddp = run_job(ddp_config(tiny_model_dir, tmp_path / "ddp", ranks=2))
@@ -227,6 +229,8 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(
         atol=0,
     )
     assert metrics[8]["loss"] < metrics[1]["loss"] - 0.5  # it learns
+    evals = [e.payload["eval_loss"] for e in ddp if e.type == "eval"]
+    assert len(evals) >= 2 and evals[-1] < evals[0]  # before and after training, from rank 0 only
 
     checkpoints = [e.payload["step"] for e in ddp if e.type == "checkpoint"]
     assert checkpoints == [4, 8]

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 def long_config(model: Path, out: Path) -> dict[str, Any]:
-    cfg = ddp_config(model, out, ranks=2, max_steps=400, checkpoint={"every_steps": 200, "keep": 2})
+    cfg = ddp_config(
+        model, out, ranks=2, validation_split=0, max_steps=400, checkpoint={"every_steps": 200, "keep": 2}
+    )
     return cfg
 
 

@@ -27,6 +27,15 @@ class AtomicCheckpointTrainer(Trainer):
         self._keep = keep
         self._staging = False
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if self.args.world_size > 1 and self.model_wrapped is self.model:
+            # An evaluate() before train() let accelerate mark the bare model as prepared (eval
+            # mode skips the DDP wrapper), and train() then never wraps it: the ranks would step
+            # on their own gradients, unsynchronized. Forget that mark so train() wraps it.
+            self.model.__dict__.pop("_is_accelerate_prepared", None)
+            self.accelerator._models = [m for m in self.accelerator._models if m is not self.model]
+        return super().train(*args, **kwargs)
+
     def _get_output_dir(self, trial: Any) -> str:
         if self._staging:
             return str(staging_dir(Path(self.args.output_dir)))
