@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune_worker.etf import Atom, encode
+from finetune_worker.etf import Atom, decode, encode
 from finetune_worker.testing import WorkerHarness, make_pid
 from test_train_helpers import tiny_config
 
@@ -144,6 +144,14 @@ def bad_payloads(draw: Any) -> tuple[str, bytes]:
     return kind, b"\x83" + tag + (b"\xff" * size) + draw(st.binary(max_size=8))
 
 
+def _key(call_id: Any) -> Any:
+    try:
+        hash(call_id)
+    except TypeError:
+        return ("unhashable id", repr(call_id))
+    return call_id
+
+
 # ---- tests ----------------------------------------------------------------------------------
 
 
@@ -160,6 +168,13 @@ def test_bad_frames_never_stop_the_worker(worker: WorkerHarness, batch: list[tup
     SENT.update(kind for kind, _ in batch)
     SENT["total"] += len(batch)
     assert worker.call("ping", timeout=60) == "pong", worker.stderr_text()[-3000:]
+    # every call-shaped frame got its own answer (an error reply, or a result for a valid call)
+    ids = [decode(payload)[1] for kind, payload in batch if kind == "call"]
+    counts = Counter(_key(i) for i in ids)  # keyed as the harness keys replies (1 == 1.0 == True)
+    for call_id in ids:
+        if counts[_key(call_id)] == 1:
+            reply = worker.wait_reply(call_id, timeout=30)
+            assert reply.ok or reply.error.cls.endswith(("CallError", "ProtocolError")), reply
 
 
 def test_afterwards_info_answers_and_a_training_job_completes(
