@@ -255,3 +255,21 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(
     for pid in job_pids(ddp):
         assert not alive(pid), f"pid {pid} of the finished job is still alive"
     assert os.path.isdir(out)
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """strategy fsdp (full_shard, CPU/gloo): same per-step losses and adapter as one process."""
+    single = run_job(ddp_config(tiny_model_dir, tmp_path / "single", ranks=1, max_steps=4))
+    cfg = ddp_config(tiny_model_dir, tmp_path / "fsdp", ranks=2, max_steps=4)
+    cfg["distributed"]["strategy"] = "fsdp"
+    fsdp = run_job(cfg)
+    assert fsdp[-1].type == "completed", fsdp[-1].payload
+    got = [e.payload["loss"] for e in fsdp if e.type == "metrics"]
+    want = [e.payload["loss"] for e in single if e.type == "metrics"]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
+    a = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=key)
