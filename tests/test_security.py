@@ -136,11 +136,28 @@ def test_every_escape_is_refused_naming_its_field(roots: dict[str, Path]) -> Non
         resume=str(outside / "checkpoint-4"),
     )
     cfg["dataset"]["path"] = str(inside / "data" / "link.jsonl")
-    cfg["tracking"] = {"tensorboard": {"log_dir": "/tmp/tb-elsewhere"}}
+    cfg["tracking"] = {
+        "tensorboard": {"log_dir": "/tmp/tb-elsewhere"},
+        "mlflow": {"tracking_uri": f"sqlite:///{outside}/mlflow.db"},
+    }
     got = issues_of(cfg)
-    assert set(got) == {"model_name", "output_dir", "resume", "dataset.path", "tracking.tensorboard.log_dir"}
+    assert set(got) == {
+        "model_name",
+        "output_dir",
+        "resume",
+        "dataset.path",
+        "tracking.tensorboard.log_dir",
+        "tracking.mlflow.tracking_uri",
+    }
     assert all("outside the allowed roots" in m for m in got.values()), got
     assert f"resolves to {outside / 'model'}" in got["model_name"]
+
+
+def test_remote_tracking_uris_are_not_paths(roots: dict[str, Path]) -> None:
+    cfg = train(roots["inside"], tracking={"mlflow": {"tracking_uri": "http://mlflow.internal:5000"}})
+    assert parse_job_config(json.dumps(cfg))[0] == "train"
+    cfg["tracking"]["mlflow"]["tracking_uri"] = f"sqlite:///{roots['inside']}/mlflow.db"
+    assert parse_job_config(json.dumps(cfg))[0] == "train"
 
 
 def test_relative_paths_resolve_against_the_cwd(

@@ -48,8 +48,12 @@ PATH_KEYS = frozenset(
         "log_dir",
         "dir",
         "resume",
+        "deepspeed_config",
     }
 )
+#: URI-valued keys whose ``file:`` / ``sqlite:`` forms name a local path (an MLflow store).
+_URI_KEYS = frozenset({"tracking_uri"})
+_LOCAL_URI = re.compile(r"^(?:file:(?://)?|sqlite:///)(?P<path>.+)$")
 #: ``resume`` values that are not paths.
 _NOT_PATHS = {"auto"}
 
@@ -153,6 +157,8 @@ def path_fields(data: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
             where = f"{prefix}.{key}" if prefix else str(key)
             if key in PATH_KEYS and isinstance(value, str) and value not in _NOT_PATHS:
                 yield where, value
+            elif key in _URI_KEYS and isinstance(value, str) and (local := _LOCAL_URI.match(value)):
+                yield where, local.group("path")
             elif isinstance(value, (dict, list)):
                 yield from path_fields(value, where)
     elif isinstance(data, list):
