@@ -136,6 +136,9 @@ class Group:
 
     def _handle(self, frame: dict[str, Any]) -> None:
         kind, rank, payload = frame["type"], frame.get("rank"), frame.get("payload") or {}
+        if not isinstance(rank, int) or not isinstance(payload, dict):
+            log.warning("dropped relay frame %r without a rank and a payload map", kind)
+            return
         if kind == "hello":
             self.pids[int(rank)] = int(payload["pid"])
             self.ctx.emit(
@@ -213,7 +216,9 @@ def run_distributed(ctx: Any) -> dict[str, Any]:
         ctx.log(f"resuming from {resume_from}")
     ctx.check_cancelled()
 
-    tmp = Path(tempfile.mkdtemp(prefix="ftw-dist-"))
+    # The relay is a Unix socket in there, and socket paths are limited to ~107 bytes.
+    base = None if len(tempfile.gettempdir()) <= 64 else "/tmp"
+    tmp = Path(tempfile.mkdtemp(prefix="ftw-dist-", dir=base))
     try:
         return _launch_and_supervise(ctx, cfg, tmp, resume_from)
     finally:

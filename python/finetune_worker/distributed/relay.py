@@ -28,7 +28,8 @@ class RelayError(Exception):
 
 
 def encode_frame(frame: dict[str, Any]) -> bytes:
-    body = msgpack.packb(frame, use_bin_type=True)
+    # default=str: a stray non-msgpack value (a Path in a summary) travels as text, not as a crash.
+    body: bytes = msgpack.packb(frame, use_bin_type=True, default=str)
     return HEADER.pack(len(body)) + body
 
 
