@@ -77,8 +77,11 @@ def run_bench(part: str, work_dir: Path, out: Path, record: Path) -> dict:
     return json.loads(out.read_text())
 
 
-# The gpu part's CPU dry run trains seven toy runs: a minute, so it waits for `make test-slow`.
-PARTS = [pytest.param(p, marks=pytest.mark.slow) if p == "gpu" else p for p in EXPECTED]
+# The gpu part's CPU dry run trains seven toy runs, and the train part trains A/B/C twice: each
+# takes minutes on 2 cores, and the training tests cover the same code, so they wait for
+# `make test-slow`.
+SLOW_PARTS = {"gpu", "train"}
+PARTS = [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PARTS else p for p in EXPECTED]
 
 
 @pytest.mark.parametrize("part", PARTS)
