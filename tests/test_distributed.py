@@ -273,3 +273,40 @@ def test_fsdp_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=key)
+
+
+AGENT_REPORT = b"""torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+finetune_worker.distributed.rank_main FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-23_13:47:50
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 26878)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 26878
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-23_13:47:50
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 26877)
+  error_file: <N/A>
+============================================================
+"""
+
+
+def test_agent_report_lists_every_failed_rank() -> None:
+    """torchrun's "root cause" is the first exit it saw; the SIGKILLed rank is listed too."""
+    import io
+
+    from finetune_worker.distributed.launcher import _describe_exit, _StderrTee
+
+    tee = _StderrTee(io.BytesIO(b"[rank 0] noise\n" + AGENT_REPORT))
+    tee.run()
+    assert tee.exits() == [(0, 1), (1, -9)]
+    assert _describe_exit(-9) == "exited with signal 9 (SIGKILL)"
+    assert _describe_exit(3) == "exited with status 3"

@@ -93,21 +93,30 @@ class _StderrTee(threading.Thread):
                 sys.stderr.flush()
         self._stream.close()
 
-    def root_cause(self) -> tuple[int, int] | None:
-        """(rank, exitcode) from torchrun's "Root Cause (first observed failure)" report."""
+    def exits(self) -> list[tuple[int, int]]:
+        """(rank, exitcode) of every failure torchrun's agent listed, its root cause first.
+
+        The agent's "root cause" is the first exit it observed, which need not be the first
+        failure: a peer that lost its connection may exit before the agent notices a SIGKILL.
+        """
         lines = list(self.tail)
-        for i, line in enumerate(lines):
-            if "Root Cause" not in line:
-                continue
-            rank = exitcode = None
-            for follow in lines[i + 1 : i + 12]:
-                if rank is None and (m := _ROOT_RANK.match(follow)):
-                    rank = int(m.group(1))
-                if exitcode is None and (m := _ROOT_EXIT.match(follow)):
-                    exitcode = int(m.group(1))
-            if rank is not None and exitcode is not None:
-                return rank, exitcode
-        return None
+        found: list[tuple[int, int]] = []
+        rank: int | None = None
+        for line in lines:
+            if m := _ROOT_RANK.match(line):
+                rank = int(m.group(1))
+            elif rank is not None and (m := _ROOT_EXIT.match(line)):
+                entry = (rank, int(m.group(1)))
+                if entry not in found:
+                    found.append(entry)
+                rank = None
+        roots = [i for i, line in enumerate(lines) if "Root Cause" in line]
+        if roots:
+            after = "\n".join(lines[roots[-1] :])
+            m = re.search(r"^\s*rank\s*:\s*(\d+)", after, re.MULTILINE)
+            if m:
+                found.sort(key=lambda e: e[0] != int(m.group(1)))
+        return found
 
 
 class Group:
@@ -317,14 +326,11 @@ def _supervise(ctx: Any, group: Group, stop_file: Path, stop_timeout: float, out
 def _failure(group: Group, code: int) -> JobFailed:
     """Name the rank that failed first: its own report, else torchrun's root cause, else a pid."""
     hint = "See the worker's stderr log for every rank's output; the job can resume from its last checkpoint."
-    cause = group.tee.root_cause()
+    exits = group.tee.exits()
     if group.culprit is not None and group.culprit[0] == "died":
         rank = group.culprit[1]
-        how = (
-            _describe_exit(cause[1])
-            if cause is not None and cause[0] == rank
-            else "died without reporting an error"
-        )
+        codes = [code for r, code in exits if r == rank]
+        how = _describe_exit(codes[0]) if codes else "died without reporting an error"
         return JobFailed(
             "distributed_failure",
             f"rank {rank} (pid {group.pids[rank]}) {how}",
@@ -341,8 +347,8 @@ def _failure(group: Group, code: int) -> JobFailed:
             hint=first.get("hint") or hint,
             details={"rank": rank},
         )
-    if cause is not None:
-        rank, exitcode = cause
+    if exits:
+        rank, exitcode = exits[0]
         return JobFailed(
             "distributed_failure",
             f"rank {rank} {_describe_exit(exitcode)}",
