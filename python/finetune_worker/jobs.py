@@ -112,6 +112,25 @@ class JobContext:
         """Send one event to the job's subscriber (and keep ``status`` up to date)."""
         self._manager._emit(self._record, type, payload)
 
+    def progress(self, done: int, total: int, *, unit: str, started: float) -> None:
+        """A ``progress`` event for work counted in ``unit``s (modules, tasks, rows) since ``started``.
+
+        ``started`` is a ``time.monotonic()`` reading; the ETA assumes the remaining units cost
+        what the finished ones did.
+        """
+        elapsed = time.monotonic() - started
+        self.emit(
+            "progress",
+            step=done,
+            total_steps=total,
+            done=done,
+            total=total,
+            unit=unit,
+            percent=round(100.0 * done / total, 1) if total else 100.0,
+            elapsed_s=round(elapsed, 3),
+            eta_s=round(elapsed / done * (total - done), 3) if done else None,
+        )
+
     def phase(self, name: str) -> None:
         self.emit("phase", phase=name)
 

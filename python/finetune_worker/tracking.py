@@ -38,7 +38,6 @@ from finetune_worker.security import redact
 
 #: Files of output_dir that are not the trained model: tracking stores, run bookkeeping.
 _NOT_ARTIFACTS = re.compile(r"^(\.|mlflow\.db|checkpoint-|runs$|wandb$|mlartifacts$)")
-_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
 _TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
 
 
@@ -99,7 +98,7 @@ def flat_params(config: Any) -> dict[str, str]:
         if isinstance(value, dict):
             for k, v in value.items():
                 key = f"{prefix}.{k}" if prefix else str(k)
-                walk(key, "<redacted>" if _SECRET_KEY.search(str(k)) else v)
+                walk(key, v)
         else:
             out[prefix] = (
                 json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)

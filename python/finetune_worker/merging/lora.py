@@ -179,18 +179,7 @@ def merge_modules(ctx: JobContext, model: Any) -> int:
                 f"merging '{name}' gives non-finite weights: {exc}",
                 hint="The adapter or base holds NaN/inf; try dtype fp32 or check the adapter's training run.",
             ) from exc
-        elapsed = time.monotonic() - started
-        ctx.emit(
-            "progress",
-            step=done,
-            total_steps=total,
-            done=done,
-            total=total,
-            unit="modules",
-            percent=round(100.0 * done / total, 1),
-            elapsed_s=round(elapsed, 3),
-            eta_s=round(elapsed / done * (total - done), 3),
-        )
+        ctx.progress(done, total, unit="modules", started=started)
     return total
 
 

@@ -168,18 +168,7 @@ def drive_merge(
         for done, (_task, value) in enumerate(steps, start=1):
             if isinstance(value, TokenizerInfo):
                 tokenizer = value.tokenizer
-            elapsed = time.monotonic() - started
-            ctx.emit(
-                "progress",
-                step=done,
-                total_steps=total,
-                done=done,
-                total=total,
-                unit="tasks",
-                percent=round(100.0 * done / total, 1),
-                elapsed_s=round(elapsed, 3),
-                eta_s=round(elapsed / done * (total - done), 3),
-            )
+            ctx.progress(done, total, unit="tasks", started=started)
             ctx.check_cancelled(step=done)
     finally:
         steps.close()  # on cancel: runs no further task, drops the intermediate tensors

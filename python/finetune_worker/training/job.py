@@ -12,7 +12,6 @@ import gc
 import json
 import logging
 import os
-import re
 import sys
 import time
 import traceback
@@ -21,6 +20,7 @@ from typing import Any
 
 from finetune_worker.config.train import VIRTUAL_TOKEN_METHODS, TrainConfig
 from finetune_worker.errors import JobCancelled, JobFailed
+from finetune_worker.security import redact
 from finetune_worker.training import checkpoints as ckpt
 from finetune_worker.training.failures import (
     classify_training_exception,
@@ -41,8 +41,6 @@ INITIAL_ADAPTER = "initial_adapter"
 #: Adapter inits that rewrite the base weights and that peft can convert back to plain LoRA.
 #: (LoftQ's adapter is meant for the LoftQ-quantized base, i.e. the base loaded in 4-bit.)
 MUTATING_INITS = frozenset({"pissa"})
-_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # https://user:pass@host -> https://<redacted>@host
 
 
 def run(ctx: Any) -> dict[str, Any]:
@@ -325,7 +323,7 @@ def _summary(
         "runtime_s": round(time.monotonic() - started, 3),
         "resumed_from": str(resume_from) if resume_from else None,
         "data": _plain(stats),
-        "config": _redact(cfg.model_dump(mode="json")),
+        "config": redact(cfg.model_dump(mode="json")),
     }
 
 
@@ -333,16 +331,6 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
     os.replace(tmp, path)
-
-
-def _redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else _redact(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    if isinstance(value, str):
-        return _URL_CREDENTIALS.sub("<redacted>@", value)
-    return value
 
 
 def _plain(value: Any) -> Any:
