@@ -121,6 +121,9 @@ def worker_env(test_jobs: bool = False) -> dict[str, str]:
         TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        # The worker defaults to passive OpenMP waits (cli.py); give the plain script the same, or
+        # B/A measures spinning OpenMP threads on a shared 2-core machine, not the worker.
+        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
     )
     if test_jobs:
         env["FINETUNE_WORKER_TEST_JOBS"] = "1"
