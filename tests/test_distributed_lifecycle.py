@@ -164,3 +164,21 @@ def test_two_nodes_on_one_machine(tiny_model_dir: Path, tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 6
     assert_all_gone(job_pids(first) + job_pids(second), count=4)  # two agents, two ranks
+
+
+def test_a_rank_error_keeps_its_code_and_names_the_rank(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Both ranks hit the same broken row; the first report wins, with its own error code."""
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"text": "fine row"}\n{"text": "also fine"}\n{"text": oops}\n')
+    cfg = ddp_config(tiny_model_dir, tmp_path / "run", ranks=2, validation_split=0)
+    cfg["dataset"] = {"path": str(data), "validation_split": 0}
+    with WorkerHarness() as w:
+        events = w.submit_and_wait(json.dumps(cfg), timeout=300)
+        assert w.call("info")["queue_length"] == 0
+    end = events[-1]
+    assert end.type == "failed", end.payload
+    assert end.payload["error"] == "bad_dataset_row", end.payload
+    assert end.payload["message"].startswith(("rank 0: ", "rank 1: ")), end.payload["message"]
+    assert "line 3" in end.payload["message"] or "row 3" in end.payload["message"], end.payload["message"]
+    assert end.payload["details"]["rank"] in (0, 1)
+    assert_all_gone(job_pids(events))

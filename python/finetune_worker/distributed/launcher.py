@@ -131,8 +131,8 @@ class Group:
         self.gone: dict[int, bool] = {}
         self.failures: list[dict[str, Any]] = []  # in arrival order
         self.ended: set[int] = set()  # ranks that reported a clean end
-        #: The first sign of trouble: ("failed", report) or ("died", rank) for a silent death.
-        self.culprit: tuple[str, Any] | None = None
+        #: Signs of trouble in the order seen: ("failed", report) or ("died", rank); see culprit().
+        self.signs: list[tuple[str, Any]] = []
         #: How the job ended here: rank 0's completed/cancelled frame, or on a node without
         #: rank 0 (multi-node) the first one of its own ranks.
         self.outcome: dict[str, Any] | None = None
@@ -158,13 +158,12 @@ class Group:
                 pid=payload["pid"],
             )
         elif kind == "failed":
-            # A peer that was SIGKILLed shows up in the others as a broken connection: look for
-            # a silent death before taking this report as the first failure.
-            self._watch_pids(drain=False)
-            report = {"rank": rank, **payload}
+            # A SIGKILLed peer shows up in the others as a broken connection: remember which
+            # ranks were already dead when this report came, for culprit() to weigh.
+            dead = [r for r, pid in self.pids.items() if r != rank and not _alive(pid)]
+            report = {"rank": rank, **payload, "dead_before": dead}
             self.failures.append(report)
-            if self.culprit is None:
-                self.culprit = ("failed", report)
+            self.signs.append(("failed", report))
         elif kind in ("completed", "cancelled"):
             self.ended.add(rank)
             if rank == 0 or self.outcome is None:
@@ -176,21 +175,36 @@ class Group:
         else:
             log.warning("dropped relay frame %r from rank %s", kind, rank)
 
-    def _watch_pids(self, drain: bool = True) -> None:
+    def _watch_pids(self) -> None:
         dead = [r for r, pid in self.pids.items() if not self.gone.get(r) and not _alive(pid)]
         if not dead:
             return
         for rank in dead:
             self.gone[rank] = True
-        if drain:
-            # A rank writes its last frame before it exits: read what is buffered before judging.
-            while frames := self.server.poll(0):
-                for frame in frames:
-                    self._handle(frame)
+        # A rank writes its last frame before it exits: read what is buffered before judging.
+        while frames := self.server.poll(0):
+            for frame in frames:
+                self._handle(frame)
         for rank in dead:
-            reported = rank in self.ended or any(f["rank"] == rank for f in self.failures)
-            if not reported and self.culprit is None:
-                self.culprit = ("died", rank)
+            if not self._reported(rank):
+                self.signs.append(("died", rank))
+
+    def _reported(self, rank: int) -> bool:
+        return rank in self.ended or any(f["rank"] == rank for f in self.failures)
+
+    def culprit(self) -> tuple[str, Any] | None:
+        """The first failure: a report, unless a rank had already died without a word.
+
+        Judged from everything read so far, so a dying rank's last frame (read after its
+        death was seen) still counts as its report.
+        """
+        for kind, what in self.signs:
+            if kind == "failed":
+                silent = [r for r in what["dead_before"] if not self._reported(r)]
+                return ("died", silent[0]) if silent else ("failed", what)
+            if not self._reported(what):
+                return ("died", what)
+        return None
 
     def kill(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -291,7 +305,7 @@ def _supervise(ctx: Any, group: Group, stop_file: Path, stop_timeout: float, out
             stop_file.write_text("stop\n")
             stop_sent = now
             ctx.log("cancel: every rank stops at the next step boundary")
-        if group.culprit is not None and failed_at is None:
+        if group.signs and failed_at is None:
             failed_at = now
         started = min(t for t in (stop_sent, failed_at, float("inf")) if t is not None)
         if now - started > stop_timeout:
@@ -310,7 +324,8 @@ def _supervise(ctx: Any, group: Group, stop_file: Path, stop_timeout: float, out
         result: dict[str, Any] = group.outcome.get("result") or {}
         return result
     cancelled = group.outcome is not None and group.outcome["type"] == "cancelled"
-    if (stop_sent is not None or cancelled) and group.culprit is None:
+    culprit = group.culprit()
+    if (stop_sent is not None or cancelled) and culprit is None:
         # A cancel on another node reaches these ranks through the agreed stop flag as well.
         if group.outcome is not None and group.outcome["type"] == "cancelled":
             raise JobCancelled(
@@ -320,15 +335,15 @@ def _supervise(ctx: Any, group: Group, stop_file: Path, stop_timeout: float, out
 
         last = latest_checkpoint(out)
         raise JobCancelled(step=group.step, checkpoint=str(last) if last else None)
-    raise _failure(group, code)
+    raise _failure(group, culprit, code)
 
 
-def _failure(group: Group, code: int) -> JobFailed:
+def _failure(group: Group, culprit: tuple[str, Any] | None, code: int) -> JobFailed:
     """Name the rank that failed first: its own report, else torchrun's root cause, else a pid."""
     hint = "See the worker's stderr log for every rank's output; the job can resume from its last checkpoint."
     exits = group.tee.exits()
-    if group.culprit is not None and group.culprit[0] == "died":
-        rank = group.culprit[1]
+    if culprit is not None and culprit[0] == "died":
+        rank = culprit[1]
         codes = [code for r, code in exits if r == rank]
         how = _describe_exit(codes[0]) if codes else "died without reporting an error"
         return JobFailed(
@@ -337,8 +352,8 @@ def _failure(group: Group, code: int) -> JobFailed:
             hint=hint,
             details={"rank": rank},
         )
-    if group.culprit is not None:
-        first = group.culprit[1]
+    if culprit is not None:
+        first = culprit[1]
         rank = first.get("rank")
         error = first.get("error") or "distributed_failure"
         return JobFailed(
