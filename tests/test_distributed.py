@@ -310,3 +310,42 @@ def test_agent_report_lists_every_failed_rank() -> None:
     assert tee.exits() == [(0, 1), (1, -9)]
     assert _describe_exit(-9) == "exited with signal 9 (SIGKILL)"
     assert _describe_exit(3) == "exited with status 3"
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, type: str, **payload: Any) -> None:
+        self.seen.append((type, payload))
+
+
+def test_the_first_failure_is_judged_from_real_process_deaths(tmp_path: Path) -> None:
+    """A report that follows a silent death blames the dead rank, unless that rank's own last
+    frame turns up after all (read after its death was seen): then the first report stands."""
+    import subprocess
+
+    from finetune_worker.distributed.launcher import Group
+
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    server = RelayServer(tmp_path / "relay.sock")
+    try:
+        events = _Events()
+        group = Group(events, procs[0], server, None)  # type: ignore[arg-type]
+        for rank, proc in enumerate(procs):
+            group._handle({"type": "hello", "rank": rank, "payload": {"pid": proc.pid, "world_size": 2}})
+        assert [p["pid"] for _, p in events.seen] == [procs[0].pid, procs[1].pid]
+
+        procs[1].kill()
+        procs[1].wait()
+        report = {"error": "internal_error", "message": "Connection closed by peer"}
+        group._handle({"type": "failed", "rank": 0, "payload": report})
+        assert group.culprit() == ("died", 1)
+        group._handle({"type": "failed", "rank": 1, "payload": {"error": "out_of_memory", "message": "OOM"}})
+        kind, first = group.culprit()
+        assert kind == "failed" and first["rank"] == 0
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        server.close()
