@@ -182,9 +182,10 @@ def test_resume_from_an_explicit_checkpoint(tiny_model_dir: Path, tmp_path: Path
 
 
 def test_summary_config_echo_hides_secrets() -> None:
-    from finetune_worker.training.job import _redact
+    # summary.json's config echo goes through the worker's one redaction rule.
+    from finetune_worker.security import redact
 
-    echoed = _redact(
+    echoed = redact(
         {
             "tracking": {"mlflow": {"tracking_uri": "https://bob:s3cret@mlflow.example.com/x"}},
             "hf_token": "hf_abc",
