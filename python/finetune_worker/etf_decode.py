@@ -32,10 +32,10 @@ _unpack_double = struct.Struct(">d").unpack_from
 class _Decoder:
     __slots__ = ("base", "binaries_as_str", "data", "depth", "end", "max_depth", "pos")
 
-    def __init__(self, data: bytes, base: int, max_depth: int, binaries_as_str: bool):
+    def __init__(self, data: bytes, base: int, max_depth: int, binaries_as_str: bool, start: int = 0):
         self.data = data
         self.base = base
-        self.pos = 0
+        self.pos = start
         self.end = len(data)
         self.depth = 0
         self.max_depth = max_depth
@@ -368,9 +368,13 @@ def decode_term(
         raise ETFDecodeError(f"version byte must be {VERSION}, got {buf[0]}", 0)
     # Offsets count from the version byte; inside a compressed term they count as if the
     # inflated body followed the version byte directly.
-    base = 1
-    buf = _inflate(buf[2:], max_size) if len(buf) > 1 and buf[1] == 80 else buf[1:]
-    decoder = _Decoder(buf, base, max_depth, binaries == "auto")
+    if len(buf) > 1 and buf[1] == 80:
+        base, start = 1, 0
+        buf = _inflate(buf[2:], max_size)
+    else:
+        # Decode in place after the version byte: slicing it off would copy the whole frame.
+        base, start = 0, 1
+    decoder = _Decoder(buf, base, max_depth, binaries == "auto", start)
     try:
         term = decoder.term()
     except RecursionError:
