@@ -43,7 +43,9 @@ def load_for_inference(
     adapter_path: str | None = None,
 ) -> LoadedModel:
     """Load ``src``'s model (or the given paths, for the comparison model) in eval mode."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from finetune_worker.training.model import bnb_config
 
     model_dir = src.resolved(model_path or src.model_path)
     adapter_value = adapter_path if model_path is not None else src.adapter_path
@@ -71,15 +73,7 @@ def load_for_inference(
     kwargs: dict[str, Any] = {"dtype": dtype}
     q = src.quantization
     if q is not None:
-        if q.bits == 4:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=q.quant_type,
-                bnb_4bit_use_double_quant=q.use_double_quant,
-                bnb_4bit_compute_dtype=dtype,
-            )
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = bnb_config(q, dtype)
         kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else "cpu"
     elif device == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}

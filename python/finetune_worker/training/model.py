@@ -115,7 +115,7 @@ def check_model_dir(path: Path) -> Any:
 
 def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
     """The base model on its device, quantized if asked, with adapters attached (or frozen parts)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     path = cfg.resolved(cfg.model_name)
     check_model_dir(path)
@@ -123,15 +123,7 @@ def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
     q = cfg.quantization
     if q is not None:
         compute = torch.float32 if plan.precision == "fp32" else plan.load_dtype
-        if q.bits == 4:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=q.quant_type,
-                bnb_4bit_use_double_quant=q.use_double_quant,
-                bnb_4bit_compute_dtype=compute,
-            )
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = bnb_config(q, compute)
     if plan.device == "cuda":
         # One process, one GPU: pin every module to it (device_map "auto" would spill to CPU
         # silently and make training crawl instead of failing with a clear OOM).
@@ -167,6 +159,20 @@ def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
         # Checkpointed blocks must see an input that requires grad, or adapters get no gradient.
         model.enable_input_require_grads()
     return get_peft_model(model, peft_config(cfg))
+
+
+def bnb_config(q: Any, compute_dtype: torch.dtype) -> Any:
+    """The bitsandbytes load config of a ``quantization`` section (4-bit NF4/FP4 or 8-bit)."""
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.use_double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def peft_config(cfg: TrainConfig) -> Any:
