@@ -79,25 +79,11 @@ class JobRecord:
         }
 
 
-class JobContext:
-    """What a handler gets: its config, a way to report, and the cancel flag."""
+class ReportingContext:
+    """Cancel flag and reporting helpers shared by every job context: subclasses set
+    ``cancel_event`` and implement :meth:`emit`."""
 
-    def __init__(self, manager: JobManager, record: JobRecord):
-        self._manager = manager
-        self._record = record
-        self.cancel_event = threading.Event()
-
-    @property
-    def job_id(self) -> str:
-        return self._record.job_id
-
-    @property
-    def kind(self) -> str:
-        return self._record.kind
-
-    @property
-    def config(self) -> Any:
-        return self._record.config
+    cancel_event: Any  # threading.Event, or anything with is_set()
 
     @property
     def cancelled(self) -> bool:
@@ -109,8 +95,7 @@ class JobContext:
             raise JobCancelled(step=step, checkpoint=checkpoint)
 
     def emit(self, type: str, **payload: Any) -> None:
-        """Send one event to the job's subscriber (and keep ``status`` up to date)."""
-        self._manager._emit(self._record, type, payload)
+        raise NotImplementedError
 
     def progress(self, done: int, total: int, *, unit: str, started: float) -> None:
         """A ``progress`` event for work counted in ``unit``s (modules, tasks, rows) since ``started``.
@@ -136,6 +121,31 @@ class JobContext:
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit("log", level=level, message=message)
+
+
+class JobContext(ReportingContext):
+    """What a handler gets: its config, a way to report, and the cancel flag."""
+
+    def __init__(self, manager: JobManager, record: JobRecord):
+        self._manager = manager
+        self._record = record
+        self.cancel_event = threading.Event()
+
+    @property
+    def job_id(self) -> str:
+        return self._record.job_id
+
+    @property
+    def kind(self) -> str:
+        return self._record.kind
+
+    @property
+    def config(self) -> Any:
+        return self._record.config
+
+    def emit(self, type: str, **payload: Any) -> None:
+        """Send one event to the job's subscriber (and keep ``status`` up to date)."""
+        self._manager._emit(self._record, type, payload)
 
 
 class JobManager:

@@ -24,6 +24,7 @@ from typing import Any
 
 from finetune_worker.distributed.relay import RelayClient
 from finetune_worker.errors import JobCancelled, JobFailed
+from finetune_worker.jobs import ReportingContext
 
 # Same reason as in training.job: spinning OpenMP threads collapse CPU training under contention.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -74,7 +75,7 @@ class AgreedStop:
         return local
 
 
-class RankContext:
+class RankContext(ReportingContext):
     """The slice of ``jobs.JobContext`` that ``training.job.run`` uses, for one rank."""
 
     def __init__(
@@ -94,24 +95,10 @@ class RankContext:
         self.resume_from = resume_from
         self.cancel_event = cancel_event
 
-    @property
-    def cancelled(self) -> bool:
-        return self.cancel_event.is_set()
-
-    def check_cancelled(self, step: int = 0, checkpoint: str | None = None) -> None:
-        if self.cancel_event.is_set():
-            raise JobCancelled(step=step, checkpoint=checkpoint)
-
     def emit(self, type: str, **payload: Any) -> None:
         # Rank 0 speaks for the job: one event per step, not one per rank.
         if self.rank == 0:
             self._client.send(type, **payload)
-
-    def phase(self, name: str) -> None:
-        self.emit("phase", phase=name)
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.emit("log", level=level, message=message)
 
 
 def _backend(requested: str, rank: int) -> tuple[str, Any]:

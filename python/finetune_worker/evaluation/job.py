@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +29,17 @@ _ANSWER_KEYS = ("prediction", "exact_match", "f1", "bleu", "rouge_l", "loss", "t
 
 
 def run_evaluate(ctx: Any) -> dict[str, Any]:
-    cfg: EvaluateConfig = ctx.config
-    try:
-        return _evaluate(ctx, cfg)
-    except (JobFailed, JobCancelled):
-        raise
-    except Exception as exc:
-        from finetune_worker.training.failures import classify_training_exception
-
-        raise classify_training_exception(exc) from exc
+    return _classified(_evaluate, ctx)
 
 
 def run_generate(ctx: Any) -> dict[str, Any]:
-    cfg: GenerateConfig = ctx.config
+    return _classified(_generate, ctx)
+
+
+def _classified(body: Callable[[Any, Any], dict[str, Any]], ctx: Any) -> dict[str, Any]:
+    """Run a job body; failures we did not name get training's classification (OOM, paths...)."""
     try:
-        return _generate(ctx, cfg)
+        return body(ctx, ctx.config)
     except (JobFailed, JobCancelled):
         raise
     except Exception as exc:
