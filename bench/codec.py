@@ -64,12 +64,14 @@ def sample_terms() -> dict[str, Any]:
         "metrics",
         {
             "step": 120,
-            "loss": 1.2345,
-            "learning_rate": 0.0002,
-            "grad_norm": 0.51,
-            "tokens_per_second": 2875.5,
-            "tokens_seen": 345600,
             "epoch": 0.48,
+            "metrics": {
+                "loss": 1.2345,
+                "learning_rate": 0.0002,
+                "grad_norm": 0.51,
+                "tokens_per_second": 2875.5,
+                "tokens_seen": 345600,
+            },
         },
     )
     record = JobRecord(job_id="job-48211-51234-3", kind="train", config=None, state="running")
@@ -85,7 +87,6 @@ def sample_terms() -> dict[str, Any]:
 
 def run(opts: Options) -> list[Row]:
     import erlang
-
     from finetune_worker import etf
 
     number = 300 if opts.quick else 5000

@@ -135,7 +135,7 @@ def run_in_process(config: dict[str, Any], cuda: bool, timeout: float = 3600) ->
         tokens=int(summary["tokens_seen"]),
         seconds=phase["saving"] - phase["training"],
         peak_rss=0,
-        first_loss=first.payload.get("loss") if first else None,
+        first_loss=(first.payload.get("metrics") or {}).get("loss") if first else None,
         steps=int(summary["steps"]),
         peak_gpu=torch.cuda.max_memory_allocated() if cuda else None,
     )

@@ -114,7 +114,7 @@ def run_worker(
         tokens=int(summary["tokens_seen"]),
         seconds=end.at - begin.at,
         peak_rss=rss,
-        first_loss=first.payload.get("loss") if first else None,
+        first_loss=(first.payload.get("metrics") or {}).get("loss") if first else None,
         steps=int(summary.get("steps") or 0),
     )
 

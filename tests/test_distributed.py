@@ -218,8 +218,8 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(
 
     progress = [e.payload["step"] for e in ddp if e.type == "progress"]
     assert progress == list(range(1, 9))  # once per step, not once per rank
-    metrics = {e.payload["step"]: e.payload for e in ddp if e.type == "metrics"}
-    reference = {e.payload["step"]: e.payload for e in single if e.type == "metrics"}
+    metrics = {e.payload["step"]: e.payload["metrics"] for e in ddp if e.type == "metrics"}
+    reference = {e.payload["step"]: e.payload["metrics"] for e in single if e.type == "metrics"}
     assert sorted(metrics) == sorted(reference) == list(range(1, 9))
     assert [m["tokens_seen"] for m in metrics.values()] == [r["tokens_seen"] for r in reference.values()]
     torch.testing.assert_close(
@@ -229,7 +229,7 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(
         atol=0,
     )
     assert metrics[8]["loss"] < metrics[1]["loss"] - 0.5  # it learns
-    evals = [e.payload["eval_loss"] for e in ddp if e.type == "eval"]
+    evals = [e.payload["metrics"]["eval_loss"] for e in ddp if e.type == "eval"]
     assert len(evals) >= 2 and evals[-1] < evals[0]  # before and after training, from rank 0 only
 
     checkpoints = [e.payload["step"] for e in ddp if e.type == "checkpoint"]
@@ -265,8 +265,8 @@ def test_fsdp_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
     cfg["distributed"]["strategy"] = "fsdp"
     fsdp = run_job(cfg)
     assert fsdp[-1].type == "completed", fsdp[-1].payload
-    got = [e.payload["loss"] for e in fsdp if e.type == "metrics"]
-    want = [e.payload["loss"] for e in single if e.type == "metrics"]
+    got = [e.payload["metrics"]["loss"] for e in fsdp if e.type == "metrics"]
+    want = [e.payload["metrics"]["loss"] for e in single if e.type == "metrics"]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
     a = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))

@@ -74,22 +74,24 @@ def test_fine_tune_lowers_perplexity_and_raises_exact_match(
     )
     done = run.terminal
     assert done.type == "completed", done.payload
-    result = done.payload["summary"]
-    base = result["compare"]
+    summary = done.payload["summary"]
+    result, base = summary["metrics"], summary["compare"]["metrics"]
     assert result["perplexity"] < base["perplexity"], (result["perplexity"], base["perplexity"])
     assert result["exact_match"] > base["exact_match"]
-    assert result["improvement"]["perplexity_reduction_pct"] > 0
-    assert result["improvement"]["exact_match_delta"] > 0
+    assert summary["improvement"]["perplexity_reduction_pct"] > 0
+    assert summary["improvement"]["exact_match_delta"] > 0
     assert result["rows"] == result["answered_rows"] == len(TOY_QA)
+    assert summary["compare"]["model_path"] == str(tiny_model_dir)
 
     # one eval event per model, with the numbers of the summary
     evals = run.of("eval")
     assert [e["model"] for e in evals] == ["model", "compare"]
-    assert evals[0]["perplexity"] == result["perplexity"] and evals[1]["eval_loss"] == base["eval_loss"]
+    assert evals[0]["metrics"]["perplexity"] == result["perplexity"]
+    assert evals[1]["metrics"]["eval_loss"] == base["eval_loss"]
     assert {"loading_model", "evaluating", "generating", "saving"} <= {p["phase"] for p in run.of("phase")}
 
     # files: metrics.json is the summary; predictions.jsonl has a scored row per source row
-    assert json.loads((out / "metrics.json").read_text()) == result
+    assert json.loads((out / "metrics.json").read_text()) == summary
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["row"] for r in rows] == list(range(1, len(TOY_QA) + 1))
     assert [r["reference"] for r in rows] == [a for _, a in TOY_QA]
@@ -109,7 +111,7 @@ def test_training_output_dir_works_as_model_path(
     explicit = run_job(
         eval_config(tiny_model_dir, toy_qa, adapter_path=str(memorised_adapter), generate_answers=False)
     )
-    a, b = direct.terminal.payload["summary"], explicit.terminal.payload["summary"]
+    a, b = direct.terminal.payload["summary"]["metrics"], explicit.terminal.payload["summary"]["metrics"]
     assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-6)
     assert "exact_match" not in a  # generate_answers false: loss only
 
@@ -143,7 +145,7 @@ def test_loss_uses_trainings_response_mask(tiny_model_dir: Path, tmp_path: Path)
         expected = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
     assert row["loss"] == pytest.approx(expected, abs=1e-5)
     assert row["tokens"] == sum(1 for x in labels[1:] if x != -100)
-    assert run.terminal.payload["summary"]["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    assert run.terminal.payload["summary"]["metrics"]["eval_loss"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_text_rows_get_loss_only_and_formats_mix(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -155,7 +157,7 @@ def test_text_rows_get_loss_only_and_formats_mix(tiny_model_dir: Path, tmp_path:
         + "\n"
     )
     run = run_job(eval_config(tiny_model_dir, data, output_dir=str(tmp_path / "out")))
-    result = run.terminal.payload["summary"]
+    result = run.terminal.payload["summary"]["metrics"]
     assert result["rows"] == 2 and result["answered_rows"] == 1
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert rows[0]["kind"] == "text" and "prediction" not in rows[0] and rows[0]["tokens"] > 10
@@ -165,7 +167,7 @@ def test_text_rows_get_loss_only_and_formats_mix(tiny_model_dir: Path, tmp_path:
 def test_max_rows_and_csv(tiny_model_dir: Path) -> None:
     run = run_job(eval_config(tiny_model_dir, DATA / "qa.csv", max_rows=3, generate_answers=False))
     assert run.terminal.type == "completed", run.terminal.payload
-    assert run.terminal.payload["summary"]["rows"] == 3
+    assert run.terminal.payload["summary"]["metrics"]["rows"] == 3
     assert run.terminal.payload["outputs"] == {}  # no output_dir: no files
 
 
@@ -261,8 +263,9 @@ def test_train_job_evaluation_section_scores_base_and_fine_tuned(
     ev = done.payload["summary"]["evaluation"]
     assert json.loads((out / "summary.json").read_text())["evaluation"] == ev
     assert ev["rows_from"] == "training rows" and ev["rows"] == len(TOY_QA)  # nothing held out
-    assert ev["fine_tuned"]["perplexity"] < ev["base"]["perplexity"]
-    assert ev["fine_tuned"]["exact_match"] > ev["base"]["exact_match"]
+    scores = ev["metrics"]
+    assert scores["fine_tuned"]["perplexity"] < scores["base"]["perplexity"]
+    assert scores["fine_tuned"]["exact_match"] > scores["base"]["exact_match"]
     assert ev["improvement"]["perplexity_reduction_pct"] > 0
     assert len(ev["samples"]) == 2
     assert {"prompt", "reference", "base", "fine_tuned"} <= set(ev["samples"][0])
@@ -270,6 +273,6 @@ def test_train_job_evaluation_section_scores_base_and_fine_tuned(
 
     # The standalone evaluate job on the saved adapter agrees with the in-training score.
     again = run_job(eval_config(tiny_model_dir, toy_qa, adapter_path=str(out), generate_answers=False))
-    assert again.terminal.payload["summary"]["eval_loss"] == pytest.approx(
-        ev["fine_tuned"]["eval_loss"], abs=1e-4
+    assert again.terminal.payload["summary"]["metrics"]["eval_loss"] == pytest.approx(
+        scores["fine_tuned"]["eval_loss"], abs=1e-4
     )

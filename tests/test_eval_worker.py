@@ -50,10 +50,11 @@ def test_generate_then_evaluate_through_the_worker(tiny_model_dir: Path, tmp_pat
         events = w.submit_and_wait(json.dumps(ev), timeout=300)
         done = events[-1]
         assert done.type == "completed", done.payload
-        evals = [e.payload for e in events if e.type == "eval"]
+        evals = [e.payload["metrics"] for e in events if e.type == "eval"]
         assert len(evals) == 1 and evals[0]["perplexity"] > 1 and evals[0]["answered_rows"] == 4
         metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-        assert metrics["perplexity"] == evals[0]["perplexity"] == done.payload["summary"]["perplexity"]
+        assert metrics == done.payload["summary"]
+        assert metrics["metrics"]["perplexity"] == evals[0]["perplexity"]
         assert len((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()) == 4
         assert w.call("info")["queue_length"] == 0
         w.close_stdin()

@@ -29,8 +29,8 @@ def test_lora_trains_streams_events_and_saves_a_reloadable_adapter(
     assert [p["step"] for p in progress] == list(range(1, 13))
     assert all(p["total_steps"] == 12 for p in progress) and progress[-1]["percent"] == 100.0
     # metrics at every logging step, counting real tokens
-    metrics = run.of("metrics")
-    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert [m["step"] for m in run.of("metrics")] == list(range(1, 13))
+    metrics = [m["metrics"] for m in run.of("metrics")]
     seen = [m["tokens_seen"] for m in metrics]
     assert seen == sorted(seen) and seen[0] > 0
     assert all(m["loss"] > 0 and m["learning_rate"] >= 0 and m["grad_norm"] is not None for m in metrics)
@@ -50,8 +50,8 @@ def test_lora_trains_streams_events_and_saves_a_reloadable_adapter(
     assert summary["config"]["peft"]["method"] == "lora"
     evals = run.of("eval")
     assert (
-        evals[0]["eval_loss"] == summary["base_eval_loss"]
-        and evals[-1]["eval_loss"] == summary["final_eval_loss"]
+        evals[0]["metrics"]["eval_loss"] == summary["base_eval_loss"]
+        and evals[-1]["metrics"]["eval_loss"] == summary["final_eval_loss"]
     )
 
     # The saved adapter, loaded fresh with PeftModel.from_pretrained, is the model that was evaluated.

@@ -26,7 +26,7 @@ def submit(w: WorkerHarness, cfg: dict[str, Any]) -> str:
 
 
 def losses(events: list[HarnessEvent]) -> dict[int, float]:
-    return {e.payload["step"]: e.payload["loss"] for e in events if e.type == "metrics"}
+    return {e.payload["step"]: e.payload["metrics"]["loss"] for e in events if e.type == "metrics"}
 
 
 def assert_alive(w: WorkerHarness) -> None:

@@ -1,7 +1,7 @@
 """The real BEAM drives the worker: an escript opens it as a port, calls, subscribes, shuts it down.
 
 Every frame the worker sends is decoded with ``binary_to_term(Bin, [safe])`` after declaring
-only the event vocabulary (``events.KNOWN_KEYS`` etc.), as the Elixir bridge does: a reply or
+only the worker's atom vocabulary (``events.atom_vocabulary()``), as the Elixir bridge does: a reply or
 event carrying any other atom fails the test. Events must be addressed to the escript's real
 pid (``self()``), which proves pids survive the round trip byte for byte.
 """
@@ -16,17 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune_worker.errors import ERROR_CODES
-from finetune_worker.events import ATOM_VALUES, EVENT_TYPES, KNOWN_KEYS
+from finetune_worker.events import atom_vocabulary
 
 pytestmark = [pytest.mark.erl, pytest.mark.skipif(shutil.which("escript") is None, reason="needs Erlang/OTP")]
-
-ERROR_CLASSES = [
-    "finetune_worker.errors.CallError",
-    "finetune_worker.errors.ConfigError",
-    "finetune_worker.errors.ProtocolError",
-    "finetune_worker.errors.InternalError",
-]
 
 ESCRIPT = r"""#!/usr/bin/env escript
 %%! -noshell
@@ -47,7 +39,7 @@ main([Python, Marker | Vocabulary]) ->
     {ok, {ok, JobId}} = call(Port, 4, finetune_worker, submit, [Config, self()]),
     Events = collect(Port, JobId, []),
     out("EVENTS", [T || {T, _} <- Events]),
-    {completed, #{summary := #{<<"steps">> := 3}}} = lists:last(Events),
+    {completed, #{summary := #{steps := 3}}} = lists:last(Events),
     {ok, #{state := <<"completed">>, step := 3}} = call(Port, 5, finetune_worker, status, [JobId]),
     {ok, ok} = call(Port, 6, finetune_worker, shutdown, []),
     receive {Port, {exit_status, Status}} -> out("EXIT", Status)
@@ -95,10 +87,7 @@ def test_the_beam_drives_the_worker(tmp_path: Path) -> None:
     script = tmp_path / "drive.escript"
     script.write_text(ESCRIPT)
     marker = tmp_path / "refused-call-ran"
-    vocabulary = sorted(
-        set(KNOWN_KEYS) | set(EVENT_TYPES) | set(ERROR_CODES) | set(ERROR_CLASSES) | {"fine_tuning", "python"}
-    )
-    vocabulary += sorted({v for values in ATOM_VALUES.values() for v in values})
+    vocabulary = atom_vocabulary()
     env = dict(os.environ, FINETUNE_WORKER_TEST_JOBS="1")
     out = subprocess.run(
         ["escript", str(script), sys.executable, str(marker), *vocabulary],

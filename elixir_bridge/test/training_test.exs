@@ -61,7 +61,11 @@ defmodule FineTuning.TrainingTest do
     assert first.(:checkpoint) < first.(:completed)
 
     assert for({:progress, p} <- events, do: p.step) == Enum.to_list(1..6)
-    assert Enum.all?(for({:metrics, m} <- events, do: m.loss), &(is_float(&1) and &1 > 0))
+
+    assert Enum.all?(
+             for({:metrics, m} <- events, do: m.metrics["loss"]),
+             &(is_float(&1) and &1 > 0)
+           )
 
     checkpoints = for {:checkpoint, c} <- events, do: c
     assert Enum.map(checkpoints, & &1.step) == [3, 6]

@@ -1,7 +1,8 @@
 defmodule FineTuning.VocabularyTest do
-  # The atoms the worker may send are listed twice: in python/finetune_worker/{events,errors}.py
-  # and in FineTuning.Protocol. A frame carrying an atom the bridge lacks would be refused by
-  # binary_to_term(_, [:safe]), so the two lists must stay equal.
+  # The atoms the worker may send come from python/finetune_worker/{events,errors}.py; the
+  # bridge declares them from docs/finetune_worker_atoms.eterm and names some groups of them in
+  # FineTuning.Protocol. A frame carrying an atom the bridge lacks would be refused by
+  # binary_to_term(_, [:safe]), so all of them must stay equal.
   use ExUnit.Case, async: true
 
   alias FineTuning.Protocol
@@ -16,7 +17,7 @@ defmodule FineTuning.VocabularyTest do
       "phases": events.PHASES,
       "log_levels": events.LOG_LEVELS,
       "error_codes": errors.ERROR_CODES,
-      "known_keys": events.KNOWN_KEYS,
+      "atoms": events.atom_vocabulary(),
       "atom_value_keys": set(events.ATOM_VALUES),
   }
   for section, names in sections.items():
@@ -45,7 +46,7 @@ defmodule FineTuning.VocabularyTest do
         phases: :phases,
         log_levels: :log_levels,
         error_codes: :error_codes,
-        known_keys: :known_keys
+        atoms: :atoms
       ] do
     test "#{section} match the Python worker", %{python: python} do
       ours = names(apply(Protocol, unquote(fun), []))
@@ -55,8 +56,8 @@ defmodule FineTuning.VocabularyTest do
     end
   end
 
-  test "the keys whose values are atoms are known keys", %{python: python} do
-    assert MapSet.subset?(python["atom_value_keys"], names(Protocol.known_keys()))
+  test "the keys whose values are atoms are declared", %{python: python} do
+    assert MapSet.subset?(python["atom_value_keys"], names(Protocol.atoms()))
   end
 
   test "every atom literal in the worker's sources is declared" do

@@ -18,7 +18,7 @@ defmodule FineTuning.WorkerTest do
 
   test "info describes the worker process", %{worker: w} do
     info = FineTuning.info(w)
-    assert %{version: version, protocol: 1, torch: _, devices: [_ | _]} = info
+    assert %{version: version, protocol: 2, torch: _, devices: [_ | _]} = info
     assert is_binary(version)
     assert info.pid == FineTuning.os_pid(w)
   end
@@ -80,7 +80,7 @@ defmodule FineTuning.WorkerTest do
     assert [%{total_steps: 5, percent: 100.0} | _] =
              Enum.reverse(for {:progress, p} <- events, do: p)
 
-    assert Enum.count(events, &match?({:metrics, %{loss: _}}, &1)) == 5
+    assert Enum.count(events, &match?({:metrics, %{metrics: %{"loss" => _}}}, &1)) == 5
 
     # Every progress event comes before the terminal one, and metrics follow their step.
     assert Enum.find_index(types, &(&1 == :started)) < Enum.find_index(types, &(&1 == :progress))

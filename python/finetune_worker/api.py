@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import finetune_worker
-from finetune_worker.errors import CallError, ConfigError, ConfigIssue
+from finetune_worker.errors import CallError, ConfigError, ConfigIssue, brief
 from finetune_worker.etf import Atom, Pid
 from finetune_worker.events import payload_term
 from finetune_worker.jobs import JobManager
@@ -33,7 +33,7 @@ from finetune_worker.jobs import JobManager
 __all__ = ["cancel", "info", "jobs", "ping", "shutdown", "status", "submit", "validate"]
 
 #: Bumped when a message or API shape changes incompatibly (docs/protocol.md).
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 OK = Atom("ok")
 ERROR = Atom("error")
@@ -103,7 +103,7 @@ def submit(rt: Runtime, config: Any, reply_to: Any = None) -> Any:
 
 def status(rt: Runtime, job_id: Any) -> Any:
     """The job's status map (state, kind, step, total_steps, metrics, outputs...) or ``{error, not_found}``."""
-    found = rt.manager.status(_job_id(job_id, "status/1"))
+    found = rt.manager.status(job_id_arg(job_id, "status/1"))
     return payload_term(found) if found is not None else (ERROR, NOT_FOUND)
 
 
@@ -114,7 +114,7 @@ def jobs(rt: Runtime) -> list[Any]:
 
 def cancel(rt: Runtime, job_id: Any) -> Any:
     """``ok`` (cooperative: the job stops at its next step boundary) or ``{error, not_found}``."""
-    return OK if rt.manager.cancel(_job_id(job_id, "cancel/1")) else (ERROR, NOT_FOUND)
+    return OK if rt.manager.cancel(job_id_arg(job_id, "cancel/1")) else (ERROR, NOT_FOUND)
 
 
 def shutdown(rt: Runtime) -> Atom:
@@ -135,10 +135,13 @@ def _parse(config: Any) -> tuple[str, Any]:
 
 
 def config_form(config: Any) -> Any:
-    """Turn the wire forms of a config into what :func:`parse_job_config` reads.
+    """Turn the wire forms of a config into what :func:`parse_job_config` reads: the one place
+    that knows them, so no form can skip the checks ``parse_job_config`` makes.
 
-    JSON binary -> str, map (atom or binary keys) -> dict with str keys all the way down,
-    ``{file, Path}`` -> ``("file", path)``. Anything else is a call error.
+    JSON binary -> str (always the document itself, never a file name), map (atom or binary
+    keys) -> dict with str keys all the way down, ``{file, Path}`` -> ``("file", path)`` (read,
+    confined to the allowed roots, by :func:`finetune_worker.config.read_config_file`).
+    Anything else is a call error.
     """
     if isinstance(config, (str, bytes)):
         return config
@@ -189,7 +192,8 @@ def _key(key: Any, path: str) -> str:
     raise ConfigError([ConfigIssue(path, f"map keys must be atoms or binaries, got {_describe(key)}")])
 
 
-def _job_id(value: Any, where: str) -> str:
+def job_id_arg(value: Any, where: str) -> str:
+    """A ``JobId`` argument (a binary) as ``str``; a CallError naming ``where`` otherwise."""
     if isinstance(value, str) and not isinstance(value, Atom):
         return value
     if isinstance(value, bytes):
@@ -198,8 +202,7 @@ def _job_id(value: Any, where: str) -> str:
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+    return f"{type(value).__name__} {brief(value, 60)}"
 
 
 # ---- info helpers ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Launch forms (docs/protocol.md, "Launch forms")::
     finetune-worker run CONFIG.json [--json] [--grace S]
     finetune-worker validate CONFIG.json
     finetune-worker schema
+    finetune-worker atoms                                # every atom the worker sends, for [safe]
     finetune-worker make-tiny-model DIR
 
 The ErlPort forms exist so that ``python:start([{python, "/path/to/finetune-worker"}])`` drives
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allowed_root(val)
 
     sub.add_parser("schema", help="print the JSON schema of job configs")
+    sub.add_parser(
+        "atoms",
+        help="print every atom the worker sends, as an Erlang term file for file:consult/1 "
+        "(declare them before binary_to_term(B, [safe]))",
+    )
 
     tiny = sub.add_parser("make-tiny-model", help="build the tiny offline test model into DIR")
     tiny.add_argument("dir")
@@ -165,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_validate(args)
     if command == "schema":
         return cmd_schema()
+    if command == "atoms":
+        print(atoms_file(), end="")
+        return EXIT_OK
     if command == "make-tiny-model":
         return cmd_make_tiny_model(args)
     raise AssertionError(command)  # argparse rejects unknown subcommands
@@ -215,6 +224,27 @@ def cmd_schema() -> int:
 
     print(json.dumps(json_schema(), indent=2))
     return EXIT_OK
+
+
+def atoms_file() -> str:
+    """The Erlang term file of ``finetune-worker atoms`` (and docs/finetune_worker_atoms.eterm).
+
+    ``{ok, [Atoms]} = file:consult(Path)`` creates every atom the worker can send, so the frames
+    it sends then decode with ``binary_to_term(B, [safe])``.
+    """
+    from finetune_worker.api import PROTOCOL_VERSION
+    from finetune_worker.events import atom_vocabulary
+
+    def quoted(name: str) -> str:
+        return "'" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    lines = ",\n ".join(quoted(a) for a in atom_vocabulary())
+    return (
+        f"%% Every atom finetune-worker sends in protocol {PROTOCOL_VERSION} (`finetune-worker atoms`).\n"
+        "%% {ok, [Atoms]} = file:consult(ThisFile) declares them all; then binary_to_term(Frame, [safe])\n"
+        "%% decodes every frame the worker sends.\n"
+        f"[{lines}].\n"
+    )
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ dotted class name, e.g. ``'finetune_worker.errors.ConfigError'``.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,49 @@ class JobCancelled(FinetuneWorkerError):
         super().__init__(f"cancelled at step {step}")
 
 
-def _short_repr(value: Any, limit: int = 120) -> str:
-    text = repr(value)
+#: The exception classes an ``'e'`` reply may name, in the order a reply picks them.
+WIRE_ERROR_CLASSES: tuple[type[FinetuneWorkerError], ...] = (
+    ConfigError,
+    CallError,
+    ProtocolError,
+    InternalError,
+)
+
+
+def wire_class_name(cls: type[BaseException]) -> str:
+    """``'finetune_worker.errors.CallError'``: the atom an ``'e'`` reply carries for ``cls``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+ERROR_CLASS_NAMES: tuple[str, ...] = tuple(wire_class_name(c) for c in WIRE_ERROR_CLASSES)
+
+
+class _BriefRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:  # far below the str limit; such a number is never worth reading
+            return f"<int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_brief_repr = _BriefRepr()
+_brief_repr.maxlevel = 3
+_brief_repr.maxstring = _brief_repr.maxother = 60
+_brief_repr.maxlist = _brief_repr.maxtuple = _brief_repr.maxdict = _brief_repr.maxset = 6
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """A short rendering of any value (a peer's term, a config value) that never raises.
+
+    Bounded in time and memory whatever the value: long strings and containers are cut before
+    they are rendered (``reprlib``), and a value whose ``repr`` fails (an int past Python's
+    4,300-digit str limit, a broken ``__repr__``) is named by its type.
+    """
+    try:
+        text = _brief_repr.repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short_repr(value: Any, limit: int = 120) -> str:
+    return brief(value, limit)

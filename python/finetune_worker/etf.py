@@ -53,9 +53,11 @@ __all__ = [
     "ImproperList",
     "OpaqueTerm",
     "Pid",
+    "RawTerm",
     "Reference",
     "decode",
     "encode",
+    "recover_call_id",
 ]
 
 #: Deepest nesting :func:`decode` accepts (a tuple in a list in a map... counts one per level).
@@ -154,6 +156,12 @@ class OpaqueTerm(_Opaque):
 
 
 @dataclass(frozen=True)
+class RawTerm(_Opaque):
+    """Any term kept as its exact encoded bytes, to be sent back unchanged (a call's ``Id`` that
+    came in a frame whose other parts did not decode, or that Python cannot re-encode: NaN)."""
+
+
+@dataclass(frozen=True)
 class ImproperList:
     """``[items... | tail]`` with a tail that is not a list."""
 
@@ -201,6 +209,21 @@ def decode(
     from finetune_worker.etf_decode import decode_term
 
     return decode_term(data, max_depth=max_depth, max_size=max_size, binaries=binaries)
+
+
+def recover_call_id(
+    data: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_MAX_SIZE
+) -> RawTerm | None:
+    """The ``Id`` of a ``{'C', Id, ...}`` frame as its encoded bytes, read without decoding the rest.
+
+    For a frame that :func:`decode` refused (map keys that collide in Python, a bad term deep in
+    the arguments): the worker can still answer the call, and the caller does not wait forever.
+    ``None`` when the frame is not a call or its ``Id`` itself does not decode.
+    """
+    from finetune_worker.etf_decode import call_id_bytes
+
+    raw = call_id_bytes(data, max_size=max_size)
+    return RawTerm(raw) if raw is not None else None
 
 
 # ---------------------------------------------------------------------------------------------

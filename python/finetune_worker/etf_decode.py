@@ -10,6 +10,7 @@ import struct
 import zlib
 from typing import Any, Literal
 
+from finetune_worker.errors import brief
 from finetune_worker.etf import (
     VERSION,
     Atom,
@@ -321,11 +322,7 @@ def _atom_value(text: str) -> Any:
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
-    try:
-        text = repr(value)
-    except ValueError:  # ints past sys.get_int_max_str_digits() refuse repr
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return brief(value, limit)
 
 
 def _inflate(data: bytes, max_size: int) -> bytes:
@@ -384,3 +381,30 @@ def decode_term(
     if decoder.pos != decoder.end:
         raise ETFDecodeError(f"{decoder.end - decoder.pos} trailing bytes after the term", decoder.pos + base)
     return term
+
+
+def call_id_bytes(data: bytes | bytearray | memoryview, *, max_size: int) -> bytes | None:
+    """See :func:`finetune_worker.etf.recover_call_id`: the encoded ``Id`` of a call frame, or None."""
+    buf = data if isinstance(data, bytes) else bytes(data)
+    if len(buf) < 2 or buf[0] != VERSION:
+        return None
+    start = 1
+    if buf[1] == 80:
+        try:
+            buf, start = _inflate(buf[2:], max_size), 0
+        except ETFDecodeError:
+            return None
+    decoder = _Decoder(buf, 0, 8, True, start)
+    try:
+        tag = decoder.u8("tuple tag")
+        arity = decoder.u8("tuple arity") if tag == 104 else decoder.u32("tuple arity") if tag == 105 else 0
+        if arity < 2:
+            return None
+        first = decoder.term()
+        if not (isinstance(first, Atom) and first == "C"):
+            return None
+        at = decoder.pos
+        decoder.term()  # an Id nested deeper than 8 levels is no Id anyone sends
+        return buf[at : decoder.pos]
+    except (ETFDecodeError, RecursionError, MemoryError):
+        return None

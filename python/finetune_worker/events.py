@@ -1,21 +1,35 @@
-"""The event vocabulary, in one place (like h11's ``_events.py``).
+"""The event vocabulary and the one rule for the maps on the wire, in one place (like h11's ``_events.py``).
 
 Every event a job emits is an :class:`Event`; :meth:`Event.to_term` turns it into the wire
 term ``{fine_tuning, JobId, Type, Payload}``. ``Type`` is an atom from ``EVENT_TYPES``.
-Payload keys listed in ``KNOWN_KEYS`` become atoms; any other key (a custom metric, a
-summary field we did not foresee) stays a binary, so a BEAM that decodes with ``[safe]``
-never has to mint an atom. The few payload *values* that are atoms (``phase``, ``level``,
-``error``) come from fixed lists too; the Elixir bridge declares all of them.
+
+Every map the worker sends (event payloads and call results) is one of two kinds, never a mix:
+
+- a **record**: its keys are part of the protocol (``step``, ``outputs``, ``summary``...). They
+  go out as atoms, all from ``RECORD_KEYS``; a BEAM that decodes with ``[safe]`` has declared them.
+- a **table**: its keys are names that grow without a protocol change (metric names, the user's
+  config keys, data format names, tracking backends, failure details, the user's own prompts).
+  They go out as binaries,
+  and so do the keys of every map below a table. A map is a table when its key in the enclosing
+  record is one of ``TABLE_KEYS``.
+
+So ``%{summary: %{final_perplexity: p}}`` matches, and a new metric never needs a new atom:
+``%{metrics: %{"loss" => loss}}``. The few payload *values* that are atoms (``phase``,
+``level``, ``error``) come from fixed lists too; the Elixir bridge declares all of them, and
+:func:`atom_vocabulary` lists every atom the worker can send.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_worker.errors import ERROR_CODES
 from finetune_worker.etf import Atom
+
+log = logging.getLogger("finetune_worker.events")
 
 EVENT_TYPES: frozenset[str] = frozenset(
     {
@@ -52,31 +66,51 @@ PHASES: frozenset[str] = frozenset(
 
 LOG_LEVELS: frozenset[str] = frozenset({"debug", "info", "warning", "error"})
 
-#: Payload keys sent as atoms. Everything else is sent as a binary key.
-KNOWN_KEYS: frozenset[str] = frozenset(
+#: Keys of records (every map that is not a table): sent as atoms.
+RECORD_KEYS: frozenset[str] = frozenset(
     {
         # queued / started / phase / log
-        "position", "kind", "phase", "level", "message", "run_name",
+        "position", "kind", "phase", "level", "message", "run_name", "rank", "pid",
         # progress
         "step", "total_steps", "epoch", "percent", "elapsed_s", "eta_s", "done", "total", "unit",
-        # metrics / eval
-        "loss", "learning_rate", "grad_norm", "tokens_per_second", "tokens_seen",
-        "eval_loss", "perplexity", "samples_per_second",
-        # checkpoint / completed / cancelled
-        "path", "checkpoint", "outputs", "summary", "output_dir", "output_path", "adapter_path",
-        "model_path", "size_bytes", "runtime_s", "metrics",
+        # metrics / eval (their numbers are in the `metrics` table)
+        "metrics", "model",
+        # checkpoint / cancelled
+        "path", "checkpoint",
+        # completed: outputs
+        "outputs", "summary", "output_dir", "output_path", "adapter_path", "model_path",
+        "summary_path", "metrics_path", "predictions_path", "completions_path", "last_checkpoint",
         # failed
         "error", "hint", "details",
-        # token / generation
-        "index", "text", "prompt_index", "completions",
+        # token / generate summary
+        "index", "text", "prompt_index", "completions", "finish_reason", "prompt", "tokens",
+        "generated_tokens", "prompts", "seed",
+        # train summary
+        "method", "model_name", "base_eval_loss", "base_perplexity", "final_eval_loss",
+        "final_perplexity", "improvement_pct", "train_loss", "steps", "epochs", "tokens_seen",
+        "train_examples", "runtime_s", "resumed_from", "data", "config", "evaluation", "tracking",
+        # train summary: data
+        "rows", "dropped", "eval_rows", "format_counts", "mask_method", "max_seq_length",
+        "train_rows", "train_tokens", "trained_tokens", "truncated", "warnings",
+        # train summary: evaluation (samples are records)
+        "rows_from", "improvement", "samples", "base", "fine_tuned", "reference", "row",
+        # evaluate summary
+        "dataset_path", "compare",
+        # merge summaries
+        "size_bytes", "dtype", "tensors", "base_model_path", "merged_modules", "tokenizer_from",
+        "merge_method", "models", "tasks",
         # replies: validate / status / jobs / info
-        "value", "job_id", "state", "submitted_at", "started_at", "finished_at", "last_checkpoint",
+        "value", "job_id", "state", "submitted_at", "started_at", "finished_at",
         "version", "python", "torch", "transformers", "peft", "devices", "queue_length", "running",
-        "name", "memory_bytes", "type", "pid", "protocol", "uptime_s", "cores",
-        # evaluation / generation / merge summaries
-        "model", "sequence", "dtype", "tensors",
+        "name", "memory_bytes", "type", "protocol", "uptime_s", "cores",
     }
 )  # fmt: skip
+
+#: Record keys whose value is a table (its keys, and those of every map below it, are binaries);
+#: ``prompt`` echoes the user's own data (a chat prompt is a list of message maps).
+TABLE_KEYS: frozenset[str] = frozenset(
+    {"metrics", "improvement", "config", "format_counts", "tracking", "details", "prompt"}
+)
 
 #: Payload keys whose (string) values are sent as atoms, each from a fixed list.
 ATOM_VALUES: dict[str, frozenset[str]] = {
@@ -112,24 +146,73 @@ class Event:
 
 
 def payload_term(value: Any) -> Any:
-    """Convert a payload (recursively) to wire form: known keys and their atom values become atoms."""
+    """Convert a payload (recursively) to wire form: a record's keys (and its atom values) become
+    atoms, a table's keys stay binaries (see the module docstring).
+
+    A record key outside ``RECORD_KEYS`` is a bug of ours: it is dropped from the wire (the BEAM
+    could not decode the map with ``[safe]``) and logged as an error, which the tests look for.
+    """
+    return _record_value(value)
+
+
+def _record(value: dict[Any, Any]) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for k, v in value.items():
+        key = str(k)
+        if key not in RECORD_KEYS:
+            log.error("wire: record key %r is not in events.RECORD_KEYS; dropped from the message", key[:80])
+            continue
+        if key in TABLE_KEYS:
+            out[Atom(key)] = _table(v)
+        elif key in ATOM_VALUES and isinstance(v, str):
+            out[Atom(key)] = Atom(v)
+        else:
+            out[Atom(key)] = _record_value(v)
+    return out
+
+
+def _record_value(value: Any) -> Any:
     if isinstance(value, dict):
-        out: dict[Any, Any] = {}
-        for k, v in value.items():
-            key = str(k)
-            if key in ATOM_VALUES and isinstance(v, str):
-                out[Atom(key)] = Atom(v)
-            else:
-                out[Atom(key) if key in KNOWN_KEYS else key] = payload_term(v)
-        return out
+        return _record(value)
     if isinstance(value, (list, tuple)):
-        return [payload_term(v) for v in value]
+        return [_record_value(v) for v in value]
+    return _scalar(value)
+
+
+def _table(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _table(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_table(v) for v in value]
+    return _scalar(value)
+
+
+def _scalar(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         # ETF floats cannot carry NaN/inf; send nil so the BEAM still gets a well-formed map.
         return None
     if hasattr(value, "__fspath__"):
         return str(value)
     return value
+
+
+#: Atoms of the message envelopes, replies and values outside the lists above.
+WIRE_ATOMS: tuple[str, ...] = (
+    "r", "e", "M", "python", "fine_tuning", "ok", "error", "not_found", "shutting_down", "pong",
+    "nil", "true", "false",
+)  # fmt: skip
+
+
+def atom_vocabulary() -> list[str]:
+    """Every atom the worker can send, sorted: what a BEAM decoding with ``[safe]`` must declare.
+
+    ``finetune-worker atoms`` prints it as an Erlang term file for ``file:consult/1``.
+    """
+    from finetune_worker.errors import ERROR_CLASS_NAMES
+
+    atoms = set(WIRE_ATOMS) | EVENT_TYPES | PHASES | LOG_LEVELS | ERROR_CODES | RECORD_KEYS
+    atoms |= set(ERROR_CLASS_NAMES)
+    return sorted(atoms)
 
 
 def plain(value: Any) -> Any:

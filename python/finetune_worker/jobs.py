@@ -328,8 +328,9 @@ def _update_record(record: JobRecord, event: Event) -> None:
         if p.get("total_steps") is not None:
             record.total_steps = int(p["total_steps"])
     elif event.type in ("metrics", "eval"):
-        record.last_metrics.update({k: v for k, v in p.items() if isinstance(v, (int, float))})
-        if "step" in p:
+        values = p.get("metrics") or {}
+        record.last_metrics.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
+        if p.get("step") is not None:
             record.step = int(p["step"])
     elif event.type == "phase":
         record.phase = p.get("phase")

@@ -101,15 +101,16 @@ class Renderer:
             ("learning_rate", "lr", "{:.2e}"),
             ("tokens_per_second", "tok/s", "{:,.0f}"),
         ):
-            value = p.get(key)
+            value = (p.get("metrics") or {}).get(key)
             if isinstance(value, (int, float)):
                 self.stats[label] = fmt.format(value)
         if self.task is not None:
             self.progress.update(self.task, stats="  ".join(f"{k} {v}" for k, v in self.stats.items()))
 
     def _on_eval(self, job_id: str, p: dict[str, Any]) -> None:
-        parts = [f"{k} {v:.4f}" for k, v in p.items() if isinstance(v, float)]
-        self._line(f"[blue]eval[/] {'  '.join(parts)}")
+        label = p.get("model") or (f"step {p['step']}" if p.get("step") is not None else "")
+        parts = [f"{k} {v:.4f}" for k, v in (p.get("metrics") or {}).items() if isinstance(v, float)]
+        self._line(f"[blue]eval[/] {label + ': ' if label else ''}{'  '.join(parts)}")
 
     def _on_checkpoint(self, job_id: str, p: dict[str, Any]) -> None:
         self._line(f"[green]checkpoint[/] step {p.get('step')}: {p.get('path')}")
@@ -141,7 +142,8 @@ class Renderer:
 
     def _print_evaluation(self, evaluation: dict[str, Any]) -> None:
         """Before/after scores and sample answers of a training job's ``evaluation`` block."""
-        base, tuned = evaluation.get("base") or {}, evaluation.get("fine_tuned") or {}
+        by_model = evaluation.get("metrics") or {}
+        base, tuned = by_model.get("base") or {}, by_model.get("fine_tuned") or {}
         where = f"{evaluation.get('rows')} rows, {evaluation.get('rows_from', '')}".rstrip(", ")
         scores = Table(title=f"base vs fine-tuned ({where})")
         for column in ("metric", "base", "fine-tuned"):

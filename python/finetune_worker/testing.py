@@ -204,9 +204,20 @@ class WorkerHarness:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def call(self, function: str, *args: Any, timeout: float = 10, module: str = "finetune_worker") -> Any:
-        """Call ``module:function(args)`` and return the result; raise :class:`RemoteError` on ``'e'``."""
-        call_id = self.next_id()
+    def call(
+        self,
+        function: str,
+        *args: Any,
+        timeout: float = 10,
+        module: str = "finetune_worker",
+        call_id: Any = None,
+    ) -> Any:
+        """Call ``module:function(args)`` and return the result; raise :class:`RemoteError` on ``'e'``.
+
+        ``call_id`` replaces the next integer id (say, a fresh :func:`make_ref` when other frames
+        sent to the worker may carry the same small integers).
+        """
+        call_id = self.next_id() if call_id is None else call_id
         self.send_term((Atom("C"), call_id, Atom(module), Atom(function), list(args)))
         reply = self.wait_reply(call_id, timeout)
         if not reply.ok:

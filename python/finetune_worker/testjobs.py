@@ -60,7 +60,11 @@ def run(ctx: Any) -> dict[str, Any]:
             elapsed_s=round(elapsed, 4),
             eta_s=round(elapsed / step * (cfg.steps - step), 4),
         )
-        ctx.emit("metrics", step=step, loss=1.0 / step, learning_rate=1e-3, tokens_per_second=1000.0)
+        ctx.emit(
+            "metrics",
+            step=step,
+            metrics={"loss": 1.0 / step, "learning_rate": 1e-3, "tokens_per_second": 1000.0},
+        )
     if cfg.ignore_cancel and ctx.cancelled:
         # Report what really happened: the job ran to its end although a cancel was asked for.
         ctx.log("cancel requested but ignored (ignore_cancel=true)", level="warning")

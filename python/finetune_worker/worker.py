@@ -11,10 +11,19 @@ Messages (docs/protocol.md, "Messages"):
 - ``{'M', Message}``: a cast; ``{cancel, JobId}`` is understood, anything else is logged.
 - Job events go to the job's ``ReplyTo`` pid as ``{'M', Pid, Event}`` (ErlPort: ``Pid ! Event``).
 
+ErlPort's Erlang client wraps every pid, reference, port and fun it sends as
+``{'$erlport.opaque', erlang, Bin}`` (``erlport_utils:prepare_term/1``; ``Bin`` is the term's
+external format without the version byte). Call arguments and casts are unwrapped before the
+API sees them, so ``submit(Cfg, self())`` from ErlPort names a real pid, and events sent back to
+it are the plain pid ErlPort's ``Pid ! Message`` expects.
+
 Nothing the peer sends can make the worker import or run anything outside the API: module and
-function names are compared with fixed lists, never resolved. A frame that does not decode,
-or a term of the wrong shape, gets an error reply when an ``Id`` can be recovered and a
-warning on stderr otherwise; either way the worker goes on serving.
+function names are compared with fixed lists, never resolved. Every call gets an answer: a call
+frame whose arguments do not decode (map keys that collide in Python, say) is answered with a
+``ProtocolError`` reply to its ``Id``, read from the frame's first bytes and echoed back as it
+came. Only a frame from which no ``Id`` can be read goes unanswered, with a warning on stderr;
+either way the worker goes on serving. Peer terms are only ever rendered through
+:func:`~finetune_worker.errors.brief`, which is bounded and cannot raise.
 
 Shutdown (stdin EOF, SIGTERM, or the ``shutdown`` call): cancel the running job, give it
 ``grace_s`` to save, and exit. A watchdog ``os._exit``\\s shortly after the grace period, so the
@@ -35,24 +44,31 @@ import traceback
 from typing import Any
 
 from finetune_worker import api
-from finetune_worker.errors import CallError, ConfigError, InternalError, ProtocolError
-from finetune_worker.etf import DEFAULT_MAX_DEPTH, Atom, ETFDecodeError, Pid, decode
+from finetune_worker.errors import (
+    WIRE_ERROR_CLASSES,
+    CallError,
+    InternalError,
+    ProtocolError,
+    brief,
+    wire_class_name,
+)
+from finetune_worker.etf import DEFAULT_MAX_DEPTH, Atom, ETFDecodeError, Pid, RawTerm, decode, recover_call_id
 from finetune_worker.events import Event
 from finetune_worker.jobs import JobManager, JobRecord
 from finetune_worker.port import FrameTooLarge, Port, PortClosed
 
 log = logging.getLogger("finetune_worker.worker")
 
-API_MODULE = Atom("finetune_worker")
+#: Names the peer sends as atoms; compared as text (Atom is a str), never sent back.
+API_MODULE = "finetune_worker"
 
 #: The only classes an ``'e'`` reply names: the BEAM side decodes with ``[safe]`` and has
 #: declared exactly these atoms.
-ERROR_CLASSES: dict[type[BaseException], Atom] = {
-    ConfigError: Atom("finetune_worker.errors.ConfigError"),
-    CallError: Atom("finetune_worker.errors.CallError"),
-    ProtocolError: Atom("finetune_worker.errors.ProtocolError"),
-    InternalError: Atom("finetune_worker.errors.InternalError"),
-}
+ERROR_CLASSES: dict[type[BaseException], Atom] = {c: Atom(wire_class_name(c)) for c in WIRE_ERROR_CLASSES}
+
+#: ErlPort's wrapper of a pid, reference, port or fun: ``{'$erlport.opaque', erlang, Bin}``.
+OPAQUE_TAG = "$erlport.opaque"
+OPAQUE_LANGUAGE = "erlang"
 
 #: Seconds the watchdog allows beyond the grace period (the process must be gone by grace + 2 s).
 EXIT_SLACK_S = 1.5
@@ -172,20 +188,25 @@ class Worker:
         try:
             term = decode(frame, max_depth=self.max_depth)
         except ETFDecodeError as exc:
-            log.warning("%s ignored: not a valid term: %s", where, exc)
+            call_id = recover_call_id(frame)
+            if call_id is None:
+                log.warning("%s ignored: not a valid term: %s", where, exc)
+                return
+            log.warning("%s: a call whose arguments do not decode: %s", where, exc)
+            self._reply_error(call_id, ProtocolError(f"the call's terms could not be decoded: {exc}"), frame)
             return
         if not isinstance(term, tuple) or not term or not isinstance(term[0], Atom):
-            log.warning("%s ignored: expected {'C', ...} or {'M', ...}, got %s", where, _brief(term))
+            log.warning("%s ignored: expected {'C', ...} or {'M', ...}, got %s", where, brief(term))
             return
         tag = term[0]
         if tag == "C":
-            self._call(term, where)
+            self._call(term, where, frame)
         elif tag == "M" and len(term) == 2:
             self._cast(term[1], where)
         else:
-            log.warning("%s ignored: unknown message %s", where, _brief(term))
+            log.warning("%s ignored: unknown message %s", where, brief(term))
 
-    def _call(self, term: tuple[Any, ...], where: str) -> None:
+    def _call(self, term: tuple[Any, ...], where: str, frame: bytes = b"") -> None:
         if len(term) < 2:
             log.warning("%s ignored: a call without an Id", where)
             return
@@ -193,27 +214,40 @@ class Worker:
         try:
             if len(term) != 5:
                 raise ProtocolError(f"a call is {{'C', Id, Module, Function, Args}}; got a {len(term)}-tuple")
-            result = self.dispatch(term[2], term[3], term[4])
+            result = self.dispatch(term[2], term[3], unwrap_opaque(term[4]))
         except BaseException as exc:  # every failure of a call becomes its error reply
             if isinstance(exc, (KeyboardInterrupt, SystemExit, _Terminate)):
                 raise
-            self._reply_error(call_id, exc)
+            self._reply_error(call_id, exc, frame)
             return
         try:
-            self.port.send((Atom("r"), call_id, result))
+            self._send_reply((Atom("r"), call_id, result), frame)
         except (TypeError, ValueError) as exc:  # a result the codec cannot carry is our bug
-            self._reply_error(call_id, InternalError(f"cannot encode the result: {exc}"))
+            self._reply_error(call_id, InternalError(f"cannot encode the result: {exc}"), frame)
+
+    def _send_reply(self, reply: tuple[Any, ...], frame: bytes) -> None:
+        """Send ``{'r'|'e', Id, ...}``; an ``Id`` Python cannot re-encode (NaN) goes back as it came."""
+        try:
+            self.port.send(reply)
+        except ValueError as exc:
+            raw_id = recover_call_id(frame) if frame else None
+            if raw_id is None or isinstance(reply[1], RawTerm):
+                raise
+            try:
+                self.port.send((reply[0], raw_id, *reply[2:]))
+            except (TypeError, ValueError):
+                raise exc from None
 
     def dispatch(self, module: Any, function: Any, args: Any) -> Any:
         """Run one API call; raise CallError for anything outside the API. Never imports by name."""
         if not (isinstance(module, Atom) and module == API_MODULE):
-            raise CallError(f"module {_brief(module)} is not callable; only {API_MODULE} is")
+            raise CallError(f"module {brief(module)} is not callable; only {API_MODULE} is")
         if not (isinstance(function, Atom) and function in api.__all__):
             raise CallError(
-                f"{API_MODULE} has no function {_brief(function)}; it has {', '.join(api.__all__)}"
+                f"{API_MODULE} has no function {brief(function)}; it has {', '.join(api.__all__)}"
             )
         if not isinstance(args, list):
-            raise CallError(f"Args must be a list, got {_brief(args)}")
+            raise CallError(f"Args must be a list, got {brief(args)}")
         func = getattr(api, str(function))
         try:
             inspect.signature(func).bind(self.runtime, *args)
@@ -223,31 +257,32 @@ class Worker:
         return func(self.runtime, *args)
 
     def _cast(self, message: Any, where: str) -> None:
+        message = unwrap_opaque(message)
         if isinstance(message, tuple) and len(message) == 2 and _atom(message[0], "cancel"):
             try:
-                job_id = api._job_id(message[1], "cancel cast")
+                job_id = api.job_id_arg(message[1], "cancel cast")
             except CallError as exc:
                 log.warning("%s ignored: %s", where, exc)
                 return
             if not self.manager.cancel(job_id):
-                log.warning("cancel cast for unknown job %s", job_id)
+                log.warning("cancel cast for unknown job %s", brief(job_id))
             return
-        log.warning("%s ignored: unknown cast %s", where, _brief(message))
+        log.warning("%s ignored: unknown cast %s", where, brief(message))
 
-    def _reply_error(self, call_id: Any, exc: BaseException) -> None:
+    def _reply_error(self, call_id: Any, exc: BaseException, frame: bytes = b"") -> None:
         cls = next((atom for kind, atom in ERROR_CLASSES.items() if isinstance(exc, kind)), None)
         if cls is not None:
             message = str(exc)
             trace = ""
         else:
-            log.error("call %s failed:\n%s", _brief(call_id), "".join(traceback.format_exception(exc)))
+            log.error("call %s failed:\n%s", brief(call_id), "".join(traceback.format_exception(exc)))
             cls = ERROR_CLASSES[InternalError]
             message = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
             trace = "".join(traceback.format_exception(exc))
         try:
-            self.port.send((Atom("e"), call_id, (Atom("python"), cls, message, trace)))
-        except (TypeError, ValueError):  # an Id we cannot echo back (it decoded, so this is rare)
-            log.warning("cannot send the error reply to call %s: %s", _brief(call_id), message)
+            self._send_reply((Atom("e"), call_id, (Atom("python"), cls, message, trace)), frame)
+        except (TypeError, ValueError):  # an Id we cannot echo back, not even as its raw bytes
+            log.warning("cannot send the error reply to call %s: %s", brief(call_id), brief(message, 400))
 
     # ---- events --------------------------------------------------------------------------------
 
@@ -264,6 +299,28 @@ class Worker:
                 log.warning("output closed; events of job %s and later ones are dropped", record.job_id)
 
 
+def unwrap_opaque(term: Any) -> Any:
+    """``term`` with every ErlPort ``{'$erlport.opaque', erlang, Bin}`` replaced by the term ``Bin`` encodes.
+
+    ``Bin`` arrives as ``str`` when its bytes happen to be valid UTF-8; encoding it back gives the
+    same bytes. A wrapper whose bytes do not decode is left as it is (the API then names it).
+    """
+    if isinstance(term, tuple):
+        if len(term) == 3 and _atom(term[0], OPAQUE_TAG) and _atom(term[1], OPAQUE_LANGUAGE):
+            raw = term[2].encode("utf-8") if isinstance(term[2], str) else term[2]
+            if isinstance(raw, bytes):
+                try:
+                    return decode(b"\x83" + raw)
+                except ETFDecodeError:
+                    return term
+        return tuple(unwrap_opaque(t) for t in term)
+    if isinstance(term, list):
+        return [unwrap_opaque(t) for t in term]
+    if isinstance(term, dict):
+        return {unwrap_opaque(k): unwrap_opaque(v) for k, v in term.items()}
+    return term
+
+
 def _atom(value: Any, name: str) -> bool:
     return isinstance(value, Atom) and value == name
 
@@ -272,11 +329,6 @@ def _arities(func: Any) -> str:
     params = list(inspect.signature(func).parameters.values())[1:]  # the first is the Runtime
     required = sum(1 for p in params if p.default is inspect.Parameter.empty)
     return str(required) if required == len(params) else f"{required} to {len(params)}"
-
-
-def _brief(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _hard_exit(grace_s: float) -> None:

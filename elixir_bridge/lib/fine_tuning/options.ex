@@ -6,13 +6,19 @@ defmodule FineTuning.Options do
   | --- | --- | --- |
   | `:executable` | `$FINETUNE_WORKER`, else `.venv/bin/finetune-worker` of this repo | the worker program |
   | `:args` | `[]` | extra arguments after `port` |
-  | `:env` | `[]` | extra environment, e.g. `[{"CUDA_VISIBLE_DEVICES", "1"}]`; a `nil` value unsets |
+  | `:env` | `[]` | extra environment, e.g. `[{"CUDA_VISIBLE_DEVICES", "1"}]`; a `nil` value unsets; a value may be a zero-arity function, called when the worker starts |
   | `:cd` | this node's working directory | the worker's working directory |
   | `:stderr` | inherited from this node | a file the worker's stderr (its log) is appended to |
   | `:name` | none | a GenServer name |
   | `:call_timeout` | `30_000` | ms a call may wait for its reply (`:infinity` allowed) |
   | `:startup_timeout` | `60_000` | ms the worker has to answer `info` after it starts |
   | `:shutdown_grace` | `12_000` | ms the worker has to exit after its stdin closes before it is killed; the worker's own job grace (`FINETUNE_WORKER_GRACE`) is set 2 s shorter |
+
+  Secrets in `:env` (a variable named like `*TOKEN`, `*SECRET*`, `*PASSWORD*`, `*API_KEY*`,
+  `*CREDENTIAL*`, or a value holding URL credentials `scheme://user:pass@host`) never appear in
+  logs, crash reports, `:sys.get_state/1` or supervisor reports: `FineTuning.Worker.child_spec/1`
+  and `start_link/1` seal each such value in a closure (`seal_secrets/1`), and the running
+  worker's state keeps only `"<redacted>"` in its place (`redact_env/1`).
   """
 
   @default_call_timeout 30_000
@@ -38,7 +44,7 @@ defmodule FineTuning.Options do
   @type t :: %{
           executable: String.t(),
           args: [String.t()],
-          env: [{charlist(), charlist() | false}],
+          env: [{charlist(), charlist() | false}] | [{String.t(), String.t() | nil}],
           cd: String.t() | nil,
           stderr: String.t() | nil,
           name: GenServer.name() | nil,
@@ -46,6 +52,59 @@ defmodule FineTuning.Options do
           startup_timeout: non_neg_integer(),
           shutdown_grace: non_neg_integer()
         }
+
+  @redacted "<redacted>"
+  @secret_part ~r/token$|secret|passw|credential|^auth(orization)?$/
+  @api_key ~r/api[_\-. ]?key/i
+  @url_credentials ~r{://[^/@\s]+@}
+
+  @doc """
+  Whether an environment variable holds a secret, by its name or its value (the worker's
+  `security.is_secret_name/1` rule, plus URL credentials in the value).
+  """
+  @spec secret?(String.t(), term()) :: boolean()
+  def secret?(name, value) do
+    parts = name |> String.downcase() |> String.split(~r/[_\-.\s]+/, trim: true)
+
+    Regex.match?(@api_key, name) or Enum.any?(parts, &Regex.match?(@secret_part, &1)) or
+      (is_binary(value) and Regex.match?(@url_credentials, value))
+  end
+
+  @doc """
+  `opts` with every secret `:env` value (see `secret?/2`) wrapped in a zero-arity function, so
+  printing the options (a supervisor report of the child's start call) shows no secret.
+  """
+  @spec seal_secrets(keyword()) :: keyword()
+  def seal_secrets(opts) when is_list(opts) do
+    case Keyword.fetch(opts, :env) do
+      {:ok, env} when is_map(env) or is_list(env) ->
+        sealed =
+          Enum.map(env, fn
+            {name, value} when is_binary(name) and is_binary(value) ->
+              if secret?(name, value), do: {name, fn -> value end}, else: {name, value}
+
+            other ->
+              other
+          end)
+
+        Keyword.put(opts, :env, sealed)
+
+      _ ->
+        opts
+    end
+  end
+
+  def seal_secrets(opts), do: opts
+
+  @doc "A validated `:env` for display: secret values replaced by `\"<redacted>\"`."
+  @spec redact_env([{charlist(), charlist() | false}]) :: [{String.t(), String.t() | nil}]
+  def redact_env(env) do
+    Enum.map(env, fn {name, value} ->
+      name = List.to_string(name)
+      value = if value, do: List.to_string(value), else: nil
+      if value && secret?(name, value), do: {name, @redacted}, else: {name, value}
+    end)
+  end
 
   @doc "The default worker executable: `$FINETUNE_WORKER`, else this repo's `.venv/bin/finetune-worker`."
   @spec default_executable() :: String.t()
@@ -118,11 +177,18 @@ defmodule FineTuning.Options do
 
   defp env(env) when is_list(env) do
     Enum.map(env, fn
-      {name, value} when is_binary(name) and name != "" and (is_binary(value) or is_nil(value)) ->
+      {name, value}
+      when is_binary(name) and name != "" and
+             (is_binary(value) or is_nil(value) or is_function(value, 0)) ->
         if String.contains?(name, "="),
           do: raise(ArgumentError, "option :env: variable name #{inspect(name)} contains \"=\"")
 
-        {String.to_charlist(name), if(value, do: String.to_charlist(value), else: false)}
+        {String.to_charlist(name), env_value(name, value)}
+
+      {name, _value} ->
+        # The value is not shown: it may be a secret.
+        raise ArgumentError,
+              "option :env: the value of #{inspect(name)} must be a string, nil or a zero-arity function"
 
       entry ->
         raise ArgumentError,
@@ -133,6 +199,23 @@ defmodule FineTuning.Options do
   defp env(other),
     do:
       raise(ArgumentError, "option :env must be a map or a list of pairs, got: #{inspect(other)}")
+
+  defp env_value(_name, nil), do: false
+  defp env_value(_name, value) when is_binary(value), do: String.to_charlist(value)
+
+  defp env_value(name, fun) do
+    case fun.() do
+      value when is_binary(value) ->
+        String.to_charlist(value)
+
+      nil ->
+        false
+
+      _ ->
+        raise ArgumentError,
+              "option :env: the function given for #{inspect(name)} must return a string or nil"
+    end
+  end
 
   defp cd(nil), do: nil
 

@@ -15,8 +15,13 @@ defmodule FineTuning.Protocol do
       {:"P", text}                                    # stray output of the worker
 
   Frames are decoded with `:erlang.binary_to_term(bin, [:safe])`, which refuses to create
-  atoms. The worker only sends atoms from fixed lists (`python/finetune_worker/events.py` and
-  `errors.py`); this module names every one of them, so they exist once it is loaded.
+  atoms. The worker only sends the atoms listed in `docs/finetune_worker_atoms.eterm` (what
+  `finetune-worker atoms` prints); this module reads that file when it is compiled, so every
+  one of them exists once it is loaded.
+
+  Maps from the worker are *records* (keys fixed by the protocol, atoms: `%{step: 10}`) or
+  *tables* (keys are names, binaries: the `metrics`, `improvement`, `config`, `format_counts`,
+  `tracking` and `details` values), never both; see docs/protocol.md, "Maps".
 
       iex> bin = FineTuning.Protocol.encode_call(7, :status, ["job-1"])
       iex> :erlang.binary_to_term(bin)
@@ -38,8 +43,15 @@ defmodule FineTuning.Protocol do
   @typedoc "An event as a subscriber receives it."
   @type event :: {:fine_tuning, String.t(), atom(), map()}
 
-  # Mirrors of python/finetune_worker/events.py and errors.py; test/vocabulary_test.exs checks
-  # that they stay equal.
+  # Every atom the worker sends, generated from python/finetune_worker/events.py (a pytest
+  # checks the file is current). Consulting it at compile time makes the atoms literals here.
+  @atoms_file Path.expand("../../../docs/finetune_worker_atoms.eterm", __DIR__)
+  @external_resource @atoms_file
+  {:ok, [atoms]} = :file.consult(@atoms_file)
+  @atoms atoms
+
+  # Mirrors of python/finetune_worker/events.py and errors.py, for the functions below;
+  # test/vocabulary_test.exs checks that they stay equal.
   @event_types ~w(queued started phase progress metrics eval checkpoint log token completed
                   failed cancelled)a
   @terminal_types ~w(completed failed cancelled)a
@@ -50,26 +62,12 @@ defmodule FineTuning.Protocol do
                   unsupported_model output_dir_not_writable output_dir_conflict disk_full
                   adapter_mismatch invalid_merge_config invalid_config distributed_failure
                   worker_exit internal_error)a
-  @known_keys ~w(position kind phase level message run_name
-                 step total_steps epoch percent elapsed_s eta_s done total unit
-                 loss learning_rate grad_norm tokens_per_second tokens_seen
-                 eval_loss perplexity samples_per_second
-                 path checkpoint outputs summary output_dir output_path adapter_path
-                 model_path size_bytes runtime_s metrics
-                 error hint details
-                 index text prompt_index completions
-                 value job_id state submitted_at started_at finished_at last_checkpoint
-                 version python torch transformers peft devices queue_length running
-                 name memory_bytes type pid protocol uptime_s cores
-                 model sequence dtype tensors)a
   @error_classes [
     :"finetune_worker.errors.ProtocolError",
     :"finetune_worker.errors.CallError",
     :"finetune_worker.errors.ConfigError",
     :"finetune_worker.errors.InternalError"
   ]
-  @wire_atoms ~w(C M r e P python fine_tuning finetune_worker ok error not_found cancel file
-                 nil true false undefined shutting_down pong)a
 
   @doc "Event types (`{:fine_tuning, job_id, type, payload}`), as in `events.EVENT_TYPES`."
   @spec event_types() :: [atom()]
@@ -91,22 +89,13 @@ defmodule FineTuning.Protocol do
   @spec error_codes() :: [atom()]
   def error_codes, do: @error_codes
 
-  @doc "Payload and reply map keys that arrive as atoms (any other key is a binary)."
-  @spec known_keys() :: [atom()]
-  def known_keys, do: @known_keys
-
   @doc "Exception classes of `{:e, id, {:python, class, message, trace}}` replies."
   @spec error_classes() :: [atom()]
   def error_classes, do: @error_classes
 
-  @doc "Every atom the worker may send."
+  @doc "Every atom the worker may send (`docs/finetune_worker_atoms.eterm`)."
   @spec atoms() :: [atom()]
-  def atoms do
-    Enum.uniq(
-      @wire_atoms ++
-        @event_types ++ @phases ++ @log_levels ++ @error_codes ++ @known_keys ++ @error_classes
-    )
-  end
+  def atoms, do: @atoms
 
   @doc "Whether `type` ends a job."
   @spec terminal?(atom()) :: boolean()

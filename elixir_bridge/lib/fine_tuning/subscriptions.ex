@@ -22,11 +22,15 @@ defmodule FineTuning.Subscriptions do
   @spec new(non_neg_integer()) :: t()
   def new(keep \\ 256), do: %__MODULE__{keep: keep}
 
-  @doc "A submit named `job_id`: register its subscriber; returns the held events, oldest first."
-  @spec job_submitted(t(), String.t(), pid()) :: {[Protocol.event()], t()}
+  @doc """
+  A submit named `job_id`: register its subscriber (`nil`: none, the events go nowhere);
+  returns the held events, oldest first.
+  """
+  @spec job_submitted(t(), String.t(), pid() | nil) :: {[Protocol.event()], t()}
   def job_submitted(subs, job_id, subscriber) do
     {held, rest} = Map.pop(subs.held, job_id, [])
-    {Enum.reverse(held), %{subs | jobs: Map.put(subs.jobs, job_id, [subscriber]), held: rest}}
+    pids = if subscriber, do: [subscriber], else: []
+    {Enum.reverse(held), %{subs | jobs: Map.put(subs.jobs, job_id, pids), held: rest}}
   end
 
   @doc """

@@ -22,9 +22,26 @@ defmodule FineTuning.Worker do
   When the worker process exits, pending callers get `{:error, {:worker_exit, status}}`,
   subscribers of unfinished jobs get `{:fine_tuning, job_id, :failed, %{error: :worker_exit,
   status: status, message: ...}}`, and this GenServer stops with `{:worker_exit, status}` (or
-  `:normal` after `FineTuning.shutdown/2`), so its supervisor restarts it. When this GenServer
-  stops, it closes the worker's stdin and kills the process if it is still there after
-  `:shutdown_grace` ms.
+  `:normal` after `FineTuning.shutdown/2`), so its supervisor restarts it.
+
+  When this GenServer stops (its supervisor or the application stops) while jobs are
+  unfinished, it asks the worker to shut down and keeps relaying its events for up to
+  `:shutdown_grace` ms: the running job is cancelled, saves a checkpoint, and its subscribers
+  get the real `:cancelled` event with the checkpoint path (queued jobs get `:cancelled` at
+  step 0). Only jobs still unfinished after that get `:failed` with `error: :worker_exit`, and a
+  worker still alive is killed.
+
+  A `submit` whose reply comes after the caller's timeout is cancelled at once: the caller got
+  `{:error, :timeout}` and no job id, so no job may run that it cannot see.
+
+  When the `:telemetry` application is loaded, each job emits `[:fine_tuning, :job, :start]`,
+  `[:fine_tuning, :job, :progress]`, `[:fine_tuning, :job, :checkpoint]`, and one of
+  `[:fine_tuning, :job, :stop]` (completed or cancelled) or `[:fine_tuning, :job, :exception]`
+  (failed); see `docs/elixir.md` for the measurements and metadata. Log messages about a job
+  carry `job_id` metadata.
+
+  Secrets given in `:env` never reach logs, crash reports or `:sys.get_state/1` (see
+  `FineTuning.Options`).
   """
 
   use GenServer
@@ -39,27 +56,41 @@ defmodule FineTuning.Worker do
             next_id: 1,
             pending: %{},
             subs: Subscriptions.new(),
-            shutdown_requested: false
+            shutdown_requested: false,
+            telemetry?: false,
+            started: %{}
+
+  @child_spec_keys [:id, :restart, :shutdown]
 
   @doc """
-  A child spec whose `:shutdown` leaves time for the worker's grace period. `:id` defaults
-  to `:name` (then to this module), so several workers (one per GPU) can share a supervisor.
+  A child spec, so that `{FineTuning.Worker, opts}` works in a supervisor's children.
+
+  Besides the worker options (`FineTuning.Options`), `opts` may hold the child spec keys
+  `:id` (default: `:name`, then this module, so several workers, one per GPU, can share a
+  supervisor), `:restart` (default `:permanent`; `:transient` keeps a worker down after
+  `FineTuning.shutdown/2`) and `:shutdown` (default: `:shutdown_grace` + 5 s, room for the
+  running job to save a checkpoint).
   """
   @spec child_spec(keyword()) :: Supervisor.child_spec()
   def child_spec(opts) do
-    id = Keyword.get(opts, :id, Keyword.get(opts, :name, __MODULE__))
+    {spec, opts} = Keyword.split(opts, @child_spec_keys)
 
-    %{
-      id: id,
-      start: {__MODULE__, :start_link, [opts]},
-      shutdown: Options.shutdown_grace(opts) + 5_000,
-      type: :worker
-    }
+    Supervisor.child_spec(
+      %{
+        id: Keyword.get(opts, :name, __MODULE__),
+        start: {__MODULE__, :start_link, [Options.seal_secrets(opts)]},
+        shutdown: Options.shutdown_grace(opts) + 5_000,
+        type: :worker
+      },
+      spec
+    )
   end
 
   @doc "Start the worker process and wait until it answers `info`. See `FineTuning.Options`."
   @spec start_link(keyword()) :: GenServer.on_start()
   def start_link(opts \\ []) do
+    opts = opts |> Options.seal_secrets() |> Keyword.drop(@child_spec_keys)
+
     case Keyword.get(opts, :name) do
       nil -> GenServer.start_link(__MODULE__, opts)
       name -> GenServer.start_link(__MODULE__, opts, name: name)
@@ -72,7 +103,13 @@ defmodule FineTuning.Worker do
     Process.flag(:trap_exit, true)
 
     with {:ok, port} <- OSProcess.open(opts) do
-      state = %__MODULE__{port: port, os_pid: OSProcess.os_pid(port), opts: opts}
+      # The environment went to the OS process; the state keeps no secret of it.
+      state = %__MODULE__{
+        port: port,
+        os_pid: OSProcess.os_pid(port),
+        opts: %{opts | env: Options.redact_env(opts.env)},
+        telemetry?: Code.ensure_loaded?(:telemetry)
+      }
 
       case await_ready(state) do
         {:ok, state} ->
@@ -191,10 +228,10 @@ defmodule FineTuning.Worker do
         {:noreply, state}
 
       # A submit that timed out may still queue the job: keep waiting for its reply (without
-      # a caller) so the subscriber gets the job's events rather than nobody.
-      {{{from, {:submit, _} = kind}, _timer}, pending} ->
+      # a caller), and cancel the job it names (see reply/3): the caller has no job id.
+      {{{from, {:submit, _}}, _timer}, pending} ->
         answer(from, {:error, :timeout})
-        {:noreply, %{state | pending: Map.put(pending, id, {{nil, kind}, nil})}}
+        {:noreply, %{state | pending: Map.put(pending, id, {{nil, :orphan_submit}, nil})}}
 
       {{{from, _kind}, _timer}, pending} ->
         answer(from, {:error, :timeout})
@@ -212,12 +249,54 @@ defmodule FineTuning.Worker do
   @impl true
   def terminate(reason, state) do
     if state.port do
-      fail_all(state, {:worker_exit, nil}, nil, "was stopped (#{inspect(reason)})")
+      state = stop_jobs(state)
 
-      close_port(state)
+      if state.port do
+        fail_all(state, {:worker_exit, nil}, nil, "was stopped (#{inspect(reason)})")
+        close_port(state)
+      else
+        fail_all(state, {:worker_exit, 0}, 0, "was stopped (#{inspect(reason)})")
+      end
     end
 
     :ok
+  end
+
+  # Crash reports and :sys.get_status/1 show the state through this (OTP 25+). The state holds
+  # no secret already (see init/1); the pending callers are only counted.
+  # No @impl: Elixir 1.14's GenServer does not declare format_status/1 (OTP's gen_server does).
+  @doc false
+  def format_status(%{state: %__MODULE__{} = state} = status) do
+    %{status | state: %{state | pending: map_size(state.pending)}}
+  end
+
+  def format_status(status), do: status
+
+  # With jobs unfinished, ask the worker to shut down (it cancels them, the running one saves a
+  # checkpoint) and relay its events until it exits or the grace runs out; nil port = exited.
+  defp stop_jobs(state) do
+    if Subscriptions.unfinished(state.subs) == [] do
+      state
+    else
+      id = state.next_id
+      command(state.port, Protocol.encode_call(id, :shutdown, []))
+      state = %{state | next_id: id + 1, shutdown_requested: true}
+      relay_until_exit(state, System.monotonic_time(:millisecond) + state.opts.shutdown_grace)
+    end
+  end
+
+  defp relay_until_exit(%{port: port} = state, deadline) do
+    remaining = max(deadline - System.monotonic_time(:millisecond), 0)
+
+    receive do
+      {^port, {:data, frame}} ->
+        relay_until_exit(handle_frame(Protocol.decode(frame), state, frame), deadline)
+
+      {^port, {:exit_status, _status}} ->
+        %{state | port: nil}
+    after
+      remaining -> state
+    end
   end
 
   defp close_port(state), do: OSProcess.close(state.port, state.os_pid, state.opts.shutdown_grace)
@@ -309,7 +388,24 @@ defmodule FineTuning.Worker do
     drop_held(state)
   end
 
-  defp route_event({:fine_tuning, job_id, type, _} = event, state) do
+  defp reply({nil, :orphan_submit}, {:ok, job_id}, state) do
+    Logger.warning(
+      "submit of job #{job_id} was answered after the caller's timeout; cancelling the job, " <>
+        "whose id the caller never got",
+      job_id: job_id
+    )
+
+    command(state.port, Protocol.encode_cast({:cancel, job_id}))
+    # Registered with no subscriber: its events (held ones too) go nowhere, without warnings.
+    {_held, subs} = Subscriptions.job_submitted(state.subs, job_id, nil)
+    drop_held(%{state | subs: subs})
+  end
+
+  defp reply({nil, :orphan_submit}, _result, state), do: drop_held(state)
+
+  defp route_event({:fine_tuning, job_id, type, payload} = event, state) do
+    state = telemetry(state, job_id, type, payload)
+
     case Subscriptions.route(state.subs, event, submit_pending?(state)) do
       {:deliver, pids, subs} ->
         Enum.each(pids, &send(&1, event))
@@ -319,8 +415,73 @@ defmodule FineTuning.Worker do
         %{state | subs: subs}
 
       {:unknown, subs} ->
-        Logger.warning("finetune-worker sent an event of unknown job #{job_id}: #{type}")
+        Logger.warning("finetune-worker sent an event of unknown job #{job_id}: #{type}",
+          job_id: job_id
+        )
+
         %{state | subs: subs}
+    end
+  end
+
+  # ---- telemetry ----------------------------------------------------------------------------
+
+  # :telemetry is no dependency (hex may be unreachable); it is used when the app has it.
+  @compile {:no_warn_undefined, :telemetry}
+
+  defp telemetry(%{telemetry?: false} = state, _job_id, _type, _payload), do: state
+
+  defp telemetry(state, job_id, type, payload) do
+    meta = %{job_id: job_id, worker: self(), name: state.opts.name}
+    now = System.monotonic_time()
+
+    case type do
+      :started ->
+        :telemetry.execute(
+          [:fine_tuning, :job, :start],
+          %{system_time: System.system_time(), monotonic_time: now},
+          Map.put(meta, :kind, payload[:kind])
+        )
+
+        %{state | started: Map.put(state.started, job_id, now)}
+
+      :progress ->
+        measurements = Map.take(payload, [:step, :total_steps, :percent, :done, :total, :eta_s])
+        :telemetry.execute([:fine_tuning, :job, :progress], measurements, meta)
+        state
+
+      :checkpoint ->
+        :telemetry.execute(
+          [:fine_tuning, :job, :checkpoint],
+          %{step: payload[:step]},
+          Map.put(meta, :path, payload[:path])
+        )
+
+        state
+
+      type when type in [:completed, :cancelled, :failed] ->
+        {started, rest} = Map.pop(state.started, job_id, now)
+        measurements = %{duration: now - started, monotonic_time: now}
+
+        if type == :failed do
+          meta =
+            Map.merge(meta, %{kind: :error, reason: payload[:error], message: payload[:message]})
+
+          :telemetry.execute([:fine_tuning, :job, :exception], measurements, meta)
+        else
+          meta =
+            Map.merge(meta, %{
+              result: type,
+              outputs: payload[:outputs],
+              checkpoint: payload[:checkpoint]
+            })
+
+          :telemetry.execute([:fine_tuning, :job, :stop], measurements, meta)
+        end
+
+        %{state | started: rest}
+
+      _ ->
+        state
     end
   end
 

@@ -1,6 +1,7 @@
 """Job configs: parse, infer the kind, validate everything at once.
 
 ``parse_job_config(raw)`` accepts a JSON text (str/bytes), a dict, or ``("file", path)``
+(:mod:`finetune_worker.api` turns the wire forms into these, in one place)
 and returns ``(kind, model)`` with ``model`` a validated pydantic model, or raises
 :class:`~finetune_worker.errors.ConfigError` listing every problem with its JSON path.
 Models may define ``environment_issues(self) -> list[ConfigIssue]`` for checks that look at
@@ -13,7 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from pathlib import Path
+import stat
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -52,47 +53,106 @@ def model_class(kind: str) -> type[BaseModel]:
     return cls
 
 
+#: Largest config file or text accepted (a real one is a few KiB; MergeKit YAMLs are separate).
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+_BOM = "\ufeff"
+
+
 def load_raw(raw: Any) -> dict[str, Any]:
-    """Turn any accepted config form into a dict, or raise ConfigError naming what is wrong."""
+    """Turn a config (a dict, a JSON document as str/bytes, or ``("file", path)``) into a dict.
+
+    A str is always the document itself, never a file name: naming a file takes the explicit
+    ``("file", path)`` form (``{file, Path}`` on the wire), which alone reads from disk and is
+    confined to the allowed roots (:func:`read_config_file`). Raises ConfigError naming what is
+    wrong, and never echoes the config's text (it may hold secrets).
+    """
     source = "<config>"
     if isinstance(raw, tuple) and len(raw) == 2 and str(raw[0]) == "file":
-        path = raw[1].decode() if isinstance(raw[1], (bytes, bytearray)) else str(raw[1])
+        path = os.fsdecode(raw[1]) if isinstance(raw[1], (bytes, bytearray)) else str(raw[1])
         source = path
-        outside = outside_issue("", path)
-        if outside is not None:
-            raise ConfigError([ConfigIssue("", f"config file: {outside.message}", path)])
-        try:
-            raw = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                [ConfigIssue("", f"cannot read config file {path}: {exc.strerror or exc}")]
-            ) from None
-    elif (
-        isinstance(raw, (str, os.PathLike))
-        and not str(raw).lstrip().startswith("{")
-        and Path(str(raw)).is_file()
-    ):
-        source = str(raw)
-        raw = Path(str(raw)).read_text(encoding="utf-8")
+        raw = read_config_file(path)
     if isinstance(raw, (bytes, bytearray)):
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                [ConfigIssue("", f"config is {len(raw)} bytes, over the {MAX_CONFIG_BYTES} limit")]
+            )
         try:
             raw = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError([ConfigIssue("", f"config is not UTF-8 text (byte {exc.start})")]) from None
     if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                [
-                    ConfigIssue(
-                        "", f"invalid JSON in {source} at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-                    )
-                ]
-            ) from None
+        raw = _parse_text(raw.removeprefix(_BOM), source)
     if not isinstance(raw, dict):
         raise ConfigError([ConfigIssue("", f"a job config must be a JSON object, got {type(raw).__name__}")])
     return {str(k): v for k, v in raw.items()}
+
+
+def _parse_text(text: str, source: str) -> Any:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [ConfigIssue("", f"config is {len(text)} characters, over the {MAX_CONFIG_BYTES} limit")]
+        )
+    stripped = text.strip()
+    if source == "<config>" and stripped and stripped[0] not in "{[" and "\n" not in stripped:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "",
+                    "a config sent as text must be the JSON document itself, not a file name; to name "
+                    "a file send {file, Path} (Elixir: {:file, path})",
+                )
+            ]
+        )
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            [ConfigIssue("", f"invalid JSON in {source} at line {exc.lineno}, column {exc.colno}: {exc.msg}")]
+        ) from None
+    except RecursionError:
+        raise ConfigError([ConfigIssue("", f"JSON in {source} is nested too deeply")]) from None
+
+
+def read_config_file(path: str) -> str:
+    """The text of a config file: inside the allowed roots, a regular file, at most MAX_CONFIG_BYTES.
+
+    Opened without blocking (a FIFO named as a config must not hang the worker's main thread)
+    and checked on the open descriptor, so a file swapped after the check is still the one read.
+    """
+    outside = outside_issue("", path)
+    if outside is not None:
+        raise ConfigError([ConfigIssue("", f"config file: {outside.message}", path)])
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError([ConfigIssue("", f"cannot read config file {path}: {why}")])
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise fail(exc.strerror or str(exc)) from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise fail(str(exc)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise fail("not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise fail(f"{info.st_size} bytes, over the {MAX_CONFIG_BYTES} limit")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise fail(exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise fail(f"over the {MAX_CONFIG_BYTES} byte limit")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [ConfigIssue("", f"config file {path} is not UTF-8 text (byte {exc.start})")]
+        ) from None
 
 
 def infer_kind(data: dict[str, Any]) -> str:

@@ -58,14 +58,16 @@ class TrainingEvaluator:
             model.train(was_training)
         self.scores[stage] = scores
         values = {k: v for k, v in scores.metrics.items() if v is not None}
-        self._ctx.emit("eval", model=stage, **values)
+        self._ctx.emit("eval", model=stage, metrics=values)
         return scores.metrics
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rows_from": self.source, "rows": len(self.items)}
-        for stage in STAGES:
-            if stage in self.scores:
-                out[stage] = self.scores[stage].metrics
+        # `metrics` is a table (events.TABLE_KEYS): model label -> that model's scores.
+        out: dict[str, Any] = {
+            "rows_from": self.source,
+            "rows": len(self.items),
+            "metrics": {stage: self.scores[stage].metrics for stage in STAGES if stage in self.scores},
+        }
         if all(stage in self.scores for stage in STAGES):
             out["improvement"] = metrics.improvement(
                 self.scores["fine_tuned"].metrics, self.scores["base"].metrics

@@ -64,17 +64,22 @@ def _evaluate(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
     out = _output_dir(cfg.output_dir, cfg)
 
     main = _score(ctx, cfg, examples, "model", cfg.model_path, cfg.adapter_path)
-    result: dict[str, Any] = dict(main.metrics)
-    result.update(model_path=cfg.model_path, adapter_path=cfg.adapter_path, dataset_path=cfg.dataset.path)
+    # A record of fixed fields; the scores are in the `metrics` table (events.TABLE_KEYS).
+    result: dict[str, Any] = {
+        "model_path": cfg.model_path,
+        "adapter_path": cfg.adapter_path,
+        "dataset_path": cfg.dataset.path,
+        "metrics": dict(main.metrics),
+    }
     rows = main.rows
     if cfg.compare_model_path is not None:
         from finetune_worker.evaluation.metrics import improvement
 
         other = _score(ctx, cfg, examples, "compare", cfg.compare_model_path, cfg.compare_adapter_path)
         result["compare"] = {
-            **other.metrics,
             "model_path": cfg.compare_model_path,
             "adapter_path": cfg.compare_adapter_path,
+            "metrics": dict(other.metrics),
         }
         result["improvement"] = improvement(main.metrics, other.metrics)
         ctx.log(f"improvement over the comparison model: {_brief(result['improvement'])}")
@@ -136,7 +141,7 @@ def _score(
         cancel=ctx.cancel_event,
         progress=progress,
     )
-    ctx.emit("eval", **{"model": which, **{k: v for k, v in scores.metrics.items() if v is not None}})
+    ctx.emit("eval", model=which, metrics={k: v for k, v in scores.metrics.items() if v is not None})
     del lm
     gc.collect()  # two models at once would double peak memory
     return scores

@@ -68,16 +68,14 @@ class EventCallback(TrainerCallback):
         dt = now - self._last_log_t
         rate = (tokens - self._last_log_tokens) / dt if dt > 0 else None
         self._last_log_t, self._last_log_tokens = now, tokens
-        payload: dict[str, Any] = {
-            "step": state.global_step,
+        values: dict[str, Any] = {
             "loss": _num(logs.get("loss")),
             "learning_rate": _num(logs.get("learning_rate")),
             "grad_norm": _num(logs.get("grad_norm")),
             "tokens_per_second": round(rate, 2) if rate is not None else None,
             "tokens_seen": tokens,
         }
-        payload["epoch"] = _num(logs.get("epoch"))
-        self._emit("metrics", **payload)
+        self._emit("metrics", step=state.global_step, epoch=_num(logs.get("epoch")), metrics=values)
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any
@@ -87,7 +85,7 @@ class EventCallback(TrainerCallback):
         if loss is None:
             return
         self.last_eval = {"eval_loss": loss, "perplexity": perplexity(loss)}
-        self._emit("eval", step=state.global_step, eval_loss=loss, perplexity=perplexity(loss))
+        self._emit("eval", step=state.global_step, metrics=dict(self.last_eval))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         path = self._output_dir / f"checkpoint-{state.global_step}"
