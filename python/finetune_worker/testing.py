@@ -427,7 +427,10 @@ class WorkerHarness:
 
 
 def _id_key(call_id: Any) -> Any:
-    """Call ids may be any term, maps and lists included; those are keyed by their repr."""
+    """Call ids may be any term, maps and lists included; those are keyed by their repr (and a
+    NaN float, which equals nothing, by its name)."""
+    if isinstance(call_id, float) and call_id != call_id:
+        return ("nan id",)
     try:
         hash(call_id)
     except TypeError:
