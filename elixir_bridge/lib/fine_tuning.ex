@@ -24,9 +24,10 @@ defmodule FineTuning do
 
   The subscriber of a job (the caller of `submit/3` unless `:subscriber` names another pid)
   receives every event as `{:fine_tuning, job_id, type, payload}`: `type` is one of
-  `FineTuning.Protocol.event_types/0` and `payload` a map whose known keys are atoms
-  (`:step`, `:loss`, `:path`, ...) and whose other keys (custom metrics) are binaries. A job
-  ends with exactly one `:completed`, `:failed` or `:cancelled` event.
+  `FineTuning.Protocol.event_types/0` and `payload` a map with atom keys (`:step`, `:path`,
+  `:summary`, ...); the maps keyed by names (`metrics`, `improvement`, `config`, `details`)
+  have binary keys: `%{metrics: %{"loss" => loss}}`. A job ends with exactly one
+  `:completed`, `:failed` or `:cancelled` event.
 
   Every call returns `{:error, {:worker_exit, status}}` if the worker process dies before it
   answers, `{:error, :timeout}` after the worker's `:call_timeout` (or the `:timeout` given
