@@ -33,8 +33,9 @@ import finetune_worker
 
 log = logging.getLogger("finetune_worker.cli")
 
-#: Exit statuses of ``run`` (130 = 128 + SIGINT, what shells report for Ctrl-C).
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 130
+#: Exit statuses of ``run`` (130 = 128 + SIGINT, what shells report for Ctrl-C; 143 = 128 +
+#: SIGTERM, what Slurm, Kubernetes and systemd expect from a job they told to stop).
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
 def _default_grace() -> float:
@@ -285,12 +286,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         sink = Renderer()
 
     finished = threading.Event()
-    outcome: dict[str, str] = {}
+    outcome: dict[str, Any] = {}
 
     def on_event(record: Any, event: Any) -> None:
         sink(record, event)
         if event.terminal:
             outcome["type"] = event.type
+            outcome["payload"] = event.payload
             finished.set()
 
     manager = JobManager(on_event, job_prefix="run")
@@ -307,14 +309,35 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stderr.flush()
             os._exit(EXIT_CANCELLED)
 
+    terminated = threading.Event()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        # A scheduler's stop (Slurm, Kubernetes, systemd): save at the next step and exit 143.
+        if not terminated.is_set():
+            terminated.set()
+            print("\nSIGTERM: cancelling at the next step boundary and saving a checkpoint", file=sys.stderr)
+            manager.cancel(job_id)
+
     previous = signal.signal(signal.SIGINT, on_sigint)
+    previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while not finished.wait(0.2):  # short waits keep the main thread responsive to signals
             pass
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         manager.close(args.grace)
         close = getattr(sink, "close", None)
         if close is not None:
             close()
+    if terminated.is_set() and outcome.get("type") == "cancelled":
+        checkpoint = (outcome.get("payload") or {}).get("checkpoint")
+        how = (
+            f"run the same command again to resume from {checkpoint}"
+            + ("" if getattr(model, "resume", "auto") == "auto" else ' (with "resume": "auto" in the config)')
+            if checkpoint
+            else "no checkpoint was written; the run starts over when run again"
+        )
+        print(f"stopped by SIGTERM: {how}", file=sys.stderr)
+        return EXIT_TERMINATED
     return {"completed": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(outcome.get("type", ""), EXIT_FAILED)

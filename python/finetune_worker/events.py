@@ -89,6 +89,7 @@ RECORD_KEYS: frozenset[str] = frozenset(
         "method", "model_name", "base_eval_loss", "base_perplexity", "final_eval_loss",
         "final_perplexity", "improvement_pct", "train_loss", "steps", "epochs", "tokens_seen",
         "train_examples", "runtime_s", "resumed_from", "data", "config", "evaluation", "tracking",
+        "best_step", "best_metric", "best_checkpoint", "already_complete",
         # train summary: data
         "rows", "dropped", "eval_rows", "format_counts", "mask_method", "max_seq_length",
         "train_rows", "train_tokens", "trained_tokens", "truncated", "warnings",

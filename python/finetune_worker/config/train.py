@@ -69,6 +69,12 @@ class TrainingParameters(_Section):
         "cosine_with_min_lr",
         "warmup_stable_decay",
     ] = Field("linear", description="Learning-rate schedule after warmup (a transformers SchedulerType).")
+    lr_scheduler_kwargs: dict[str, float | int | str] = Field(
+        default_factory=dict,
+        description="Settings of the chosen schedule (checked per schedule, see SCHEDULER_KWARGS): "
+        "cosine_with_min_lr takes min_lr or min_lr_rate (default min_lr_rate 0.1), warmup_stable_decay "
+        "num_decay_steps (default 10% of the steps), min_lr_ratio, decay_type...",
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
     optimizer: Literal[
         "adamw_torch",
@@ -89,6 +95,75 @@ class TrainingParameters(_Section):
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
     logging_steps: int = Field(10, gt=0, description="Send a metrics event every N optimizer steps.")
+
+
+#: Each schedule's own settings (``training_parameters.lr_scheduler_kwargs``): name -> (type,
+#: lowest, highest, choices). transformers raises deep in the Trainer for a missing or unknown
+#: one; checking here makes it a config issue at submit.
+_Number = tuple[type, float | None, float | None, tuple[str, ...] | None]
+_CYCLES: _Number = (float, 0.0, None, None)
+SCHEDULER_KWARGS: dict[str, dict[str, _Number]] = {
+    "linear": {},
+    "cosine": {"num_cycles": _CYCLES},
+    "cosine_with_restarts": {"num_cycles": (int, 1, None, None)},
+    "polynomial": {"power": (float, 0.0, None, None), "lr_end": (float, 0.0, None, None)},
+    "constant": {},
+    "constant_with_warmup": {},
+    "inverse_sqrt": {"timescale": (int, 1, None, None)},
+    "cosine_with_min_lr": {
+        "min_lr": (float, 0.0, None, None),
+        "min_lr_rate": (float, 0.0, 1.0, None),
+        "num_cycles": _CYCLES,
+    },
+    "warmup_stable_decay": {
+        "num_decay_steps": (int, 0, None, None),
+        "num_stable_steps": (int, 0, None, None),
+        "min_lr_ratio": (float, 0.0, 1.0, None),
+        "num_cycles": _CYCLES,
+        "decay_type": (str, None, None, ("linear", "cosine", "1-sqrt")),
+        "warmup_type": (str, None, None, ("linear", "cosine", "1-sqrt")),
+    },
+}
+#: Defaults for settings transformers requires but has none for.
+DEFAULT_MIN_LR_RATE = 0.1
+DEFAULT_DECAY_FRACTION = 0.1
+
+
+def scheduler_kwargs_issues(name: str, kwargs: dict[str, object]) -> list[ConfigIssue]:
+    """Unknown settings for ``name``, values of the wrong type or out of range."""
+    where = "training_parameters.lr_scheduler_kwargs"
+    spec = SCHEDULER_KWARGS.get(name, {})
+    issues: list[ConfigIssue] = []
+    for key, value in kwargs.items():
+        if key not in spec:
+            allowed = ", ".join(sorted(spec)) or "none"
+            issues.append(ConfigIssue(f"{where}.{key}", f"not a setting of lr_scheduler {name!r} (it takes: {allowed})", value))
+            continue
+        kind, lo, hi, choices = spec[key]
+        if kind is str:
+            if value not in (choices or ()):
+                issues.append(ConfigIssue(f"{where}.{key}", f"expected one of {list(choices or ())}", value))
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+            issues.append(ConfigIssue(f"{where}.{key}", f"expected {'a whole number' if kind is int else 'a number'}", value))
+            continue
+        if value != value or value in (float("inf"), float("-inf")):
+            issues.append(ConfigIssue(f"{where}.{key}", "must be a finite number", value))
+        elif (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            issues.append(ConfigIssue(f"{where}.{key}", f"must be {bounds}", value))
+    if name == "cosine_with_min_lr" and "min_lr" in kwargs and "min_lr_rate" in kwargs:
+        issues.append(ConfigIssue(f"{where}.min_lr", "set min_lr or min_lr_rate, not both", kwargs["min_lr"]))
+    return issues
+
+
+def scheduler_kwargs(name: str, kwargs: dict[str, object]) -> dict[str, object]:
+    """The kwargs transformers gets: validated ones, whole numbers as ints, plus our defaults."""
+    spec = SCHEDULER_KWARGS.get(name, {})
+    out: dict[str, object] = {k: (int(v) if spec[k][0] is int else v) for k, v in kwargs.items()}  # type: ignore[call-overload]
+    if name == "cosine_with_min_lr" and "min_lr" not in out and "min_lr_rate" not in out:
+        out["min_lr_rate"] = DEFAULT_MIN_LR_RATE
+    return out
 
 
 class DatasetSection(_Section):
@@ -147,6 +222,18 @@ class EvalSection(_Section):
         None, gt=0, description="Stop after N evaluations without a lower eval loss (needs every_steps)."
     )
     early_stopping_threshold: float = Field(0.0, ge=0, description="Smallest eval-loss drop that counts.")
+    load_best_model_at_end: bool = Field(
+        False,
+        description="Save the weights of the best evaluation (by metric_for_best_model) instead of the last "
+        "step's; needs every_steps, and checkpoint.every_steps a multiple of it. The chosen step is in "
+        "the summary (best_step, best_metric, best_checkpoint).",
+    )
+    metric_for_best_model: Literal["eval_loss"] = Field(
+        "eval_loss", description="What 'best' means: the held-out loss (the only metric evaluated in training)."
+    )
+    greater_is_better: bool = Field(
+        False, description="Whether a higher metric_for_best_model is better (not for a loss)."
+    )
 
 
 class CheckpointSection(_Section):
@@ -154,6 +241,18 @@ class CheckpointSection(_Section):
 
     every_steps: int = Field(100, gt=0, description="Save a resumable checkpoint every N optimizer steps.")
     keep: int = Field(2, gt=0, description="Keep the N newest complete checkpoints; older ones are deleted.")
+
+
+def _layer_count(model_dir: Path) -> int | None:
+    """``num_hidden_layers`` from the model's config.json (None when it does not say)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    value = config.get("num_hidden_layers", (config.get("text_config") or {}).get("num_hidden_layers"))
+    return value if isinstance(value, int) and value > 0 else None
 
 
 class TrainConfig(_Section):
@@ -253,6 +352,7 @@ class TrainConfig(_Section):
                     tp.warmup_steps,
                 )
             )
+        issues.extend(scheduler_kwargs_issues(tp.lr_scheduler, tp.lr_scheduler_kwargs))
         if self.quantization is not None and peft.method == "full":
             issues.append(
                 ConfigIssue(
@@ -289,6 +389,8 @@ class TrainConfig(_Section):
                     "early stopping needs a step-based evaluation schedule: set eval.every_steps",
                 )
             )
+        if self.eval.load_best_model_at_end:
+            issues.extend(self._best_model_issues())
         if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             issues.append(
                 ConfigIssue(
@@ -303,6 +405,24 @@ class TrainConfig(_Section):
             issues.extend(self.distributed.issues())
         return issues
 
+    def _best_model_issues(self) -> list[ConfigIssue]:
+        where = "eval.load_best_model_at_end"
+        if self.dataset.validation_split == 0:
+            return [ConfigIssue(where, "needs held-out data: set dataset.validation_split above 0")]
+        every = self.eval.every_steps
+        if every is None:
+            return [ConfigIssue("eval.every_steps", "load_best_model_at_end needs a step-based evaluation: set eval.every_steps")]
+        if self.checkpoint.every_steps % every:
+            return [
+                ConfigIssue(
+                    "checkpoint.every_steps",
+                    f"load_best_model_at_end keeps the best checkpoint, so checkpoints must fall on evaluations: "
+                    f"make checkpoint.every_steps a multiple of eval.every_steps ({every})",
+                    self.checkpoint.every_steps,
+                )
+            ]
+        return []
+
     def environment_issues(self) -> list[ConfigIssue]:
         """Problems a glance at the file system reveals; run at submit, before anything heavy."""
         from finetune_worker.training.checkpoints import output_dir_issue, resume_path_issue
@@ -316,6 +436,17 @@ class TrainConfig(_Section):
                     f"no local model at '{self.model_name}'; this worker loads models from local paths (no hub access)",
                 )
             )
+        elif self.peft.method == "full" and self.peft.freeze_layers:
+            layers = _layer_count(model)
+            if layers is not None and self.peft.freeze_layers >= layers:
+                issues.append(
+                    ConfigIssue(
+                        "peft.freeze_layers",
+                        f"the model has {layers} decoder layers: freezing {self.peft.freeze_layers} would leave "
+                        f"none to train (at most {layers - 1})",
+                        self.peft.freeze_layers,
+                    )
+                )
         data = self.resolved(self.dataset.path)
         if not data.is_file():
             issues.append(ConfigIssue("dataset.path", f"no dataset file at '{self.dataset.path}'"))

@@ -66,18 +66,19 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def score_row(prediction: str, reference: str) -> dict[str, float]:
+    """One row's scores, all on the 0-100 scale of the dataset figures (and of sacrebleu's BLEU)."""
     return {
-        "exact_match": exact_match(prediction, reference),
-        "f1": token_f1(prediction, reference),
-        "bleu": sentence_bleu(prediction, reference),
-        "rouge_l": rouge_l(prediction, reference),
+        "exact_match": 100.0 * exact_match(prediction, reference),
+        "f1": round(100.0 * token_f1(prediction, reference), 4),
+        "bleu": round(sentence_bleu(prediction, reference), 4),
+        "rouge_l": round(100.0 * rouge_l(prediction, reference), 4),
     }
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Dataset-level answer metrics from per-row predictions (rows with a reference only).
 
-    EM, F1 and ROUGE-L are percentages averaged over rows; BLEU is corpus BLEU, which is
+    EM, F1 and ROUGE-L are the rows' scores (0-100) averaged; BLEU is corpus BLEU, which is
     not the mean of sentence BLEUs.
     """
     scored = [r for r in rows if r.get("reference") is not None and r.get("prediction") is not None]
@@ -85,10 +86,10 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         return {}
     n = len(scored)
     return {
-        "exact_match": round(100.0 * sum(r["exact_match"] for r in scored) / n, 4),
-        "f1": round(100.0 * sum(r["f1"] for r in scored) / n, 4),
+        "exact_match": round(sum(r["exact_match"] for r in scored) / n, 4),
+        "f1": round(sum(r["f1"] for r in scored) / n, 4),
         "bleu": round(corpus_bleu([r["prediction"] for r in scored], [r["reference"] for r in scored]), 4),
-        "rouge_l": round(100.0 * sum(r["rouge_l"] for r in scored) / n, 4),
+        "rouge_l": round(sum(r["rouge_l"] for r in scored) / n, 4),
         "answered_rows": n,
     }
 

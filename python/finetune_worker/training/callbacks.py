@@ -30,6 +30,7 @@ class EventCallback(TrainerCallback):
         self.cancel_requested = False
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, float] = {}
+        self.last_eval_step: int | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # Rates and ETA count this session only: a resumed run starts at its checkpoint's step.
@@ -85,6 +86,7 @@ class EventCallback(TrainerCallback):
         if loss is None:
             return
         self.last_eval = {"eval_loss": loss, "perplexity": perplexity(loss)}
+        self.last_eval_step = state.global_step
         self._emit("eval", step=state.global_step, metrics=dict(self.last_eval))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

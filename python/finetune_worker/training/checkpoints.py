@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,17 +77,26 @@ def publish(staged: Path, output_dir: Path) -> Path:
     """Flush ``staged`` to disk and rename it into ``output_dir`` in one step."""
     _fsync_tree(staged)
     final = output_dir / staged.name
-    if final.exists():  # a re-save of the same step (resume at a saved step): replace it whole
-        shutil.rmtree(final)
+    old: Path | None = None
+    if final.exists():
+        # A re-save of the same step (resume at a saved step): move the old one out whole, by
+        # rename, so a kill at any point leaves either a complete checkpoint-N or none, never a
+        # half-deleted one that still looks complete.
+        old = staging_dir(output_dir) / f"replaced-{final.name}-{time.monotonic_ns()}"
+        os.replace(final, old)
     os.replace(staged, final)
     _fsync_dir(output_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def rotate(output_dir: Path, keep: int, protect: Path | None = None) -> list[Path]:
-    """Delete all but the ``keep`` newest complete checkpoints; returns what was deleted."""
+def rotate(output_dir: Path, keep: int, protect: Path | Iterable[Path] | None = None) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints (never one in ``protect``: the one
+    just written, the best one); returns what was deleted."""
+    kept = {protect} if isinstance(protect, Path) else set(protect or ())
     ckpts = complete_checkpoints(output_dir)
-    doomed = [p for p in ckpts[: max(0, len(ckpts) - keep)] if protect is None or p != protect]
+    doomed = [p for p in ckpts[: max(0, len(ckpts) - keep)] if p not in kept]
     for path in doomed:
         # Rename first so a kill mid-delete cannot leave a half-deleted "complete" checkpoint.
         trash = staging_dir(output_dir) / f"deleting-{path.name}-{time.monotonic_ns()}"

@@ -48,6 +48,8 @@ def build_datasets(
 
     The split is by source row (blocks of one document never straddle it) and depends only on
     ``seed``. ``stats`` counts rows, sequences, tokens, trained tokens, truncations and formats.
+    When chat rows were rendered, ``tokenizer.chat_template`` is set to the template used, so
+    the tokenizer saved with the outputs renders prompts as training did.
     """
     examples = load_examples(Path(path), data_cfg)
     train_ex, eval_ex = split_examples(examples, validation_split, seed)
@@ -91,6 +93,10 @@ def build_datasets(
         "max_seq_length": data_cfg.max_seq_length,
         "warnings": warnings,
     }
+    if any(kind != "text" for kind in stats["format_counts"]):
+        # The template the chat rows were rendered with goes out with the outputs: evaluate,
+        # generate and anyone loading them with AutoTokenizer must render prompts the same way.
+        tokenizer.chat_template = encoder.template
     return train_rows, eval_rows, stats
 
 

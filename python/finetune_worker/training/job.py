@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -122,7 +123,7 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
         plan_hardware,
         trainable_parameters,
     )
-    from finetune_worker.training.trainer import build_trainer
+    from finetune_worker.training.trainer import build_trainer, read_run_state
 
     def warn(message: str) -> None:
         ctx.log(message, level="warning")
@@ -167,6 +168,22 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
     trainer = build_trainer(
         cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [callback, *trackers], out
     )
+    finished = resume_from is not None and _already_trained(trainer, resume_from)
+    if finished and resume_from is not None:
+        stored = _stored_result(out, resume_from)
+        if stored is not None:
+            _close_tracking(trackers, "FINISHED")
+            trackers.clear()
+            ctx.log(
+                f"already complete: {out} holds this run's final step ({ckpt.checkpoint_step(resume_from)}); "
+                'nothing to train. Set "overwrite": true with "resume": false to train it again.'
+            )
+            return stored
+        ctx.log(f"{resume_from} is this run's final step: finishing from it without training")
+    if resume_from is not None:
+        run_state = read_run_state(resume_from)
+        if run_state is not None:
+            trainer.prior_loss_sum = float(run_state.get("loss_sum", 0.0))
     evaluator = None
     if cfg.evaluation is not None:  # the evaluate job's scores before and after training
         from finetune_worker.evaluation.in_training import TrainingEvaluator
@@ -184,7 +201,10 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
         ctx.check_cancelled()
 
     ctx.phase("training")
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if finished and resume_from is not None:
+        result = _restore_final_checkpoint(trainer, resume_from)
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     step = trainer.state.global_step
     if callback.cancel_requested:
         last = callback.last_checkpoint or ckpt.latest_checkpoint(out)
@@ -193,7 +213,10 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
     final_eval: dict[str, float] = {}
     if has_eval or evaluator is not None:
         ctx.phase("evaluating")
-    if has_eval:
+    best_loaded = trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None
+    if has_eval and callback.last_eval_step == step and not best_loaded:
+        final_eval = dict(callback.last_eval)  # the model was just evaluated at this very step
+    elif has_eval:
         trainer.evaluate()
         final_eval = dict(callback.last_eval)
     if evaluator is not None:
@@ -201,6 +224,8 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
 
     ctx.phase("saving")
     save_outputs(trainer, tokenizer, out, initial_adapter)
+    if initial_adapter is not None:
+        shutil.rmtree(initial_adapter, ignore_errors=True)  # only needed for the conversion above
     if not trainer.args.should_save:
         return {}  # a rank other than 0: rank 0 writes the outputs and reports them
     summary = _summary(
@@ -223,12 +248,48 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
 
 
 def save_initial_adapter(cfg: TrainConfig, model: Any, out: Path) -> Path | None:
-    """PiSSA rewrites the base weights at init; keep the initial adapter to undo that at save."""
+    """PiSSA rewrites the base weights at init; keep the initial adapter to undo that at save.
+
+    It lives in the hidden staging folder and goes once the final adapter is saved (each run
+    rebuilds the same one from the seed, so a resumed run needs no copy from before).
+    """
     if cfg.peft.method not in MUTATING_INITS:
         return None
-    path = out / INITIAL_ADAPTER
+    path = ckpt.staging_dir(out) / INITIAL_ADAPTER
     model.save_pretrained(str(path))
     return path
+
+
+def _already_trained(trainer: Any, checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` holds the run's last step (the Trainer would step past it)."""
+    planned = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[6]
+    return ckpt.checkpoint_step(checkpoint) >= int(planned)
+
+
+def _stored_result(out: Path, checkpoint: Path) -> dict[str, Any] | None:
+    """The completed result of a finished run in ``out`` (its summary.json), if it is this checkpoint's."""
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("steps") != ckpt.checkpoint_step(checkpoint):
+        return None
+    weights_key = "model_path" if summary.get("method") == "full" else "adapter_path"
+    return {
+        "outputs": {"output_dir": str(out), weights_key: str(out), "summary_path": str(out / SUMMARY)},
+        "summary": {**summary, "already_complete": True},
+    }
+
+
+def _restore_final_checkpoint(trainer: Any, checkpoint: Path) -> Any:
+    """Load a finished run's last checkpoint instead of training (a kill came after it, before the save)."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    trainer._initial_global_step = trainer.state.global_step  # no step of this call: all came before
+    return TrainOutput(trainer.state.global_step, 0.0, {})
 
 
 def save_outputs(trainer: Any, tokenizer: Any, out: Path, initial_adapter: Path | None) -> None:
@@ -314,7 +375,7 @@ def _summary(
         "final_eval_loss": final_eval.get("eval_loss"),
         "final_perplexity": final_ppl,
         "improvement_pct": improvement,
-        "train_loss": _finite(getattr(result, "training_loss", None)),
+        "train_loss": _whole_run_loss(trainer, result),
         "steps": state.global_step,
         "total_steps": state.max_steps,
         "epochs": round(float(state.epoch or 0.0), 4),
@@ -322,9 +383,39 @@ def _summary(
         "train_examples": n_train,
         "runtime_s": round(time.monotonic() - started, 3),
         "resumed_from": str(resume_from) if resume_from else None,
+        **_best(trainer),
         "data": _plain(stats),
         "config": redact(cfg.model_dump(mode="json")),
     }
+
+
+def _best(trainer: Any) -> dict[str, Any]:
+    """Which evaluation the saved weights come from, when the best one was kept."""
+    state = trainer.state
+    if not trainer.args.load_best_model_at_end or state.best_model_checkpoint is None:
+        return {}
+    return {
+        "best_step": state.best_global_step,
+        "best_metric": _finite(state.best_metric),
+        "best_checkpoint": state.best_model_checkpoint,
+    }
+
+
+def _whole_run_loss(trainer: Any, result: Any) -> float | None:
+    """Mean training loss over every step of the run, resumed parts included.
+
+    The Trainer's ``training_loss`` covers only its own ``train()`` call; the loss summed before
+    it comes from the resumed checkpoint (``trainer.prior_loss_sum``).
+    """
+    session = _finite(getattr(result, "training_loss", None))
+    steps = trainer.state.global_step
+    if session is None or not steps:
+        return session
+    initial = getattr(trainer, "_initial_global_step", 0) or 0
+    if not trainer.prior_loss_sum and initial:
+        # Resumed from a checkpoint that predates the saved loss sum: only this call's steps.
+        return session if steps > initial else None
+    return _finite((trainer.prior_loss_sum + session * (steps - initial)) / steps)
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

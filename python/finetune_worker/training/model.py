@@ -143,6 +143,8 @@ def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
             raise unsupported_model(str(path), f"its weight files are damaged ({exc})") from exc
         raise
     model.config.use_cache = False  # the KV cache is useless in training and warns with checkpointing
+    if q is not None and q.bits == 4 and plan.device == "cpu":
+        keep_4bit_layout_trainable(model)
     gc = cfg.training_parameters.gradient_checkpointing
     if q is not None:
         from peft import prepare_model_for_kbit_training
@@ -159,6 +161,32 @@ def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
         # Checkpointed blocks must see an input that requires grad, or adapters get no gradient.
         model.enable_input_require_grads()
     return get_peft_model(model, peft_config(cfg))
+
+
+def keep_4bit_layout_trainable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference in a model we train.
+
+    bitsandbytes 0.50.2, CPUs with AVX512-BF16: the first ``Linear4bit.forward`` in eval mode
+    (any evaluation before or during training) repacks the weight into a CPU inference layout
+    for good (``_convert_weight_packed_for_cpu``); every later matmul, in training too, goes
+    through ``gemv_4bit``, which has no autograd kernel, so the gradients that flow through the
+    frozen base to the LoRA weights are silently wrong (torch warns once: "an autograd kernel
+    was not registered"). The repack only runs when ``support_avx512bf16_for_cpu`` is set, so
+    clearing that flag keeps the trainable layout; inference outside training keeps the fast
+    path. CUDA never takes this branch (it needs ``x.device.type == "cpu"``).
+    ``tests/test_train_correctness.py`` tells when a bitsandbytes release no longer needs this.
+    Returns the number of layers changed.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def bnb_config(q: Any, compute_dtype: torch.dtype) -> Any:

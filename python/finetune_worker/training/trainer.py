@@ -1,31 +1,93 @@
 """HF Trainer wiring: TrainingArguments from the config, and atomic checkpoint saves.
 
-The only thing we change in the Trainer is where a checkpoint is written: into
-``output_dir/.staging/checkpoint-N``, published with one rename once complete (see
-``checkpoints.py``), then rotated to ``checkpoint.keep``. Everything else (resume of model,
-optimizer, scheduler, RNG and data position) is the Trainer's own.
+What we change in the Trainer:
+
+- where a checkpoint is written: into ``output_dir/.staging/checkpoint-N``, published with one
+  rename once complete (see ``checkpoints.py``), then rotated to ``checkpoint.keep`` (the best
+  checkpoint, when one is tracked, is never rotated away);
+- each checkpoint also holds the whole run's training-loss sum (``RUN_STATE``), so a resumed
+  run reports the same ``train_loss`` as an uninterrupted one (the Trainer's covers only the
+  steps of its own ``train()`` call);
+- ``eval_loss`` is the token-weighted mean over the held-out set, a property of the model:
+  the Trainer's is a mean of per-batch means, which moves with the eval batch size.
+
+Everything else (resume of model, optimizer, scheduler, RNG and data position) is the Trainer's own.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
-from finetune_worker.config.train import TrainConfig
+from finetune_worker.config.train import DEFAULT_DECAY_FRACTION, TrainConfig, scheduler_kwargs
 from finetune_worker.training.checkpoints import publish, rotate, staging_dir
 from finetune_worker.training.model import Plan
 
 
+#: Our state inside each checkpoint: ``{"loss_sum", "global_step"}`` of the whole run so far.
+RUN_STATE = "finetune_worker_state.json"
+
+
+def read_run_state(checkpoint: Path) -> dict[str, Any] | None:
+    """The run state saved in ``checkpoint``; None for a checkpoint written before we saved it."""
+    try:
+        data = json.loads((checkpoint / RUN_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 class AtomicCheckpointTrainer(Trainer):
-    """A Trainer whose checkpoints appear on disk all at once or not at all."""
+    """A Trainer whose checkpoints appear on disk all at once or not at all (see the module doc)."""
 
     def __init__(self, *args: Any, keep: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._keep = keep
         self._staging = False
+        #: Loss summed over the steps before this train() call (from the resumed checkpoint).
+        self.prior_loss_sum = 0.0
+        self._eval_sums: list[torch.Tensor] | None = None
+
+    def run_loss_sum(self) -> float:
+        """Sum of the per-step training losses of the whole run so far, as the Trainer counts them."""
+        pending = getattr(self, "_tr_loss", None)
+        pending_value = float(pending.item()) if isinstance(pending, torch.Tensor) else 0.0
+        return self.prior_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0)) + pending_value
+
+    # ---- token-weighted eval loss ------------------------------------------------------------
+
+    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        count = None
+        if self._eval_sums is not None and not model.training:
+            # The model's loss is the mean over the batch's target tokens (labels shifted by one).
+            shifted = inputs.get("shift_labels")
+            targets = shifted if shifted is not None else inputs["labels"][..., 1:]
+            count = (targets != -100).sum()
+        out = super().compute_loss(model, inputs, *args, **kwargs)
+        if count is not None and self._eval_sums is not None:
+            loss = out[0] if isinstance(out, tuple) else out
+            self._eval_sums[0] += loss.detach().float() * count
+            self._eval_sums[1] += count
+        return out
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        device = self.args.device
+        self._eval_sums = [torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)]
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+            total, count = (self.accelerator.reduce(t, reduction="sum") for t in self._eval_sums)
+        finally:
+            self._eval_sums = None
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if int(count) > 0 and f"{prefix}_loss" in output.metrics:
+            output.metrics[f"{prefix}_loss"] = float(total) / int(count)
+        return output
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.args.world_size > 1 and self.model_wrapped is self.model:
@@ -35,6 +97,14 @@ class AtomicCheckpointTrainer(Trainer):
             self.model.__dict__.pop("_is_accelerate_prepared", None)
             self.accelerator._models = [m for m in self.accelerator._models if m is not self.model]
         return super().train(*args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        # warmup_stable_decay has no default decay length in transformers; ours is a fraction of
+        # the run, known only here.
+        kwargs = self.args.lr_scheduler_kwargs
+        if self.args.lr_scheduler_type == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
+            kwargs["num_decay_steps"] = max(1, round(DEFAULT_DECAY_FRACTION * num_training_steps))
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _get_output_dir(self, trial: Any) -> str:
         if self._staging:
@@ -57,16 +127,26 @@ class AtomicCheckpointTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
+        # Computed on every rank (it may gather), written by the saving one.
+        run_state = {"loss_sum": self.run_loss_sum(), "global_step": self.state.global_step}
         self.accelerator.wait_for_everyone()
         if main:
+            (staged / RUN_STATE).write_text(json.dumps(run_state))
+            if self.state.best_model_checkpoint == str(staged):
+                # The Trainer named the folder it wrote into; the best checkpoint is the published
+                # one. Fixed in the staged state file too, before the publish makes it visible.
+                self.state.best_model_checkpoint = str(out / staged.name)
+                self.state.save_to_json(str(staged / "trainer_state.json"))
             final = publish(staged, out)
-            rotate(out, self._keep, protect=final)
+            best = self.state.best_model_checkpoint
+            rotate(out, self._keep, protect=[final, *([Path(best)] if best else [])])
         self.accelerator.wait_for_everyone()
 
 
 def training_arguments(cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: bool) -> TrainingArguments:
     tp, ev = cfg.training_parameters, cfg.eval
     step_eval = has_eval and ev.every_steps is not None
+    tracks_best = step_eval and (ev.early_stopping_patience is not None or ev.load_best_model_at_end)
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=tp.epochs,
@@ -78,6 +158,7 @@ def training_arguments(cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval:
         weight_decay=tp.weight_decay,
         warmup_steps=cfg.warmup,
         lr_scheduler_type=tp.lr_scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs(tp.lr_scheduler, tp.lr_scheduler_kwargs),
         max_grad_norm=tp.max_grad_norm,
         optim=plan.optimizer,
         bf16=plan.precision == "bf16",
@@ -94,11 +175,12 @@ def training_arguments(cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval:
         save_strategy="steps",
         save_steps=cfg.checkpoint.every_steps,
         save_total_limit=None,  # rotation is ours: it must only ever count complete checkpoints
-        # Early stopping reads state.best_metric, which needs only metric_for_best_model; loading
-        # the best checkpoint at the end would fight our rotation, so the final weights are kept.
-        load_best_model_at_end=False,
-        metric_for_best_model="eval_loss" if ev.early_stopping_patience is not None else None,
-        greater_is_better=False if ev.early_stopping_patience is not None else None,
+        # Early stopping reads state.best_metric, which needs only metric_for_best_model. With
+        # load_best_model_at_end the Trainer loads the best checkpoint after the last step (our
+        # rotation never deletes it), so the outputs hold the best weights.
+        load_best_model_at_end=ev.load_best_model_at_end and step_eval,
+        metric_for_best_model=ev.metric_for_best_model if tracks_best else None,
+        greater_is_better=ev.greater_is_better if tracks_best else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
