@@ -95,9 +95,7 @@ def test_fine_tune_lowers_perplexity_and_raises_exact_match(
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["row"] for r in rows] == list(range(1, len(TOY_QA) + 1))
     assert [r["reference"] for r in rows] == [a for _, a in TOY_QA]
-    assert sum(r["exact_match"] for r in rows) / len(rows) == pytest.approx(
-        result["exact_match"], abs=1e-3
-    )
+    assert sum(r["exact_match"] for r in rows) / len(rows) == pytest.approx(result["exact_match"], abs=1e-3)
     for r in rows:
         assert {"prediction", "compare_prediction", "loss", "compare_loss", "f1", "bleu", "rouge_l"} <= set(r)
         assert r["prompt"].endswith("<|im_start|>assistant\n")

@@ -79,6 +79,12 @@ def reload(cfg: TrainConfig, out: Path) -> Any:
     if cfg.peft.method == "full":
         return AutoModelForCausalLM.from_pretrained(str(out), **kwargs)
     base = AutoModelForCausalLM.from_pretrained(cfg.model_name, **kwargs)
+    if cfg.quantization is not None and cfg.quantization.bits == 4:
+        # The trained model keeps bitsandbytes' trainable 4-bit layout (see keep_4bit_layout_trainable);
+        # its CPU inference kernel computes in bf16, ~5e-2 off in logits: compare like with like.
+        from finetune_worker.training.model import keep_4bit_layout_trainable
+
+        keep_4bit_layout_trainable(base)
     return PeftModel.from_pretrained(base, str(out))
 
 

@@ -18,7 +18,9 @@ def _losses(run) -> list[float]:  # type: ignore[no-untyped-def]
     return [m["metrics"]["loss"] for m in run.of("metrics")]
 
 
-def test_qlora_loss_curve_does_not_depend_on_an_evaluation_first(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_qlora_loss_curve_does_not_depend_on_an_evaluation_first(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """bitsandbytes 0.50.2 on AVX512-BF16 CPUs: an eval-mode forward of a 4-bit layer used to break
     every later gradient through it. With and without a base evaluation, the curves must agree."""
     common = {
@@ -152,9 +154,13 @@ def test_every_listed_scheduler_builds_and_steps(tiny_model_dir: Path, tmp_path:
     model = load_model(cfg, plan, lambda m: None)
     rows, _, _ = build_datasets(cfg.data, tokenizer, cfg.dataset.path, validation_split=0, seed=1)
     for name in names:
-        raw = dict(base, training_parameters={**base["training_parameters"], "lr_scheduler": name, "warmup_steps": 2})
+        raw = dict(
+            base, training_parameters={**base["training_parameters"], "lr_scheduler": name, "warmup_steps": 2}
+        )
         _, variant = parse_job_config(json.dumps(raw))
-        trainer = build_trainer(variant, plan, model, tokenizer, rows, None, make_collator(tokenizer, True), [], tmp_path)
+        trainer = build_trainer(
+            variant, plan, model, tokenizer, rows, None, make_collator(tokenizer, True), [], tmp_path
+        )
         trainer.create_optimizer_and_scheduler(num_training_steps=20)
         lrs = []
         for _ in range(20):
@@ -183,17 +189,26 @@ def test_scheduler_settings_are_checked_per_schedule(tmp_path: Path, tiny_model_
 
     got = issues({"lr_scheduler": "linear", "lr_scheduler_kwargs": {"min_lr": 0.1}})
     assert "not a setting of lr_scheduler 'linear'" in got["training_parameters.lr_scheduler_kwargs.min_lr"]
-    got = issues({"lr_scheduler": "warmup_stable_decay", "lr_scheduler_kwargs": {"num_decay_steps": -1, "decay_type": "x"}})
+    got = issues(
+        {
+            "lr_scheduler": "warmup_stable_decay",
+            "lr_scheduler_kwargs": {"num_decay_steps": -1, "decay_type": "x"},
+        }
+    )
     assert set(got) == {
         "training_parameters.lr_scheduler_kwargs.num_decay_steps",
         "training_parameters.lr_scheduler_kwargs.decay_type",
     }
-    got = issues({"lr_scheduler": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": 1e-5, "min_lr_rate": 0.1}})
+    got = issues(
+        {"lr_scheduler": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": 1e-5, "min_lr_rate": 0.1}}
+    )
     assert "not both" in got["training_parameters.lr_scheduler_kwargs.min_lr"]
 
 
 def test_warmup_stable_decay_trains_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(tiny_model_dir, tmp_path / "wsd", max_steps=4, checkpoint={"every_steps": 100, "keep": 1})
+    cfg = tiny_config(
+        tiny_model_dir, tmp_path / "wsd", max_steps=4, checkpoint={"every_steps": 100, "keep": 1}
+    )
     cfg["training_parameters"] = {**cfg["training_parameters"], "lr_scheduler": "warmup_stable_decay"}
     run = run_job(cfg)
     assert run.terminal.type == "completed", run.terminal.payload
@@ -204,7 +219,9 @@ def test_warmup_stable_decay_trains_end_to_end(tiny_model_dir: Path, tmp_path: P
 
 def test_a_finished_run_resubmitted_is_already_complete(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "done"
-    cfg = tiny_config(tiny_model_dir, out, max_steps=4, checkpoint={"every_steps": 2, "keep": 1}, resume="auto")
+    cfg = tiny_config(
+        tiny_model_dir, out, max_steps=4, checkpoint={"every_steps": 2, "keep": 1}, resume="auto"
+    )
     first = run_job(cfg)
     assert first.terminal.type == "completed", first.terminal.payload
     adapter = (out / "adapter_model.safetensors").read_bytes()
@@ -230,7 +247,9 @@ def test_a_finished_run_resubmitted_is_already_complete(tiny_model_dir: Path, tm
 def test_train_loss_after_a_resume_covers_the_whole_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     common = {"checkpoint": {"every_steps": 4, "keep": 2}, "resume": "auto"}
     tp = {"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "logging_steps": 3, "lr_scheduler": "constant"}
-    whole = run_job(tiny_config(tiny_model_dir, tmp_path / "whole", max_steps=8, training_parameters=tp, **common))
+    whole = run_job(
+        tiny_config(tiny_model_dir, tmp_path / "whole", max_steps=8, training_parameters=tp, **common)
+    )
     assert whole.terminal.type == "completed", whole.terminal.payload
     out = tmp_path / "halves"
     first = run_job(tiny_config(tiny_model_dir, out, max_steps=4, training_parameters=tp, **common))
@@ -246,7 +265,9 @@ def test_train_loss_after_a_resume_covers_the_whole_run(tiny_model_dir: Path, tm
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_eval_loss_does_not_depend_on_the_eval_batch_size(tiny_model_dir: Path, tmp_path: Path, packing: bool) -> None:
+def test_eval_loss_does_not_depend_on_the_eval_batch_size(
+    tiny_model_dir: Path, tmp_path: Path, packing: bool
+) -> None:
     import json
 
     from finetune_worker.config import parse_job_config
@@ -262,10 +283,16 @@ def test_eval_loss_does_not_depend_on_the_eval_batch_size(tiny_model_dir: Path, 
         plan = plan_hardware(cfg, lambda m: None)
         tokenizer = load_tokenizer(tiny_model_dir)
         model = load_model(cfg, plan, lambda m: None)
-        train, held, _ = build_datasets(cfg.data, tokenizer, cfg.dataset.path, validation_split=0.15, seed=cfg.seed)
-        trainer = build_trainer(cfg, plan, model, tokenizer, train, held, make_collator(tokenizer, packing), [], tmp_path)
+        train, held, _ = build_datasets(
+            cfg.data, tokenizer, cfg.dataset.path, validation_split=0.15, seed=cfg.seed
+        )
+        trainer = build_trainer(
+            cfg, plan, model, tokenizer, train, held, make_collator(tokenizer, packing), [], tmp_path
+        )
         losses.append(trainer.evaluate()["eval_loss"])
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0] == pytest.approx(losses[2], abs=1e-5), losses
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0] == pytest.approx(
+        losses[2], abs=1e-5
+    ), losses
 
 
 # ---- the best checkpoint, and the evaluation that ran twice -------------------------------
@@ -304,7 +331,12 @@ def test_best_model_needs_checkpoints_on_evaluations(tiny_model_dir: Path, tmp_p
     from finetune_worker.config import parse_job_config
     from finetune_worker.errors import ConfigError
 
-    raw = tiny_config(tiny_model_dir, tmp_path / "o", checkpoint={"every_steps": 3}, eval={"every_steps": 2, "load_best_model_at_end": True})
+    raw = tiny_config(
+        tiny_model_dir,
+        tmp_path / "o",
+        checkpoint={"every_steps": 3},
+        eval={"every_steps": 2, "load_best_model_at_end": True},
+    )
     with pytest.raises(ConfigError, match="multiple of eval.every_steps"):
         parse_job_config(json.dumps(raw))
 
@@ -333,7 +365,9 @@ def test_freeze_layers_must_leave_a_layer_to_train(tiny_model_dir: Path, tmp_pat
 
 def test_pissa_leaves_no_helper_folder_in_the_output(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "pissa"
-    cfg = tiny_config(tiny_model_dir, out, max_steps=2, peft={"method": "pissa", "r": 4, "alpha": 8, "dropout": 0.0})
+    cfg = tiny_config(
+        tiny_model_dir, out, max_steps=2, peft={"method": "pissa", "r": 4, "alpha": 8, "dropout": 0.0}
+    )
     run = run_job(cfg)
     assert run.terminal.type == "completed", run.terminal.payload
     assert not (out / "initial_adapter").exists() and not (out / ".staging").exists()
@@ -347,7 +381,9 @@ def test_run_stops_on_sigterm_with_a_checkpoint_and_exit_143(tiny_model_dir: Pat
     import sys
 
     out = tmp_path / "slurm"
-    cfg = tiny_config(tiny_model_dir, out, max_steps=400, checkpoint={"every_steps": 1000, "keep": 1}, resume="auto")
+    cfg = tiny_config(
+        tiny_model_dir, out, max_steps=400, checkpoint={"every_steps": 1000, "keep": 1}, resume="auto"
+    )
     path = tmp_path / "job.json"
     path.write_text(json.dumps(cfg))
     proc = subprocess.Popen(

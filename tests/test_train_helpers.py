@@ -95,16 +95,10 @@ def reload_eval_loss(config: dict[str, Any], out: Path, *, quantized: bool = Fal
     """Eval loss of the *saved* outputs on the job's own held-out rows (fresh process state)."""
     import torch
     from peft import PeftModel
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        BitsAndBytesConfig,
-        Trainer,
-        TrainingArguments,
-    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from finetune_worker.config.train import TrainConfig
-    from finetune_worker.training.data import build_datasets, make_collator
+    from finetune_worker.training.data import build_datasets
 
     cfg = TrainConfig.model_validate(config)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
@@ -129,19 +123,16 @@ def reload_eval_loss(config: dict[str, Any], out: Path, *, quantized: bool = Fal
         validation_split=cfg.dataset.validation_split,
         seed=cfg.seed,
     )
-    args = TrainingArguments(
-        output_dir=str(out / "reload-eval"),
-        per_device_eval_batch_size=cfg.training_parameters.batch_size,
-        use_cpu=True,
-        report_to="none",
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        eval_dataset=eval_rows,
-        data_collator=make_collator(tokenizer, cfg.data.packing),
-        processing_class=tokenizer,
-    )
-    return float(trainer.evaluate()["eval_loss"])
+    # Token-weighted over the held-out rows, one unpadded row at a time: what the job reports,
+    # computed here with plain transformers only.
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in eval_rows:
+            ids = torch.tensor([row["input_ids"]])
+            labels = torch.tensor([row["labels"]])
+            n = int((labels[..., 1:] != -100).sum())
+            if n:
+                total += float(model(input_ids=ids, labels=labels).loss) * n
+                count += n
+    return total / count

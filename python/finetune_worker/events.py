@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,8 @@ RECORD_KEYS: frozenset[str] = frozenset(
         "rows_from", "improvement", "samples", "base", "fine_tuned", "reference", "row",
         # evaluate summary
         "dataset_path", "compare",
+        # distributed: another node's summary
+        "ranks",
         # merge summaries
         "size_bytes", "dtype", "tensors", "base_model_path", "merged_modules", "tokenizer_from",
         "merge_method", "models", "tasks",
@@ -151,7 +154,8 @@ def payload_term(value: Any) -> Any:
     atoms, a table's keys stay binaries (see the module docstring).
 
     A record key outside ``RECORD_KEYS`` is a bug of ours: it is dropped from the wire (the BEAM
-    could not decode the map with ``[safe]``) and logged as an error, which the tests look for.
+    could not decode the map with ``[safe]``) and logged as an error; with
+    ``FINETUNE_WORKER_STRICT_WIRE=1`` (set by the test suites) it raises instead.
     """
     return _record_value(value)
 
@@ -161,6 +165,8 @@ def _record(value: dict[Any, Any]) -> dict[Any, Any]:
     for k, v in value.items():
         key = str(k)
         if key not in RECORD_KEYS:
+            if os.environ.get("FINETUNE_WORKER_STRICT_WIRE") == "1":
+                raise ValueError(f"wire: record key {key[:80]!r} is not in events.RECORD_KEYS")
             log.error("wire: record key %r is not in events.RECORD_KEYS; dropped from the message", key[:80])
             continue
         if key in TABLE_KEYS:

@@ -18,6 +18,8 @@ defmodule FineTuning.TestHelpers do
       "TOKENIZERS_PARALLELISM" => "false",
       "OMP_NUM_THREADS" => "2",
       "FINETUNE_WORKER_LOG_LEVEL" => "WARNING",
+      # A record key missing from the worker's atom vocabulary fails loudly (events.py).
+      "FINETUNE_WORKER_STRICT_WIRE" => "1",
       # Spinning OpenMP threads slow CPU torch many times over when other tests share the cores.
       "OMP_WAIT_POLICY" => "PASSIVE"
     }

@@ -137,15 +137,27 @@ def scheduler_kwargs_issues(name: str, kwargs: dict[str, object]) -> list[Config
     for key, value in kwargs.items():
         if key not in spec:
             allowed = ", ".join(sorted(spec)) or "none"
-            issues.append(ConfigIssue(f"{where}.{key}", f"not a setting of lr_scheduler {name!r} (it takes: {allowed})", value))
+            issues.append(
+                ConfigIssue(
+                    f"{where}.{key}", f"not a setting of lr_scheduler {name!r} (it takes: {allowed})", value
+                )
+            )
             continue
         kind, lo, hi, choices = spec[key]
         if kind is str:
             if value not in (choices or ()):
                 issues.append(ConfigIssue(f"{where}.{key}", f"expected one of {list(choices or ())}", value))
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-            issues.append(ConfigIssue(f"{where}.{key}", f"expected {'a whole number' if kind is int else 'a number'}", value))
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and not float(value).is_integer())
+        ):
+            issues.append(
+                ConfigIssue(
+                    f"{where}.{key}", f"expected {'a whole number' if kind is int else 'a number'}", value
+                )
+            )
             continue
         if value != value or value in (float("inf"), float("-inf")):
             issues.append(ConfigIssue(f"{where}.{key}", "must be a finite number", value))
@@ -229,7 +241,8 @@ class EvalSection(_Section):
         "the summary (best_step, best_metric, best_checkpoint).",
     )
     metric_for_best_model: Literal["eval_loss"] = Field(
-        "eval_loss", description="What 'best' means: the held-out loss (the only metric evaluated in training)."
+        "eval_loss",
+        description="What 'best' means: the held-out loss (the only metric evaluated in training).",
     )
     greater_is_better: bool = Field(
         False, description="Whether a higher metric_for_best_model is better (not for a loss)."
@@ -411,7 +424,12 @@ class TrainConfig(_Section):
             return [ConfigIssue(where, "needs held-out data: set dataset.validation_split above 0")]
         every = self.eval.every_steps
         if every is None:
-            return [ConfigIssue("eval.every_steps", "load_best_model_at_end needs a step-based evaluation: set eval.every_steps")]
+            return [
+                ConfigIssue(
+                    "eval.every_steps",
+                    "load_best_model_at_end needs a step-based evaluation: set eval.every_steps",
+                )
+            ]
         if self.checkpoint.every_steps % every:
             return [
                 ConfigIssue(

@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
 from finetune_worker.config.train import DEFAULT_DECAY_FRACTION, TrainConfig, scheduler_kwargs
 from finetune_worker.training.checkpoints import publish, rotate, staging_dir
 from finetune_worker.training.model import Plan
-
 
 #: Our state inside each checkpoint: ``{"loss_sum", "global_step"}`` of the whole run so far.
 RUN_STATE = "finetune_worker_state.json"
