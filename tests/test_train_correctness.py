@@ -337,7 +337,7 @@ def test_best_model_needs_checkpoints_on_evaluations(tiny_model_dir: Path, tmp_p
         checkpoint={"every_steps": 3},
         eval={"every_steps": 2, "load_best_model_at_end": True},
     )
-    with pytest.raises(ConfigError, match="multiple of eval.every_steps"):
+    with pytest.raises(ConfigError, match=r"multiple of eval\.every_steps"):
         parse_job_config(json.dumps(raw))
 
 
