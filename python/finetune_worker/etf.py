@@ -46,6 +46,7 @@ from finetune_worker.errors import ProtocolError
 __all__ = [
     "DEFAULT_MAX_DEPTH",
     "DEFAULT_MAX_SIZE",
+    "DEFAULT_MAX_TERMS",
     "Atom",
     "BitBinary",
     "ETFDecodeError",
@@ -66,6 +67,10 @@ DEFAULT_MAX_DEPTH = 256
 #: Largest uncompressed size, in bytes, a compressed term (tag 80) may inflate to. Uncompressed
 #: input is already in memory, so its size is bounded by the frame limit of the port instead.
 DEFAULT_MAX_SIZE = 256 * 1024 * 1024
+#: Most terms (elements of any kind, nested ones included) :func:`decode` builds from one input.
+#: Each is a Python object of tens of bytes: an 8 KiB compressed frame of ``[]``s would
+#: otherwise build hundreds of MiB of empty lists. A job config is a few hundred terms.
+DEFAULT_MAX_TERMS = 2_000_000
 
 VERSION = 131
 MAX_ATOM_CHARS = 255  # OTP refuses longer atoms
@@ -198,17 +203,19 @@ def decode(
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_size: int = DEFAULT_MAX_SIZE,
     binaries: Literal["auto", "bytes"] = "auto",
+    max_terms: int = DEFAULT_MAX_TERMS,
 ) -> Any:
     """Decode one whole term (version byte 131 first); any malformed input raises :class:`ETFDecodeError`.
 
     ``max_depth`` bounds nesting (tuples, lists, maps, funs), ``max_size`` the inflated size of a
-    compressed term. ``binaries="bytes"`` keeps every binary as ``bytes`` instead of turning
-    UTF-8 ones into ``str``.
+    compressed term, ``max_terms`` how many terms (of any kind) the decoder may build, and so
+    the memory and time one input can cost. ``binaries="bytes"`` keeps every binary as ``bytes``
+    instead of turning UTF-8 ones into ``str``.
     """
     # Imported here, not at the top: the decoder needs this module's types.
     from finetune_worker.etf_decode import decode_term
 
-    return decode_term(data, max_depth=max_depth, max_size=max_size, binaries=binaries)
+    return decode_term(data, max_depth=max_depth, max_size=max_size, binaries=binaries, max_terms=max_terms)
 
 
 def recover_call_id(

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from finetune_worker.errors import brief
 from finetune_worker.etf import (
+    DEFAULT_MAX_TERMS,
     VERSION,
     Atom,
     BitBinary,
@@ -31,9 +32,17 @@ _unpack_double = struct.Struct(">d").unpack_from
 
 
 class _Decoder:
-    __slots__ = ("base", "binaries_as_str", "data", "depth", "end", "max_depth", "pos")
+    __slots__ = ("base", "binaries_as_str", "data", "depth", "end", "max_depth", "max_terms", "pos", "terms")
 
-    def __init__(self, data: bytes, base: int, max_depth: int, binaries_as_str: bool, start: int = 0):
+    def __init__(
+        self,
+        data: bytes,
+        base: int,
+        max_depth: int,
+        binaries_as_str: bool,
+        start: int = 0,
+        max_terms: int = DEFAULT_MAX_TERMS,
+    ):
         self.data = data
         self.base = base
         self.pos = start
@@ -41,6 +50,9 @@ class _Decoder:
         self.depth = 0
         self.max_depth = max_depth
         self.binaries_as_str = binaries_as_str
+        # Every decoded term costs a Python object (an empty list from one byte is ~56 bytes):
+        # the count bounds what a small (compressed) frame can make the decoder build.
+        self.max_terms = self.terms = max_terms
 
     def fail(self, message: str, offset: int | None = None) -> ETFDecodeError:
         return ETFDecodeError(message, self.base + (self.pos if offset is None else offset))
@@ -63,6 +75,9 @@ class _Decoder:
         return int(_unpack_u32(self.data, self.take(4, what))[0])
 
     def term(self) -> Any:
+        self.terms -= 1
+        if self.terms < 0:
+            raise self.fail(f"term has more than max_terms={self.max_terms} elements")
         start = self.pos
         # The tag and small integers are read inline: they are most of what a message holds.
         if start + 1 >= self.end:
@@ -107,6 +122,9 @@ class _Decoder:
         if tag == 107:  # STRING_EXT: bytes as a list of small ints, like Erlang
             n = self.u16("string length")
             at = self.take(n, "string")
+            self.terms -= n
+            if self.terms < 0:
+                raise self.fail(f"term has more than max_terms={self.max_terms} elements", start)
             return list(self.data[at : at + n])
         if tag in (110, 111):  # SMALL_BIG_EXT, LARGE_BIG_EXT
             n = self.u8("bignum size") if tag == 110 else self.u32("bignum size")
@@ -161,6 +179,8 @@ class _Decoder:
     def tuple(self, arity: int, start: int) -> tuple[Any, ...]:
         if arity > self.end - self.pos:  # every element takes at least one byte
             raise self.fail(f"tuple arity {arity} exceeds the {self.end - self.pos} bytes left", start)
+        if arity > self.terms:
+            raise self.fail(f"term has more than max_terms={self.max_terms} elements", start)
         self.enter(start)
         # Plain loops, not comprehensions: each comprehension is one more Python frame per level.
         items = []
@@ -173,6 +193,8 @@ class _Decoder:
         n = self.u32("list length")
         if n >= self.end - self.pos:  # n elements plus a tail, one byte each at least
             raise self.fail(f"list length {n} exceeds the {self.end - self.pos} bytes left", start)
+        if n > self.terms:
+            raise self.fail(f"term has more than max_terms={self.max_terms} elements", start)
         self.enter(start)
         items = []
         for _ in range(n):
@@ -196,6 +218,8 @@ class _Decoder:
         n = self.u32("map arity")
         if n > (self.end - self.pos) // 2:
             raise self.fail(f"map arity {n} exceeds the {self.end - self.pos} bytes left", start)
+        if 2 * n > self.terms:
+            raise self.fail(f"term has more than max_terms={self.max_terms} elements", start)
         self.enter(start)
         out: dict[Any, Any] = {}
         for _ in range(n):
@@ -356,6 +380,7 @@ def decode_term(
     max_depth: int,
     max_size: int,
     binaries: Literal["auto", "bytes"],
+    max_terms: int = DEFAULT_MAX_TERMS,
 ) -> Any:
     """See :func:`finetune_worker.etf.decode`."""
     buf = data if isinstance(data, bytes) else bytes(data)
@@ -371,7 +396,7 @@ def decode_term(
     else:
         # Decode in place after the version byte: slicing it off would copy the whole frame.
         base, start = 0, 1
-    decoder = _Decoder(buf, base, max_depth, binaries == "auto", start)
+    decoder = _Decoder(buf, base, max_depth, binaries == "auto", start, max_terms)
     try:
         term = decoder.term()
     except RecursionError:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import stat
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from finetune_worker.errors import ConfigError, ConfigIssue
+from finetune_worker.files import UnreadableFile, read_regular_file
 from finetune_worker.security import confinement_issues, outside_issue, redact_issues
 
 #: kind -> "module:Class" of its pydantic model (imported lazily: pydantic models are cheap,
@@ -115,38 +115,16 @@ def _parse_text(text: str, source: str) -> Any:
 
 
 def read_config_file(path: str) -> str:
-    """The text of a config file: inside the allowed roots, a regular file, at most MAX_CONFIG_BYTES.
-
-    Opened without blocking (a FIFO named as a config must not hang the worker's main thread)
-    and checked on the open descriptor, so a file swapped after the check is still the one read.
-    """
+    """The text of a config file: inside the allowed roots, a regular file, at most MAX_CONFIG_BYTES
+    (:func:`finetune_worker.files.read_regular_file`: a FIFO named as a config must not hang the
+    worker's main thread)."""
     outside = outside_issue("", path)
     if outside is not None:
         raise ConfigError([ConfigIssue("", f"config file: {outside.message}", path)])
-
-    def fail(why: str) -> ConfigError:
-        return ConfigError([ConfigIssue("", f"cannot read config file {path}: {why}")])
-
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise fail(exc.strerror or str(exc)) from None
-    except ValueError as exc:  # a NUL byte in the path
-        raise fail(str(exc)) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise fail("not a regular file")
-        if info.st_size > MAX_CONFIG_BYTES:
-            raise fail(f"{info.st_size} bytes, over the {MAX_CONFIG_BYTES} limit")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise fail(exc.strerror or str(exc)) from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise fail(f"over the {MAX_CONFIG_BYTES} byte limit")
+        data = read_regular_file(path, MAX_CONFIG_BYTES)
+    except UnreadableFile as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read config file {path}: {exc.reason}")]) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
