@@ -307,14 +307,17 @@ def test_load_best_model_at_end_saves_the_best_checkpoint(tiny_model_dir: Path, 
         out,
         max_steps=10,
         checkpoint={"every_steps": 2, "keep": 1},
-        eval={"every_steps": 2, "load_best_model_at_end": True},
+        # "Best" as the highest loss: it picks an early checkpoint for sure, so keeping it from
+        # rotation (keep: 1) and restoring it at the end are both put to the test.
+        eval={"every_steps": 2, "load_best_model_at_end": True, "greater_is_better": True},
         training_parameters={"epochs": 1, "batch_size": 8, "learning_rate": 0.08, "logging_steps": 1},
     )
     run = run_job(cfg)
     assert run.terminal.type == "completed", run.terminal.payload
     summary = run.terminal.payload["summary"]
     evals = {e["step"]: e["metrics"]["eval_loss"] for e in run.of("eval") if e.get("step")}
-    best_step = min(evals, key=lambda s: evals[s])
+    best_step = max(evals, key=lambda s: evals[s])
+    assert best_step < 10, evals
     assert summary["best_step"] == best_step, (summary.get("best_step"), evals)
     assert summary["best_metric"] == pytest.approx(evals[best_step])
     best = Path(summary["best_checkpoint"])
