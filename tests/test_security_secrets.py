@@ -28,6 +28,7 @@ CONFIG_SECRETS = {
     "uri_password": "UriPassw0rdInConfig",
     "tag_value": "TagSecretValueInConfig",
     "unknown_key": "hf_UnknownKeyTokenValue",
+    "query_token": "QueryTokenInTheUri0123",
 }
 ALL = [*ENV_SECRETS.values(), *CONFIG_SECRETS.values()]
 
@@ -62,7 +63,8 @@ def test_secrets_never_leave_the_worker(tiny_model_dir: Path, tmp_path: Path) ->
     cfg["tracking"] = {
         # port 9 (discard) is closed: the probe fails fast and the warning names the server
         "mlflow": {
-            "tracking_uri": f"http://alice:{CONFIG_SECRETS['uri_password']}@127.0.0.1:9",
+            "tracking_uri": f"http://alice:{CONFIG_SECRETS['uri_password']}@127.0.0.1:9/"
+            f"?access_token={CONFIG_SECRETS['query_token']}&region=eu",
             "tags": {"api_token": CONFIG_SECRETS["tag_value"]},
         },
         "tensorboard": True,
@@ -103,5 +105,5 @@ def test_secrets_never_leave_the_worker(tiny_model_dir: Path, tmp_path: Path) ->
 
     summary = json.loads((out / "summary.json").read_text())
     echoed = summary["config"]["tracking"]["mlflow"]
-    assert echoed["tracking_uri"] == "http://<redacted>@127.0.0.1:9"
+    assert echoed["tracking_uri"] == "http://<redacted>@127.0.0.1:9/?access_token=<redacted>&region=eu"
     assert echoed["tags"] == {"api_token": "<redacted>"}

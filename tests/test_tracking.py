@@ -17,6 +17,7 @@ import pytest
 
 from finetune_worker.config import parse_job_config
 from finetune_worker.config.tracking import TrackingConfig
+from finetune_worker.testing import WorkerHarness
 from test_train_helpers import run_job, tiny_config
 
 
@@ -203,3 +204,75 @@ def test_cancelled_run_is_killed_and_resume_continues_the_same_mlflow_run(
     assert run.info.status == "FINISHED"
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
     assert steps == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_mlflow_server_with_basic_auth_and_no_password_anywhere(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The documented form, user:password@host, reaches a real `mlflow server --app-name basic-auth`
+    (the reachability probe sends the credentials as a header), and the password is in no output."""
+    _need("mlflow")
+    pytest.importorskip("flask_wtf", reason="mlflow's basic-auth app needs mlflow[auth] (Flask-WTF)")
+    from mlflow import MlflowClient
+
+    password = "Sup3rSecretMlflowPw"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "server"
+    store.mkdir()
+    ini = store / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = EDIT\n"
+        f"database_uri = sqlite:///{store / 'auth.db'}\n"
+        f"admin_username = alice\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+        "--port", str(port), "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+        "--default-artifact-root", (store / "artifacts").as_uri(), "--workers", "1",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-key",
+    }
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=store)
+    uri = f"http://alice:{password}@127.0.0.1:{port}"
+    out = tmp_path / "run"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+                time.sleep(0.5)
+        cfg = tracked_config(tiny_model_dir, out, {"mlflow": {"tracking_uri": uri}, "tensorboard": True})
+        with WorkerHarness() as w:
+            events = w.submit_and_wait(json.dumps(cfg), timeout=600)
+            w.close_stdin()
+            w.wait(30)
+            stderr = w.stderr_text()
+        assert events[-1].type == "completed", events[-1].payload
+        info = events[-1].payload["summary"]["tracking"]["mlflow"]
+        assert info["error"] is None, info
+        assert info["tracking_uri"] == f"http://<redacted>@127.0.0.1:{port}"
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "alice", password
+        try:
+            assert client.get_run(info["run_id"]).info.status == "FINISHED"
+        finally:
+            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        leaks = [f"event {e.type}" for e in events if password in repr(e.payload)]
+        leaks += ["stderr"] if password in stderr else []
+        leaks += [str(p) for p in out.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+        assert not leaks, leaks
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -79,6 +79,7 @@ ERROR_CODES = frozenset(
         "invalid_merge_config",
         "invalid_config",
         "distributed_failure",
+        "training_diverged",
         "worker_exit",
         "internal_error",
     }

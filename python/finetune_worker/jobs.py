@@ -10,10 +10,12 @@ thread. It reports through ``ctx`` and returns the ``completed`` payload, raises
 
 from __future__ import annotations
 
+import errno
 import importlib
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_worker.errors import JobCancelled, JobFailed
+from finetune_worker.events import TERMINAL_TYPES as TERMINAL_STATES
 from finetune_worker.events import Event
 
 log = logging.getLogger("finetune_worker.jobs")
@@ -38,6 +41,10 @@ HANDLERS: dict[str, str] = {
     # (see finetune_worker.config), so no production config can reach it.
     "test_steps": "finetune_worker.testjobs:run",
 }
+
+#: Finished jobs ``status``/``jobs`` still know; older ones are forgotten, oldest first (a worker
+#: that runs for months must not grow its table without bound).
+MAX_FINISHED_JOBS = 1000
 
 #: Event sink: called with every event of every job, from whichever thread emits it.
 Sink = Callable[["JobRecord", Event], None]
@@ -154,6 +161,10 @@ class JobManager:
     def __init__(self, sink: Sink, *, job_prefix: str | None = None):
         self._sink = sink
         self._lock = threading.Lock()
+        # Every event goes out under this lock, so a job's events keep their order even when two
+        # threads report on it (the runner re-sending queue positions, a cancel from the main
+        # thread); held apart from _lock so that status calls never wait on a slow BEAM.
+        self._emit_lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
         self._queue: deque[JobRecord] = deque()
         self._jobs: dict[str, JobRecord] = {}
@@ -174,6 +185,7 @@ class JobManager:
             job_id = f"{self._prefix}-{next(self._ids)}"
             record = JobRecord(job_id=job_id, kind=kind, config=config, reply_to=reply_to)
             self._jobs[job_id] = record
+            self._prune()
             position = len(self._queue) + 1 + (1 if self._current else 0)
         # `queued` goes out before the runner can see the job, so no subscriber ever gets
         # `started` ahead of `queued`.
@@ -185,7 +197,7 @@ class JobManager:
                 return job_id
             record.state = "cancelled"
             record.finished_at = time.time()
-        self._sink(record, Event(record.job_id, "cancelled", {"step": 0, "checkpoint": None}))
+        self._send(record, Event(record.job_id, "cancelled", {"step": 0, "checkpoint": None}))
         return job_id
 
     def status(self, job_id: str) -> dict[str, Any] | None:
@@ -222,7 +234,7 @@ class JobManager:
             else:
                 return True  # already finished: cancelling is a no-op, not an error
         if queued_cancel:
-            self._sink(record, Event(record.job_id, "cancelled", {"step": 0, "checkpoint": None}))
+            self._send(record, Event(record.job_id, "cancelled", {"step": 0, "checkpoint": None}))
         return True
 
     def close(self, grace_s: float) -> bool:
@@ -240,7 +252,7 @@ class JobManager:
             self._wakeup.notify_all()
         for record in pending:
             record.state = "cancelled"
-            self._sink(record, Event(record.job_id, "cancelled", {"step": 0, "checkpoint": None}))
+            self._send(record, Event(record.job_id, "cancelled", {"step": 0, "checkpoint": None}))
         self._runner.join(timeout=max(0.0, grace_s))
         return not self._runner.is_alive()
 
@@ -259,8 +271,10 @@ class JobManager:
                 record.state = "running"
                 record.started_at = time.time()
                 waiting = list(self._queue)
-            for i, other in enumerate(waiting, start=1):
-                self._emit(other, "queued", {"position": i + 1, "kind": other.kind})
+            with self._emit_lock:
+                for i, other in enumerate(waiting, start=1):
+                    if other.state == "queued":  # not cancelled since the snapshot: no queued after its end
+                        self._emit(other, "queued", {"position": i + 1, "kind": other.kind})
             try:
                 self._run_one(record, ctx)
             finally:
@@ -270,6 +284,7 @@ class JobManager:
     def _run_one(self, record: JobRecord, ctx: JobContext) -> None:
         self._emit(record, "started", {"kind": record.kind})
         try:
+            _check_still_confined(record)
             handler = _load_handler(record.kind)
             result = handler(ctx) or {}
         except JobCancelled as exc:
@@ -313,12 +328,22 @@ class JobManager:
         with self._lock:
             _update_record(record, event)
         try:
-            self._sink(record, event)
+            self._send(record, event)
         except Exception as exc:  # a broken sink (closed pipe) must not kill the runner mid-job
             # Once the BEAM is gone every later event fails the same way: say so once, not per event.
             if self._sink_failures == 0:
                 log.warning("could not deliver %s event of job %s: %s", type, record.job_id, exc)
             self._sink_failures += 1
+
+    def _prune(self) -> None:
+        """Forget the oldest finished jobs beyond MAX_FINISHED_JOBS (call with _lock held)."""
+        finished = [r.job_id for r in self._jobs.values() if r.state in TERMINAL_STATES]
+        for job_id in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
+            del self._jobs[job_id]
+
+    def _send(self, record: JobRecord, event: Event) -> None:
+        with self._emit_lock:
+            self._sink(record, event)
 
 
 def _update_record(record: JobRecord, event: Event) -> None:
@@ -342,6 +367,22 @@ def _update_record(record: JobRecord, event: Event) -> None:
         record.outputs["last_checkpoint"] = p.get("path")
 
 
+def _check_still_confined(record: JobRecord) -> None:
+    """The job's paths again, now that it starts: a link swapped while it queued (an output_dir
+    symlink pointed out of the root after submit) must not take it outside the allowed roots."""
+    from finetune_worker.security import confinement_issues
+
+    if not hasattr(record.config, "model_dump"):
+        return
+    issues = confinement_issues(record.config)
+    if issues:
+        raise JobFailed(
+            "invalid_config",
+            "since submit, " + "; ".join(str(i) for i in issues),
+            hint="A path of this job now resolves outside the allowed roots; nothing was read or written.",
+        )
+
+
 def _load_handler(kind: str) -> Callable[[JobContext], dict[str, Any] | None]:
     target = HANDLERS.get(kind)
     if target is None:
@@ -352,22 +393,68 @@ def _load_handler(kind: str) -> Callable[[JobContext], dict[str, Any] | None]:
     return func
 
 
-def classify_exception(exc: BaseException) -> JobFailed:
+#: Generic hints; a job kind may pass its own (training names its batch and sequence settings).
+OOM_HINT = (
+    "The job ran out of memory: free memory (other jobs and processes), load in a smaller precision "
+    "(fp16/bf16, or 4-bit for training), or use a machine with more RAM or VRAM."
+)
+DISK_HINT = "Free disk space where the job writes (or lower checkpoint.keep for training), then resubmit."
+
+_OOM_MARKERS = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "defaultcpuallocator",
+    "std::bad_alloc",
+)
+# safetensors reports a full disk as SafetensorError("... IoError(Os { code: 28, kind: StorageFull ...").
+_DISK_MARKERS = ("no space left on device", "disk quota exceeded", "storagefull")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # never import torch just to classify an error
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return any(marker in str(exc).lower() for marker in _OOM_MARKERS)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def classify_exception(
+    exc: BaseException, *, oom_hint: str = OOM_HINT, disk_hint: str = DISK_HINT
+) -> JobFailed:
     """Name a failure we did not raise ourselves, with a hint of what to do about it."""
     if isinstance(exc, JobFailed):
         return exc
     text = f"{type(exc).__name__}: {exc}"
     lowered = text.lower()
-    if "out of memory" in lowered or isinstance(exc, MemoryError):
+    if is_out_of_memory(exc):
+        where = "GPU" if "cuda" in lowered else "CPU"
+        return JobFailed("out_of_memory", f"{where} out of memory: {text}", hint=oom_hint)
+    for cause in _chain(exc):
+        if (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+            marker in str(cause).lower() for marker in _DISK_MARKERS
+        ):
+            return JobFailed("disk_full", f"disk full while writing: {text}", hint=disk_hint)
+    if "unpickling" in lowered or "weights only load failed" in lowered:
+        # transformers loads .bin weights with torch.load(weights_only=True): a pickle that wants
+        # to run code, or anything else that is not plain tensors, is refused.
         return JobFailed(
-            "out_of_memory",
+            "unsupported_model",
             text,
-            hint="Lower training_parameters.batch_size and raise gradient_accumulation_steps, enable "
-            "gradient_checkpointing, shorten data.max_seq_length, or load the model in 4-bit "
-            '(quantization: {"bits": 4}).',
+            hint="The weights are pickle files that hold more than tensors (or are damaged); use a model "
+            "saved as safetensors (model.save_pretrained(dir) writes them).",
         )
-    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:  # ENOSPC
-        return JobFailed("disk_full", text, hint="Free disk space under output_dir or lower checkpoint.keep.")
     if isinstance(exc, PermissionError):
         return JobFailed("output_dir_not_writable", text, hint="Choose an output_dir this user can write to.")
     return JobFailed("internal_error", text, hint="See the worker's stderr log for the traceback.")

@@ -31,6 +31,12 @@ REDACTED = "<redacted>"
 _SECRET_PART = re.compile(r"token$|secret|passw|credential|^auth(orization)?$")
 _API_KEY = re.compile(r"api[_\-. ]?key", re.IGNORECASE)
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # https://user:pass@host -> https://<redacted>@host
+# A credential-shaped query or fragment parameter: ?access_token=..., &api_key=..., #sig=...
+_URL_SECRET_PARAM = re.compile(
+    r"(?P<head>[?&#;](?P<name>[^=&#;\s]*(?:token|secret|passw|key|auth|sig|credential|session)[^=&#;\s]*)=)"
+    r"[^&#;\s]*",
+    re.IGNORECASE,
+)
 
 #: Config keys whose string value is a file system path (wherever they appear in a config).
 PATH_KEYS = frozenset(
@@ -77,7 +83,7 @@ def redact(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(redact(v) for v in value)
     if isinstance(value, str):
-        return _URL_CREDENTIALS.sub(REDACTED + "@", value)
+        return _URL_SECRET_PARAM.sub(lambda m: m["head"] + REDACTED, _URL_CREDENTIALS.sub(REDACTED + "@", value))
     return value
 
 
@@ -182,21 +188,11 @@ def _yaml_model_issues(path: Path) -> list[ConfigIssue]:
     """MergeKit YAML model references resolve against the YAML's directory; each must stay inside."""
     if not path.is_file():
         return []  # reported as missing by the config's own checks
-    from finetune_worker.merging.yaml_config import _model_refs, _ref_paths, read_yaml
+    from finetune_worker.merging.yaml_config import model_references
 
-    data, problems = read_yaml(path)
-    if data is None or problems:
-        return []  # the config's own checks report a broken YAML
     issues = []
-    try:
-        refs = [(where, _ref_paths(container[key])) for where, container, key in _model_refs(data)]
-    except (AttributeError, KeyError, TypeError):
-        return []  # not schema-valid: the config's own checks say where
-    for where, paths in refs:
-        for ref in paths:
-            if ref is None:
-                continue
-            issue = outside_issue(f"yaml_config_path: {where}", ref, path.parent)
-            if issue is not None:
-                issues.append(issue)
+    for where, ref, _ in model_references(path):  # a broken YAML: the config's own checks say why
+        issue = outside_issue(f"yaml_config_path: {where}", ref, path.parent)
+        if issue is not None:
+            issues.append(issue)
     return issues

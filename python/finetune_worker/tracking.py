@@ -20,6 +20,7 @@ Used by the training job::
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -213,10 +215,12 @@ class MlflowTracker(Tracker):
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        if self.tracking_uri.startswith(("http://", "https://")):
-            _probe(self.tracking_uri)
+        uri = self.tracking_uri
+        if uri.startswith(("http://", "https://")):
+            _probe(uri)
+            uri = self._credentials_to_env(uri)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        client = MlflowClient(self.tracking_uri)
+        client = MlflowClient(uri)
         exp = client.get_experiment_by_name(self.section.experiment_name)
         if exp is None:
             # A local store keeps its artifacts beside it (MLflow's default is ./mlartifacts of the cwd).
@@ -243,6 +247,20 @@ class MlflowTracker(Tracker):
                 client.log_batch(self.run_id, params=items[i : i + 100])
         self._client = client
 
+    def _credentials_to_env(self, uri: str) -> str:
+        """``uri`` without ``user:password@``, which MLflow then reads from its own variables.
+
+        MLflow prints "View run at <uri>" to stdout: with the credentials in the URI they would
+        land in the worker's log. Jobs run one at a time, so the variables are this job's.
+        """
+        parts = urllib.parse.urlsplit(uri)
+        if parts.username is None:
+            return uri
+        os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
     def _log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -250,21 +268,27 @@ class MlflowTracker(Tracker):
         self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
     def _finish(self, artifacts: list[Path], status: str) -> None:
-        if self.section.log_artifacts:
-            for path in artifacts:
-                self._client.log_artifact(
-                    self.run_id, str(path), None if path.name == "summary.json" else "model"
-                )
-        self._client.set_terminated(self.run_id, status=status)
+        try:
+            if self.section.log_artifacts:
+                for path in artifacts:
+                    self._client.log_artifact(
+                        self.run_id, str(path), None if path.name == "summary.json" else "model"
+                    )
+            self._client.set_terminated(self.run_id, status=status)
+        finally:
+            if urllib.parse.urlsplit(self.tracking_uri).username is not None:
+                # This job's credentials must not reach the next job's server.
+                os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+                os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
 
     def describe(self) -> str:
-        return f"mlflow run {self.run_id}{' (resumed)' if self.resumed else ''} at {self.tracking_uri}"
+        return f"mlflow run {self.run_id}{' (resumed)' if self.resumed else ''} at {redact(self.tracking_uri)}"
 
     def info(self) -> dict[str, Any]:
         return {
             **super().info(),
             "run_id": self.run_id,
-            "tracking_uri": self.tracking_uri,
+            "tracking_uri": redact(self.tracking_uri),  # credentials stay in the config only
             "experiment": self.section.experiment_name,
         }
 
@@ -367,10 +391,25 @@ _BACKENDS: dict[str, type[Tracker]] = {
 
 
 def _probe(uri: str) -> None:
-    """Fail fast (3 s) when an MLflow server does not answer, instead of stalling a training step."""
-    url = uri.rstrip("/") + "/health"
+    """Fail fast (3 s) when an MLflow server does not answer, instead of stalling a training step.
+
+    ``user:password@`` in the URI (MLflow's basic auth, which requests honours) is sent as an
+    Authorization header: urllib would take it for part of the host name.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    request = urllib.request.Request(url)
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(url, timeout=3) as response:
+        with urllib.request.urlopen(request, timeout=3) as response:
             response.read(64)
     except urllib.error.HTTPError:
         return  # it answered: an old server without /health is still a server

@@ -61,7 +61,7 @@ defmodule FineTuning.Protocol do
   @error_codes ~w(out_of_memory model_not_found dataset_not_found bad_dataset_row
                   unsupported_model output_dir_not_writable output_dir_conflict disk_full
                   adapter_mismatch invalid_merge_config invalid_config distributed_failure
-                  worker_exit internal_error)a
+                  training_diverged worker_exit internal_error)a
   @error_classes [
     :"finetune_worker.errors.ProtocolError",
     :"finetune_worker.errors.CallError",

@@ -112,6 +112,10 @@ def _parse_text(text: str, source: str) -> Any:
         ) from None
     except RecursionError:
         raise ConfigError([ConfigIssue("", f"JSON in {source} is nested too deeply")]) from None
+    except ValueError as exc:  # an integer past Python's 4,300-digit conversion limit
+        raise ConfigError(
+            [ConfigIssue("", f"JSON in {source} holds a number that is too long: {exc}")]
+        ) from None
 
 
 def read_config_file(path: str) -> str:
@@ -192,15 +196,64 @@ def json_path(loc: Any) -> str:
     return "".join(parts)
 
 
+#: A job config is a few hundred values; past this many the document is refused before the
+#: schema sees it (10^6 unknown keys took pydantic two minutes on the main thread).
+MAX_CONFIG_NODES = 100_000
+#: Issues reported at most; the rest are counted in the last one.
+MAX_ISSUES = 100
+#: Longest path value accepted (Linux PATH_MAX).
+MAX_PATH_CHARS = 4096
+
+
+def document_issues(data: Any) -> list[ConfigIssue]:
+    """Size and path problems of a raw config document, found before schema validation."""
+    from finetune_worker.security import path_fields
+
+    nodes, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        nodes += 1
+        if nodes > MAX_CONFIG_NODES:
+            return [
+                ConfigIssue(
+                    "",
+                    f"the config holds more than {MAX_CONFIG_NODES} values; a job config has a few hundred",
+                )
+            ]
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    issues = []
+    for where, value in path_fields(data):
+        if "\0" in value:
+            issues.append(ConfigIssue(where, "a path cannot contain a NUL character"))
+        elif len(value) > MAX_PATH_CHARS:
+            issues.append(
+                ConfigIssue(where, f"a path of {len(value)} characters is longer than {MAX_PATH_CHARS}")
+            )
+    return issues
+
+
+def _bounded(issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    if len(issues) <= MAX_ISSUES:
+        return issues
+    rest = len(issues) - MAX_ISSUES + 1
+    return [*issues[: MAX_ISSUES - 1], ConfigIssue("", f"and {rest} more problem(s)")]
+
+
 def parse_job_config(raw: Any) -> tuple[str, BaseModel]:
     """Parse and fully validate a job config; raise ConfigError with every problem at once."""
     data = load_raw(raw)
+    problems = document_issues(data)
+    if problems:
+        raise ConfigError(redact_issues(problems))
     kind = infer_kind(data)
     cls = model_class(kind)
     try:
         model = cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(redact_issues(issues_from_validation(exc))) from None
+        raise ConfigError(_bounded(redact_issues(issues_from_validation(exc)))) from None
     # Confinement first: no other check may probe (and report on) a path outside the roots.
     outside = confinement_issues(model)
     if outside:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from finetune_worker.config.base import StrictModel
 
 DataFormat = Literal["auto", "text", "qa", "instruction", "conversations"]
 FileFormat = Literal["jsonl", "json", "csv", "txt"]
@@ -30,10 +32,8 @@ KNOWN_COLUMNS = frozenset(
 )
 
 
-class DataConfig(BaseModel):
+class DataConfig(StrictModel):
     """Row format, chat template and sequence shaping for training data."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     format: DataFormat = Field(
         "auto", description="Row format; auto detects it per row from the keys present."

@@ -10,17 +10,16 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from finetune_worker.config.base import StrictModel
 from finetune_worker.errors import ConfigIssue
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-class DistributedConfig(BaseModel):
+class DistributedConfig(StrictModel):
     """One training job as a torchrun process group (one process per device)."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     nproc_per_node: int = Field(
         1, gt=0, le=1024, description="Processes on this node: one per GPU, or a few on CPU."

@@ -10,17 +10,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     WrapValidator,
     field_validator,
 )
 
+from finetune_worker.config.base import MAX_SEED, StrictModel
 
-class StrictSection(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+class StrictSection(StrictModel):
+    pass
 
 
 class Message(StrictSection):
@@ -72,7 +72,9 @@ class Sampling(StrictSection):
         validation_alias=AliasChoices("stop", "stop_strings"),
         description="Strings that end a completion; the completion stops before them.",
     )
-    seed: int = Field(0, ge=0, description="Sampling seed: the same seed gives the same completion.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Sampling seed: the same seed gives the same completion."
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

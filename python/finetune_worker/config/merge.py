@@ -10,17 +10,18 @@ Nothing here imports torch or mergekit: ``submit`` must answer at once.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
+from finetune_worker.config.base import MAX_SEED, StrictModel
 from finetune_worker.errors import ConfigIssue
+from finetune_worker.files import destination_issue
 
 
-class _MergeBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
+class _MergeBase(StrictModel):
     overwrite: bool = Field(
         False, description="Replace a non-empty output directory (only once the new model is complete)."
     )
@@ -30,8 +31,13 @@ class _MergeBase(BaseModel):
         """Relative paths resolve against the worker's working directory."""
         return Path(os.path.abspath(os.path.expanduser(value)))
 
-    def output_issues(self, key: str, value: str) -> list[ConfigIssue]:
+    def output_issues(
+        self, key: str, value: str, inputs: Sequence[tuple[str, Path]] = ()
+    ) -> list[ConfigIssue]:
         out = self.resolved(value)
+        problem = destination_issue(out, inputs)
+        if problem is not None:
+            return [ConfigIssue(key, problem, value)]
         if out.exists() and not out.is_dir():
             return [ConfigIssue(key, "exists and is not a directory", value)]
         if out.is_dir() and any(out.iterdir()) and not self.overwrite:
@@ -103,16 +109,8 @@ class MergeLoraConfig(_MergeBase):
                     "adapter_path", "has no adapter_config.json (not a peft adapter)", self.adapter_path
                 )
             )
-        out = self.resolved(self.output_path)
-        if out in (base, adapter):
-            issues.append(
-                ConfigIssue(
-                    "output_path", "must differ from base_model_path and adapter_path", self.output_path
-                )
-            )
-        else:
-            issues += self.output_issues("output_path", self.output_path)
-        return issues
+        inputs = [("base_model_path", base), ("adapter_path", adapter)]
+        return issues + self.output_issues("output_path", self.output_path, inputs)
 
 
 class MergeKitConfig(_MergeBase):
@@ -128,7 +126,9 @@ class MergeKitConfig(_MergeBase):
         description="Keep weights and intermediate results in CPU RAM (lazy loading) and use the GPU, if any, "
         "only for the arithmetic; false keeps everything on the GPU when there is one.",
     )
-    seed: int | None = Field(None, description="Seed for randomized methods (dare_ties, dare_linear, della).")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed for randomized methods (dare_ties, dare_linear, della)."
+    )
 
     def environment_issues(self) -> list[ConfigIssue]:
         from finetune_worker.merging.yaml_config import check_merge_yaml
@@ -141,4 +141,7 @@ class MergeKitConfig(_MergeBase):
         else:
             for where, message in check_merge_yaml(path):
                 issues.append(ConfigIssue("yaml_config_path", f"{where}: {message}" if where else message))
-        return issues + self.output_issues("output_dir", self.output_dir)
+        from finetune_worker.merging.yaml_config import merge_inputs
+
+        inputs = merge_inputs(path) if path.is_file() else [("yaml_config_path", path)]
+        return issues + self.output_issues("output_dir", self.output_dir, inputs)

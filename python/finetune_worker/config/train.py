@@ -16,8 +16,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from finetune_worker.config.base import MAX_SEED, StrictModel
 from finetune_worker.config.data import DataConfig
 from finetune_worker.config.distributed import DistributedConfig
 from finetune_worker.config.generation import TrainingEvaluation
@@ -31,14 +32,16 @@ LORA_FAMILY = frozenset({"lora", "dora", "rslora", "loftq", "pissa"})
 VIRTUAL_TOKEN_METHODS = frozenset({"prefix_tuning", "prompt_tuning"})
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+class _Section(StrictModel):
+    pass
 
 
 class TrainingParameters(_Section):
     """Optimization knobs (HF TrainingArguments underneath)."""
 
-    epochs: float = Field(3.0, gt=0, description="Passes over the training set; max_steps wins when set.")
+    epochs: float = Field(
+        3.0, gt=0, le=10**6, description="Passes over the training set; max_steps wins when set."
+    )
     batch_size: int = Field(4, gt=0, description="Examples per device per step (before accumulation).")
     learning_rate: float = Field(
         2e-4, gt=0, description="Peak learning rate; 2e-4 suits LoRA, use ~2e-5 for full."
@@ -294,8 +297,12 @@ class TrainConfig(_Section):
         description="'auto': continue from the newest complete checkpoint in output_dir; false: start fresh; "
         "or a checkpoint directory path.",
     )
-    max_steps: int | None = Field(None, gt=0, description="Stop after N optimizer steps (overrides epochs).")
-    seed: int = Field(42, ge=0, description="Seeds model init of adapters, data shuffling and dropout.")
+    max_steps: int | None = Field(
+        None, gt=0, le=10**9, description="Stop after N optimizer steps (overrides epochs)."
+    )
+    seed: int = Field(
+        42, ge=0, le=MAX_SEED, description="Seeds model init of adapters, data shuffling and dropout."
+    )
     overwrite: bool = Field(
         False, description="Allow starting fresh in an output_dir that holds another run."
     )

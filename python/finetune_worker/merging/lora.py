@@ -42,7 +42,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             f"adapter_path: no peft adapter (adapter_config.json) at '{adapter_dir}'",
             hint="Point adapter_path at a training run's output_dir or another peft adapter directory.",
         )
-    check_destination(out, overwrite=cfg.overwrite, key="output_path")
+    inputs = [("base_model_path", base_dir), ("adapter_path", adapter_dir)]
+    check_destination(out, overwrite=cfg.overwrite, key="output_path", inputs=inputs)
     base_cfg = compat.read_json(base_dir / "config.json")
     adapter_cfg = compat.read_json(adapter_dir / "adapter_config.json")
     for warning in compat.check_config(adapter_cfg, base_cfg, base_dir):
@@ -73,7 +74,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     ctx.check_cancelled(step=merged_modules)
 
     ctx.phase("saving")
-    with StagedOutput(out, overwrite=cfg.overwrite, key="output_path") as stage:
+    with StagedOutput(out, overwrite=cfg.overwrite, key="output_path", inputs=inputs) as stage:
         assert stage.path is not None
         model.save_pretrained(str(stage.path))
         tokenizer_from = save_tokenizer(adapter_dir, base_dir, stage.path)

@@ -26,7 +26,7 @@ from finetune_worker.config.merge import MergeKitConfig
 from finetune_worker.errors import JobFailed
 from finetune_worker.jobs import JobContext
 from finetune_worker.merging.output import StagedOutput, check_destination, count_tensors, dir_size
-from finetune_worker.merging.yaml_config import check_merge_yaml, resolved_document
+from finetune_worker.merging.yaml_config import check_merge_yaml, merge_inputs, resolved_document
 
 _HINT = "Fix the MergeKit YAML at yaml_config_path (see docs/configs.md, Merging)."
 
@@ -40,7 +40,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     issues = check_merge_yaml(yaml_path) if yaml_path.is_file() else [("", f"'{yaml_path}' does not exist")]
     if issues:
         raise invalid("; ".join(f"{w}: {m}" if w else m for w, m in issues), issues=issues)
-    check_destination(out, overwrite=cfg.overwrite, key="output_dir")
+    inputs = merge_inputs(yaml_path)
+    check_destination(out, overwrite=cfg.overwrite, key="output_dir", inputs=inputs)
 
     ctx.phase("loading")
     document = resolved_document(yaml_path)
@@ -56,7 +57,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     cache.loaders.clear()
     try:
         with (
-            StagedOutput(out, overwrite=cfg.overwrite, key="output_dir") as stage,
+            StagedOutput(out, overwrite=cfg.overwrite, key="output_dir", inputs=inputs) as stage,
             tempfile.TemporaryDirectory(prefix="mergekit-lora-") as lora_cache,
         ):
             assert stage.path is not None

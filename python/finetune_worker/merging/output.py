@@ -2,8 +2,10 @@
 
 The model is written into a staging directory next to the destination
 (``.NAME.merging-PID-XXXX``, hidden, on the same file system) and renamed onto the destination
-only once complete. A staging directory left by a killed worker is removed by the next merge to
-the same destination once its process is gone.
+only once complete. A merge holds the destination's lock (``.NAME.lock``, an ``flock`` the
+kernel releases when the process dies) while it writes, so a second merge to it fails at once,
+and a staging directory found by the lock's next holder is a dead merge's and is removed (a
+reused PID in a container cannot pass for a live owner).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
 from finetune_worker.errors import JobFailed
+from finetune_worker.files import Busy, destination_issue, exclusive_lock
 
 _STAGING = ".merging-"
 
@@ -25,27 +29,43 @@ _STAGING = ".merging-"
 class StagedOutput:
     """``with StagedOutput(dest, overwrite) as stage: write into stage.path; stage.publish()``."""
 
-    def __init__(self, dest: Path, *, overwrite: bool, key: str):
+    def __init__(self, dest: Path, *, overwrite: bool, key: str, inputs: Sequence[tuple[str, Path]] = ()):
         self.dest = dest
         self.overwrite = overwrite
         self.key = key  # the config field naming dest, for error messages
+        self.inputs = list(inputs)
         self.path: Path | None = None
         self.published = False
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> StagedOutput:
         self._check_dest()
+        self._stack = contextlib.ExitStack()
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self._stack.enter_context(exclusive_lock(self.dest.parent / f".{self.dest.name}.lock"))
+            # Only the lock's holder stages here: whatever staging folder is left is a dead merge's.
             _remove_stale_staging(self.dest)
             self.path = Path(
                 tempfile.mkdtemp(prefix=f".{self.dest.name}{_STAGING}{os.getpid()}-", dir=self.dest.parent)
             )
+        except Busy as exc:
+            self._stack.close()
+            raise JobFailed(
+                "output_dir_conflict",
+                f"{self.key}: another merge is writing '{self.dest}' ({exc.holder})",
+                hint=f"Wait for it to end, or choose another {self.key}.",
+            ) from None
         except PermissionError as exc:
+            self._stack.close()
             raise JobFailed(
                 "output_dir_not_writable",
                 f"{self.key}: cannot write next to '{self.dest}' ({exc.strerror})",
                 hint=f"Choose a {self.key} this user can create and write to.",
             ) from exc
+        except BaseException:
+            self._stack.close()
+            raise
         # mkdtemp makes a private directory; a model directory should be as readable as any other.
         umask = os.umask(0)
         os.umask(umask)
@@ -78,13 +98,19 @@ class StagedOutput:
     ) -> None:
         if not self.published and self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+        self._stack.close()  # releases the destination's lock
 
     def _check_dest(self) -> None:
-        check_destination(self.dest, overwrite=self.overwrite, key=self.key)
+        check_destination(self.dest, overwrite=self.overwrite, key=self.key, inputs=self.inputs)
 
 
-def check_destination(dest: Path, *, overwrite: bool, key: str) -> None:
+def check_destination(
+    dest: Path, *, overwrite: bool, key: str, inputs: Sequence[tuple[str, Path]] = ()
+) -> None:
     """Checked at submit too, but the directory may have filled up while the job queued."""
+    problem = destination_issue(dest, inputs)
+    if problem is not None:
+        raise JobFailed("output_dir_conflict", f"{key}: '{dest}' {problem}", hint=f"Choose another {key}.")
     if dest.exists() and not dest.is_dir():
         raise JobFailed("output_dir_conflict", f"{key}: '{dest}' exists and is not a directory")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
@@ -96,23 +122,10 @@ def check_destination(dest: Path, *, overwrite: bool, key: str) -> None:
 
 
 def _remove_stale_staging(dest: Path) -> None:
-    prefix = f".{dest.name}{_STAGING}"
-    for entry in dest.parent.glob(prefix + "*"):
-        pid_text = entry.name[len(prefix) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
+    """Staging (and replaced) folders of ``dest`` left by a merge that died; call with its lock held."""
+    for pattern in (f".{dest.name}{_STAGING}*", f".{dest.name}.replaced-*"):
+        for entry in dest.parent.glob(pattern):
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def dir_size(path: Path) -> int:

@@ -349,6 +349,29 @@ def _model_issues(data: dict[str, Any], base_dir: Path) -> list[tuple[str, str]]
     return issues
 
 
+def model_references(path: Path) -> list[tuple[str, str, Path]]:
+    """``(yaml path, reference as written, resolved local path)`` of every model and LoRA the YAML
+    at ``path`` names; empty when it cannot be read or is not schema-valid (its checks say why)."""
+    data, problems = read_yaml(path)
+    if data is None or problems:
+        return []
+    out: list[tuple[str, str, Path]] = []
+    try:
+        for where, container, key in _model_refs(data):
+            for ref in _ref_paths(container[key]):
+                if ref is not None:
+                    out.append((where, ref, resolve_model_path(ref, path.parent)))
+    except (AttributeError, KeyError, TypeError):
+        return []
+    return out
+
+
+def merge_inputs(path: Path) -> list[tuple[str, Path]]:
+    """``(field, path)`` of everything a MergeKit merge reads: the YAML and each model it names."""
+    refs = [(f"yaml_config_path: {where}", local) for where, _, local in model_references(path)]
+    return [("yaml_config_path", path), *refs]
+
+
 def _slice_lists(data: dict[str, Any]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     if data.get("slices"):
         yield "", data["slices"]

@@ -9,19 +9,24 @@ Pure file-system code (no torch), so config validation can use it at submit time
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from finetune_worker.files import overlap_issue
 
 if TYPE_CHECKING:
     from finetune_worker.config.train import TrainConfig
 
 RUN_MARKER = ".finetune-worker-run.json"
+#: Held (flock) by the job writing into the output_dir; see :func:`output_lock`.
+LOCK_FILE = ".finetune-worker.lock"
 STAGING = ".staging"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 #: Written by transformers' own jit checkpointing while a save is in progress.
@@ -173,6 +178,18 @@ def output_dir_issue(cfg: TrainConfig) -> str | None:
         return f"'{cfg.output_dir}' cannot be created: {probe} is a file, not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"'{cfg.output_dir}' is not writable by this user (nearest existing folder: {probe})"
+    inputs: list[tuple[str, str | os.PathLike[str]]] = [("model_name", cfg.resolved(cfg.model_name))]
+    clash = overlap_issue(out, inputs, contains=False)
+    if clash is not None:
+        return f"'{cfg.output_dir}' {clash}; choose another output_dir"
+    foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    if not cfg.overwrite and foreign and not holds_run(out):
+        shown = ", ".join(foreign[:5])
+        return (
+            f"'{cfg.output_dir}' holds files that are not a run of this worker ({shown}...); training writes "
+            'the adapter, tokenizer and README.md there. Choose an empty or new output_dir, or set "overwrite": '
+            "true to write over those files"
+        )
     if cfg.overwrite or not holds_run(out):
         return None
     marker = read_marker(out)
@@ -211,3 +228,30 @@ def wipe_run(output_dir: Path) -> None:
         if CHECKPOINT_RE.match(child.name):
             shutil.rmtree(child, ignore_errors=True)
     (output_dir / RUN_MARKER).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_lock(cfg: TrainConfig) -> Iterator[None]:
+    """Hold ``output_dir``'s lock for the job: a second job on it (another worker, another machine
+    on a shared file system) fails at once with ``output_dir_conflict`` naming the holder."""
+    from finetune_worker.errors import JobFailed
+    from finetune_worker.files import Busy, exclusive_lock
+
+    out = cfg.resolved(cfg.output_dir)
+    with contextlib.ExitStack() as stack:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(exclusive_lock(out / LOCK_FILE))
+        except Busy as exc:
+            raise JobFailed(
+                "output_dir_conflict",
+                f"output_dir: '{cfg.output_dir}' is in use by another job ({exc.holder})",
+                hint="Wait for that job to end, or choose another output_dir.",
+            ) from None
+        except OSError as exc:
+            raise JobFailed(
+                "output_dir_not_writable",
+                f"output_dir: cannot create or lock '{cfg.output_dir}' ({exc.strerror or exc})",
+                hint="Choose an output_dir this user can create and write to.",
+            ) from None
+        yield

@@ -115,6 +115,23 @@ def split_examples(
     ]
 
 
+#: Raw text is tokenized in pieces of at most this many characters (see ChatEncoder._tokenize_texts).
+TEXT_PIECE_CHARS = 1_000_000
+
+
+def text_pieces(text: str, limit: int) -> list[str]:
+    """``text`` cut into pieces of at most ``limit`` characters, each cut after whitespace when there is any."""
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > limit:
+        cut = max(text.rfind(" ", start, start + limit), text.rfind("\n", start, start + limit))
+        end = cut + 1 if cut > start else start + limit
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
 class ChatEncoder:
     """Tokenizes examples into ``{"input_ids", "labels"}`` rows under one DataConfig."""
 
@@ -137,9 +154,8 @@ class ChatEncoder:
         rows: list[Row] = []
         texts = [e for e in examples if e.kind == "text"]
         if texts:
-            encoded = self.tokenizer([e.text for e in texts], add_special_tokens=True)["input_ids"]
-            for ids in encoded:
-                rows.extend(self._blocks(list(ids)))
+            for ids in self._tokenize_texts([e.text or "" for e in texts]):
+                rows.extend(self._blocks(ids))
         for example in examples:
             if example.kind == "text":
                 continue
@@ -156,6 +172,24 @@ class ChatEncoder:
             counts["tokens"] += len(row["input_ids"])
             counts["trained_tokens"] += sum(1 for label in row["labels"][1:] if label != IGNORE_INDEX)
         return rows, counts
+
+    def _tokenize_texts(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each raw text. A text longer than TEXT_PIECE_CHARS is tokenized in pieces
+        cut at whitespace and joined (the fast tokenizer aborts the process on a 32 MiB string);
+        only the first piece gets the tokenizer's special tokens."""
+        firsts, rests, owners = [], [], []
+        for i, text in enumerate(texts):
+            pieces = text_pieces(text, TEXT_PIECE_CHARS)
+            firsts.append(pieces[0])
+            rests += pieces[1:]
+            owners += [i] * (len(pieces) - 1)
+        out = [list(ids) for ids in self.tokenizer(firsts, add_special_tokens=True)["input_ids"]]
+        if rests:
+            for owner, ids in zip(
+                owners, self.tokenizer(rests, add_special_tokens=False)["input_ids"], strict=True
+            ):
+                out[owner].extend(ids)
+        return out
 
     def _blocks(self, ids: list[int]) -> list[Row]:
         eos = self.tokenizer.eos_token_id

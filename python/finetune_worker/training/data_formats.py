@@ -21,6 +21,10 @@ from finetune_worker.config.data import DataConfig
 from finetune_worker.errors import JobFailed
 
 MAX_REPORTED = 5  # bad rows listed in one error; more are counted, not listed
+#: Longest chat-like row, in characters of message content: far beyond any context length (rows
+#: are cut to data.max_seq_length tokens), and a 32 MiB row once made the tokenizer abort the
+#: whole worker. Raw text rows may be longer: they are tokenized in pieces and cut into blocks.
+MAX_CHAT_ROW_CHARS = 1_000_000
 
 EXTENSIONS = {
     ".jsonl": "jsonl",
@@ -256,7 +260,7 @@ def _normalize(number: int, row: Any, cfg: DataConfig) -> Example:
             "instruction+output, or messages/conversations (data.columns can rename yours)"
         )
     if kind == "conversations":
-        return Example(number, kind, messages=_conversation(where, row, cfg))
+        return _bounded(Example(number, kind, messages=_conversation(where, row, cfg)))
     for key in REQUIRED[kind]:
         if key not in row or row[key] is None:
             raise RowError(f"{where}: missing key {key!r} ({NEEDS[kind]})")
@@ -272,7 +276,18 @@ def _normalize(number: int, row: Any, cfg: DataConfig) -> Example:
         answer = row["output"]
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    return Example(number, kind, messages=messages)
+    return _bounded(Example(number, kind, messages=messages))
+
+
+def _bounded(example: Example) -> Example:
+    size = sum(len(m["content"]) for m in example.messages)
+    if size > MAX_CHAT_ROW_CHARS:
+        raise RowError(
+            f"row {example.row}: its messages hold {size:,} characters, over the {MAX_CHAT_ROW_CHARS:,} a "
+            f"chat row may have (it would be cut to data.max_seq_length tokens anyway); split it, or put "
+            "long documents in text rows"
+        )
+    return example
 
 
 def _conversation(where: str, row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:

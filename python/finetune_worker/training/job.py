@@ -46,11 +46,18 @@ MUTATING_INITS = frozenset({"pissa"})
 
 def run(ctx: Any) -> dict[str, Any]:
     cfg: TrainConfig = ctx.config
-    if cfg.distributed is not None and getattr(ctx, "rank", None) is None:
-        # A torchrun process group trains; this thread only launches and supervises it.
-        from finetune_worker.distributed.launcher import run_distributed
+    if getattr(ctx, "rank", None) is not None:
+        return _train(ctx, cfg)  # a torchrun rank: the launching worker holds the output lock
+    with ckpt.output_lock(cfg):  # one job per output_dir, across workers and machines sharing it
+        if cfg.distributed is not None:
+            # A torchrun process group trains; this thread only launches and supervises it.
+            from finetune_worker.distributed.launcher import run_distributed
 
-        return run_distributed(ctx)
+            return run_distributed(ctx)
+        return _train(ctx, cfg)
+
+
+def _train(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
     trackers: list[Any] = []  # experiment-tracking runs, closed here whichever way the job ends
     try:
         return _run(ctx, cfg, trackers)

@@ -25,6 +25,7 @@ import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
 from finetune_worker.config.train import DEFAULT_DECAY_FRACTION, TrainConfig, scheduler_kwargs
+from finetune_worker.errors import JobFailed
 from finetune_worker.training.checkpoints import publish, rotate, staging_dir
 from finetune_worker.training.model import Plan
 
@@ -57,6 +58,20 @@ class AtomicCheckpointTrainer(Trainer):
         pending = getattr(self, "_tr_loss", None)
         pending_value = float(pending.item()) if isinstance(pending, torch.Tensor) else 0.0
         return self.prior_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0)) + pending_value
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().training_step(*args, **kwargs)
+        # The Trainer hides a NaN/inf step loss from its logs (logging_nan_inf_filter) and trains
+        # on: the weights it saves are then NaN. One sync per micro-step is the price of knowing.
+        if not bool(torch.isfinite(loss).all()):
+            raise JobFailed(
+                "training_diverged",
+                f"the training loss became {float(loss):g} at step {self.state.global_step + 1}; "
+                "the weights are no longer usable and nothing was saved from this step",
+                hint="Lower training_parameters.learning_rate, keep max_grad_norm above 0, use fp32 or bf16 "
+                "instead of fp16, and look for extreme values in the data; resume from the last checkpoint.",
+            )
+        return loss
 
     # ---- token-weighted eval loss ------------------------------------------------------------
 

@@ -1,0 +1,16 @@
+"""The one base of every config model: strict about keys, defaults and numbers."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+#: Largest seed: numpy (which transformers' set_seed seeds too) takes 32-bit seeds only.
+MAX_SEED = 2**32 - 1
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors (a typo must not be ignored), defaults are validated too, and NaN
+    and infinities are refused: ``"learning_rate": Infinity`` is valid JSON for Python and once
+    trained to 100% NaN weights."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
