@@ -36,3 +36,28 @@ def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """``tmpfs("600k")``: a mounted tmpfs of that size (a real full disk); skips without mount rights."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        mnt = tmp_path / f"tmpfs-{len(mounted)}"
+        mnt.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True
+        )
+        if done.returncode:
+            pytest.skip(
+                f"cannot mount a tmpfs here (needs root with mount rights): {done.stderr.decode().strip()}"
+            )
+        mounted.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

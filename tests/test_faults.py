@@ -116,21 +116,9 @@ def test_stdin_closed_while_a_long_step_runs(ignore_cancel: bool) -> None:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 600 KiB tmpfs (room for one tiny checkpoint, not two), grown later with a remount."""
-    import subprocess
-
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode:
-        pytest.skip(
-            f"cannot mount a tmpfs here (needs root with mount rights): {done.stderr.decode().strip()}"
-        )
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_disk(tmpfs):  # type: ignore[no-untyped-def]
+    """A 600k tmpfs: room for one tiny checkpoint, not two (grown later with a remount where needed)."""
+    return tmpfs("600k")
 
 
 @pytest.mark.slow

@@ -70,7 +70,7 @@ DEFAULT_MAX_SIZE = 256 * 1024 * 1024
 #: Most terms (elements of any kind, nested ones included) :func:`decode` builds from one input.
 #: Each is a Python object of tens of bytes: an 8 KiB compressed frame of ``[]``s would
 #: otherwise build hundreds of MiB of empty lists. A job config is a few hundred terms.
-DEFAULT_MAX_TERMS = 2_000_000
+DEFAULT_MAX_TERMS = 1_000_000
 
 VERSION = 131
 MAX_ATOM_CHARS = 255  # OTP refuses longer atoms

@@ -90,13 +90,10 @@ def destination_issue(dest: Path, inputs: Sequence[tuple[str, Path]]) -> str | N
     allowed root itself (its staging folder would be made outside the roots, beside it)."""
     from finetune_worker.security import allowed_roots
 
-    clash = overlap_issue(dest, list(inputs))
-    if clash is not None:
-        return clash
     roots = allowed_roots() or []
     if any(os.path.realpath(dest) == str(root) for root in roots):
         return "is an allowed root itself; write the merged model into a folder inside it"
-    return None
+    return overlap_issue(dest, list(inputs))
 
 
 class Busy(Exception):

@@ -230,6 +230,7 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
         evaluator.run("fine_tuned", trainer.model)
 
     ctx.phase("saving")
+    trainer.check_finite_weights()
     save_outputs(trainer, tokenizer, out, initial_adapter)
     if initial_adapter is not None:
         shutil.rmtree(initial_adapter, ignore_errors=True)  # only needed for the conversion above

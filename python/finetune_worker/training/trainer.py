@@ -42,6 +42,15 @@ def read_run_state(checkpoint: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def diverged(what: str) -> JobFailed:
+    return JobFailed(
+        "training_diverged",
+        f"{what}; the run diverged and nothing from this step was saved",
+        hint="Lower training_parameters.learning_rate, keep max_grad_norm above 0, use fp32 or bf16 instead of "
+        "fp16, and look for extreme values in the data; resume from the last checkpoint.",
+    )
+
+
 class AtomicCheckpointTrainer(Trainer):
     """A Trainer whose checkpoints appear on disk all at once or not at all (see the module doc)."""
 
@@ -64,14 +73,15 @@ class AtomicCheckpointTrainer(Trainer):
         # The Trainer hides a NaN/inf step loss from its logs (logging_nan_inf_filter) and trains
         # on: the weights it saves are then NaN. One sync per micro-step is the price of knowing.
         if not bool(torch.isfinite(loss).all()):
-            raise JobFailed(
-                "training_diverged",
-                f"the training loss became {float(loss):g} at step {self.state.global_step + 1}; "
-                "the weights are no longer usable and nothing was saved from this step",
-                hint="Lower training_parameters.learning_rate, keep max_grad_norm above 0, use fp32 or bf16 "
-                "instead of fp16, and look for extreme values in the data; resume from the last checkpoint.",
-            )
+            raise diverged(f"the training loss became {float(loss):g} at step {self.state.global_step + 1}")
         return loss
+
+    def check_finite_weights(self) -> None:
+        """Refuse to save weights that are no longer numbers (an update can overflow while the loss
+        that led to it was still finite)."""
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
+                raise diverged(f"the weights of {name} are NaN or infinite after step {self.state.global_step}")
 
     # ---- token-weighted eval loss ------------------------------------------------------------
 
@@ -125,6 +135,7 @@ class AtomicCheckpointTrainer(Trainer):
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self.check_finite_weights()
         out = Path(self.args.output_dir)
         staged = staging_dir(out) / f"checkpoint-{self.state.global_step}"
         # Under torchrun every rank writes into the same staged folder (its RNG state at least),
