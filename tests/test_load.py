@@ -84,7 +84,13 @@ def test_10000_status_calls_during_training_are_all_answered(tiny_model_dir: Pat
         job = submit(w, cfg)
         w.wait_for(job, "progress", timeout=300)
         statuses = pipelined_calls(w, [("status", [job])] * 10_000)
-        assert len(statuses) == 10_000
+        # The worker answers 10,000 calls in well under a second here: keep calling until the
+        # training has visibly moved on meanwhile (the point is that both go on at once).
+        for _ in range(20):
+            if statuses[-1]["step"] > statuses[0]["step"]:
+                break
+            statuses += pipelined_calls(w, [("status", [job])] * 1_000)
+        assert len(statuses) >= 10_000
         assert all(str(s["job_id"]) == job for s in statuses)
         assert all(str(s["state"]) == "running" for s in statuses), "training ended before the calls did"
         steps = [s["step"] for s in statuses]

@@ -270,24 +270,37 @@ def test_dora_and_modules_to_save_merge_exactly(tiny_model_dir: Path, tmp_path: 
 def test_staging_left_by_a_killed_merge_is_removed(
     tiny_model_dir: Path, adapter: Path, tmp_path: Path
 ) -> None:
-    """A worker killed while saving leaves `.NAME.merging-PID-*`; the next merge removes it once PID is gone."""
+    """A worker killed while saving leaves `.NAME.merging-PID-*` whose flock the kernel dropped: the
+    next merge removes it, even when that PID is alive again (ours here: containers reuse PIDs).
+    A staging folder whose merge is alive holds its lock: the second merge fails at once."""
     import subprocess
     import sys
 
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    dead_pid = int(dead.stdout)
     out = tmp_path / "merged"
-    stale = tmp_path / f".merged.merging-{dead_pid}-x1y2"
+    stale = tmp_path / f".merged.merging-{os.getpid()}-x1y2"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half a model")
-    alive = tmp_path / f".merged.merging-{os.getppid()}-busy"  # another live worker's merge in progress
-    alive.mkdir()
     done = terminal(run_job(merge_cfg(tiny_model_dir, adapter, out)))
     assert done.type == "completed", done.payload
-    assert not stale.exists() and alive.exists()
+    assert not stale.exists()
     assert (out / "model.safetensors").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []
+
+    busy = tmp_path / f".merged.merging-{os.getpid()}-busy"
+    busy.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, os, time; fd = os.open({str(busy)!r}, os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        second = terminal(run_job(dict(merge_cfg(tiny_model_dir, adapter, out), overwrite=True)))
+        assert second.type == "failed" and second.payload["error"] == "output_dir_conflict", second.payload
+        assert "another merge is writing" in second.payload["message"] and busy.exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_output_filled_while_queued_fails_before_merging(

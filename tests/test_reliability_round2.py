@@ -369,9 +369,9 @@ def test_a_loss_that_turns_nan_fails_the_job_and_saves_nothing_nan(
 # ---- 12. smaller ones ------------------------------------------------------------------------
 
 
-def test_no_queued_event_after_a_jobs_terminal_event() -> None:
+def test_no_queued_event_after_a_jobs_terminal_event(monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner re-sends queue positions from a snapshot; a cancel landing meanwhile must end the job last."""
-    os.environ["FINETUNE_WORKER_TEST_JOBS"] = "1"
+    monkeypatch.setenv("FINETUNE_WORKER_TEST_JOBS", "1")
     from finetune_worker.jobs import JobManager
     from finetune_worker.testjobs import TestStepsConfig
 
@@ -453,9 +453,9 @@ def test_pickle_only_weights_are_an_unsupported_model(tiny_model_dir: Path, tmp_
     assert not marker.exists()
 
 
-def test_a_full_disk_during_merge_lora_is_disk_full(root: Path, tmpfs: Any) -> None:
+def test_a_full_disk_during_merge_lora_is_disk_full(root: Path, tmpfs: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     small = tmpfs("1m")
-    os.environ[ENV_ROOTS] = f"{root}{os.pathsep}{small}"
+    monkeypatch.setenv(ENV_ROOTS, f"{root}{os.pathsep}{small}")
     run = run_job(
         {
             "base_model_path": str(root / "base"),
@@ -473,7 +473,7 @@ def test_a_full_disk_during_merge_lora_is_disk_full(root: Path, tmpfs: Any) -> N
 
 
 def test_the_job_table_keeps_a_bounded_history(monkeypatch: pytest.MonkeyPatch) -> None:
-    os.environ["FINETUNE_WORKER_TEST_JOBS"] = "1"
+    monkeypatch.setenv("FINETUNE_WORKER_TEST_JOBS", "1")
     from finetune_worker import jobs as jobs_module
     from finetune_worker.testjobs import TestStepsConfig
 

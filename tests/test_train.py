@@ -144,13 +144,14 @@ def test_data_formats_each_train_with_lora(tiny_model_dir: Path, tmp_path: Path)
 
 
 def test_step_evaluation_and_early_stopping(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # A learning rate this high makes held-out loss climb, so patience 1 stops the run early.
+    # "Better" as a higher loss (greater_is_better): a loss that falls never improves, so patience 1
+    # stops the run at the second evaluation for sure (a diverging run would now fail as it should).
     cfg = tiny_config(
         tiny_model_dir,
         tmp_path / "es",
         max_steps=40,
-        eval={"every_steps": 2, "early_stopping_patience": 1},
-        training_parameters={"epochs": 1, "batch_size": 8, "learning_rate": 3.0, "logging_steps": 1},
+        eval={"every_steps": 2, "early_stopping_patience": 1, "greater_is_better": True},
+        training_parameters={"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "logging_steps": 1},
     )
     run = run_job(cfg)
     assert run.terminal.type == "completed", run.terminal.payload

@@ -159,8 +159,9 @@ def test_classification_of_library_errors() -> None:
 
 @pytest.fixture
 def small_disk(tmpfs):  # type: ignore[no-untyped-def]
-    """A 600k tmpfs: room for one tiny checkpoint, not two (grown later with a remount where needed)."""
-    return tmpfs("600k")
+    """A 700k tmpfs: room for one tiny checkpoint (~590 KB with its 4 KiB blocks), not two (grown
+    later with a remount where needed)."""
+    return tmpfs("700k")
 
 
 def test_disk_full_while_checkpointing(tiny_model_dir: Path, small_disk: Path) -> None:

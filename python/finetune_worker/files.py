@@ -107,22 +107,26 @@ class Busy(Exception):
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block.
+    """Hold an exclusive ``flock`` on ``path`` (a file, created if needed, or a directory) for the
+    ``with`` block.
 
     The kernel releases it when the process dies, so a crash leaves no stale lock and a reused
-    PID (containers) cannot be mistaken for a live owner. The holder writes who it is into the
-    file; a second taker gets :class:`Busy` naming it, at once.
+    PID (containers) cannot be mistaken for a live owner. The holder of a file lock writes who it
+    is into the file; a second taker gets :class:`Busy` naming it, at once.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    is_dir = path.is_dir()
+    flags = (os.O_RDONLY | os.O_DIRECTORY) if is_dir else (os.O_RDWR | os.O_CREAT)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip()
+            holder = "" if is_dir else os.pread(fd, 400, 0).decode("utf-8", "replace").strip()
             raise Busy(path, holder) from None
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+        if not is_dir:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays, so no one can race on its removal
+        os.close(fd)  # releases the lock; a lock file stays, so no one can race on its removal

@@ -83,7 +83,9 @@ def redact(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(redact(v) for v in value)
     if isinstance(value, str):
-        return _URL_SECRET_PARAM.sub(lambda m: m["head"] + REDACTED, _URL_CREDENTIALS.sub(REDACTED + "@", value))
+        return _URL_SECRET_PARAM.sub(
+            lambda m: m["head"] + REDACTED, _URL_CREDENTIALS.sub(REDACTED + "@", value)
+        )
     return value
 
 

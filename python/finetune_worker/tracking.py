@@ -282,7 +282,9 @@ class MlflowTracker(Tracker):
                 os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
 
     def describe(self) -> str:
-        return f"mlflow run {self.run_id}{' (resumed)' if self.resumed else ''} at {redact(self.tracking_uri)}"
+        return (
+            f"mlflow run {self.run_id}{' (resumed)' if self.resumed else ''} at {redact(self.tracking_uri)}"
+        )
 
     def info(self) -> dict[str, Any]:
         return {

@@ -35,11 +35,11 @@ class _MergeBase(StrictModel):
         self, key: str, value: str, inputs: Sequence[tuple[str, Path]] = ()
     ) -> list[ConfigIssue]:
         out = self.resolved(value)
+        if out.exists() and not out.is_dir():
+            return [ConfigIssue(key, "exists and is not a directory", value)]
         problem = destination_issue(out, inputs)
         if problem is not None:
             return [ConfigIssue(key, problem, value)]
-        if out.exists() and not out.is_dir():
-            return [ConfigIssue(key, "exists and is not a directory", value)]
         if out.is_dir() and any(out.iterdir()) and not self.overwrite:
             return [
                 ConfigIssue(

@@ -2,10 +2,10 @@
 
 The model is written into a staging directory next to the destination
 (``.NAME.merging-PID-XXXX``, hidden, on the same file system) and renamed onto the destination
-only once complete. A merge holds the destination's lock (``.NAME.lock``, an ``flock`` the
-kernel releases when the process dies) while it writes, so a second merge to it fails at once,
-and a staging directory found by the lock's next holder is a dead merge's and is removed (a
-reused PID in a container cannot pass for a live owner).
+only once complete. A merge holds an ``flock`` on its own staging directory while it writes
+(the kernel releases it when the process dies): a second merge to the same destination finds a
+locked staging directory and fails at once, and an unlocked one is a dead merge's and is
+removed (a reused PID in a container cannot pass for a live owner).
 """
 
 from __future__ import annotations
@@ -43,19 +43,12 @@ class StagedOutput:
         self._stack = contextlib.ExitStack()
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
-            self._stack.enter_context(exclusive_lock(self.dest.parent / f".{self.dest.name}.lock"))
-            # Only the lock's holder stages here: whatever staging folder is left is a dead merge's.
-            _remove_stale_staging(self.dest)
+            _claim_staging(self.dest, self.key)  # a live merge's folder: conflict; a dead one's: removed
             self.path = Path(
                 tempfile.mkdtemp(prefix=f".{self.dest.name}{_STAGING}{os.getpid()}-", dir=self.dest.parent)
             )
-        except Busy as exc:
-            self._stack.close()
-            raise JobFailed(
-                "output_dir_conflict",
-                f"{self.key}: another merge is writing '{self.dest}' ({exc.holder})",
-                hint=f"Wait for it to end, or choose another {self.key}.",
-            ) from None
+            self._stack.enter_context(exclusive_lock(self.path))
+            _claim_staging(self.dest, self.key, own=self.path)  # two merges that started together
         except PermissionError as exc:
             self._stack.close()
             raise JobFailed(
@@ -65,6 +58,8 @@ class StagedOutput:
             ) from exc
         except BaseException:
             self._stack.close()
+            if self.path is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
             raise
         # mkdtemp makes a private directory; a model directory should be as readable as any other.
         umask = os.umask(0)
@@ -121,11 +116,27 @@ def check_destination(
         )
 
 
-def _remove_stale_staging(dest: Path) -> None:
-    """Staging (and replaced) folders of ``dest`` left by a merge that died; call with its lock held."""
-    for pattern in (f".{dest.name}{_STAGING}*", f".{dest.name}.replaced-*"):
-        for entry in dest.parent.glob(pattern):
-            shutil.rmtree(entry, ignore_errors=True)
+def _claim_staging(dest: Path, key: str, own: Path | None = None) -> None:
+    """Look at every staging folder of ``dest`` but ``own``: one whose merge is alive holds its
+    ``flock`` (a second merge to ``dest`` then fails at once); one whose lock is free belongs to a
+    merge that died (the kernel dropped its lock; a reused PID cannot fake one) and is removed,
+    as are folders a publish replaced and did not get to delete."""
+    for entry in dest.parent.glob(f".{dest.name}{_STAGING}*"):
+        if entry == own or not entry.is_dir():
+            continue
+        try:
+            with exclusive_lock(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+        except Busy:
+            raise JobFailed(
+                "output_dir_conflict",
+                f"{key}: another merge is writing '{dest}' (into {entry.name})",
+                hint=f"Wait for it to end, or choose another {key}.",
+            ) from None
+        except FileNotFoundError:
+            continue  # its merge finished or cleaned up meanwhile
+    for entry in dest.parent.glob(f".{dest.name}.replaced-*"):
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def dir_size(path: Path) -> int:

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,12 @@ def run(ctx: Any) -> dict[str, Any]:
     cfg: TrainConfig = ctx.config
     if getattr(ctx, "rank", None) is not None:
         return _train(ctx, cfg)  # a torchrun rank: the launching worker holds the output lock
-    with ckpt.output_lock(cfg):  # one job per output_dir, across workers and machines sharing it
+    # One job per output_dir, across workers and machines sharing it. The workers of the other nodes
+    # of one multi-node job write into the same (shared) folder as node 0's: node 0 holds the lock.
+    lock = (
+        ckpt.output_lock(cfg) if cfg.distributed is None or cfg.distributed.node_rank == 0 else nullcontext()
+    )
+    with lock:
         if cfg.distributed is not None:
             # A torchrun process group trains; this thread only launches and supervises it.
             from finetune_worker.distributed.launcher import run_distributed

@@ -81,7 +81,9 @@ class AtomicCheckpointTrainer(Trainer):
         that led to it was still finite)."""
         for name, param in self.model.named_parameters():
             if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
-                raise diverged(f"the weights of {name} are NaN or infinite after step {self.state.global_step}")
+                raise diverged(
+                    f"the weights of {name} are NaN or infinite after step {self.state.global_step}"
+                )
 
     # ---- token-weighted eval loss ------------------------------------------------------------
 
