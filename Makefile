@@ -57,7 +57,7 @@ bench: setup $(TINY)/config.json
 lint: setup elixir
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
-	$(VENV)/bin/mypy python/finetune_worker/etf.py python/finetune_worker/etf_decode.py python/finetune_worker/port.py python/finetune_worker/events.py
+	$(VENV)/bin/mypy
 	mix format --check-formatted
 	mix compile --warnings-as-errors --force
 

@@ -54,10 +54,10 @@ dec(K, B, Acc) -> dec(K - 1, B, Acc + tuple_size(binary_to_term(B))).
 
 def sample_terms() -> dict[str, Any]:
     """The two terms, built with the worker's own event and status code."""
-    from finetune_worker.etf import Atom
-    from finetune_worker.events import Event, payload_term
-    from finetune_worker.jobs import JobRecord
+    from finetune_worker.server.jobs import JobRecord
     from finetune_worker.testing import make_pid
+    from finetune_worker.wire import Atom
+    from finetune_worker.wire.vocabulary import Event, payload_term
 
     event = Event(
         "job-48211-51234-3",
@@ -87,7 +87,7 @@ def sample_terms() -> dict[str, Any]:
 
 def run(opts: Options) -> list[Row]:
     import erlang
-    from finetune_worker import etf
+    from finetune_worker import wire as etf
 
     number = 300 if opts.quick else 5000
     rows: list[Row] = []
@@ -112,7 +112,7 @@ def run(opts: Options) -> list[Row]:
             beam = otp.get((name, op))
             what = f"{op} {name} ({len(data)} B)"
             rows.append(
-                Row(PART, f"{what}: finetune_worker.etf", fmt_ns(ours), f"{py / ours:.2f}x erlang_py's speed",
+                Row(PART, f"{what}: finetune_worker.wire", fmt_ns(ours), f"{py / ours:.2f}x erlang_py's speed",
                     data={"ns": ours})
             )  # fmt: skip
             rows.append(Row(PART, f"{what}: erlang_py", fmt_ns(py), data={"ns": py}))

@@ -43,7 +43,7 @@ class DatasetInfo:
 
 def small_model(work_dir: Path) -> Path:
     """The 4-layer, 256-hidden tiny Llama the issue names, built once under ``work_dir``."""
-    from finetune_worker.tiny import build_tiny_model
+    from finetune_worker.testing.tiny import build_tiny_model
 
     return build_tiny_model(work_dir / "small-model", size="small")
 
@@ -52,7 +52,7 @@ def bench_model(work_dir: Path, quick: bool) -> Path:
     """The small model, or in quick mode the tiny one: quick runs check that a part works, no more."""
     if not quick:
         return small_model(work_dir)
-    from finetune_worker.tiny import build_tiny_model
+    from finetune_worker.testing.tiny import build_tiny_model
 
     return build_tiny_model(work_dir / "tiny-model", size="tiny")
 
@@ -140,6 +140,6 @@ def _lengths(
 
 
 def _corpus() -> str:
-    from finetune_worker.tiny import corpus_text
+    from finetune_worker.testing.tiny import corpus_text
 
     return corpus_text()

@@ -1,6 +1,6 @@
 """Event stream: how many events a second the worker delivers, and what a slow reader does to it.
 
-Here the BEAM's side is played by :class:`finetune_worker.port.Port` on the worker's pipes, not
+Here the BEAM's side is played by :class:`finetune_worker.wire.port.Port` on the worker's pipes, not
 by the harness, because the point is to control exactly when the worker's output is read. The
 job is the test-only ``test_steps`` kind (``FINETUNE_WORKER_TEST_JOBS=1``) with no sleep per
 step: each step emits a ``progress`` and a ``metrics`` event, so the writer, not the job, is the
@@ -30,8 +30,8 @@ class RawPeer:
     """A worker process and the BEAM end of its port, read only when the caller says so."""
 
     def __init__(self) -> None:
-        from finetune_worker.port import Port
         from finetune_worker.testing import make_pid
+        from finetune_worker.wire.port import Port
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "finetune_worker", "port"],
@@ -49,8 +49,8 @@ class RawPeer:
         self.pending: list[bytes] = []  # frames read while waiting for a reply
 
     def submit(self, config: dict[str, Any]) -> str:
-        from finetune_worker import etf
-        from finetune_worker.etf import Atom
+        from finetune_worker import wire as etf
+        from finetune_worker.wire import Atom
 
         self.port.send(
             (Atom("C"), 1, Atom("finetune_worker"), Atom("submit"), [json.dumps(config), self.pid])
@@ -92,7 +92,7 @@ class RawPeer:
 
 def check_stream(frames: list[bytes], steps: int) -> tuple[bool, str, dict[str, Any]]:
     """Decode a job's frames; every step's progress and metrics, strictly increasing, then completed."""
-    from finetune_worker import etf
+    from finetune_worker import wire as etf
 
     progress: list[int] = []
     metrics: list[int] = []
@@ -186,7 +186,7 @@ def run(opts: Options) -> list[Row]:
 
 
 def _completed_runtime(frames: list[bytes]) -> float | None:
-    from finetune_worker import etf
+    from finetune_worker import wire as etf
 
     term = etf.decode(frames[-1])
     try:

@@ -1,4 +1,4 @@
-"""Framing part: throughput of one large binary through ``finetune_worker.port.Port``, both directions.
+"""Framing part: throughput of one large binary through ``finetune_worker.wire.port.Port``, both directions.
 
 A pipe stands for the port, as in the worker (``{packet, 4}``); the frame holds the binary as
 an ETF term, encoded once beforehand (the codec part times the codec). Outbound,
@@ -49,7 +49,7 @@ def _write_all(fd: int, data: bytes, count: int, gate: threading.Event) -> None:
 
 def time_send(body: bytes, count: int) -> float:
     """Seconds for ``count`` calls of ``Port.write_frame(body)`` until the reader has every byte."""
-    from finetune_worker.port import Port
+    from finetune_worker.wire.port import Port
 
     r, w = os.pipe()
     dummy_r, dummy_w = os.pipe()
@@ -71,7 +71,7 @@ def time_send(body: bytes, count: int) -> float:
 
 def time_receive(body: bytes, count: int) -> float:
     """Seconds for ``count`` calls of ``Port.read_frame()`` of frames holding ``body``, written by a thread."""
-    from finetune_worker.port import Port
+    from finetune_worker.wire.port import Port
 
     frame = len(body).to_bytes(4, "big") + body
     r, w = os.pipe()
@@ -99,7 +99,7 @@ def time_receive(body: bytes, count: int) -> float:
 
 
 def run(opts: Options) -> list[Row]:
-    from finetune_worker import etf
+    from finetune_worker import wire as etf
 
     rows: list[Row] = []
     rates: dict[tuple[str, int], float] = {}

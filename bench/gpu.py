@@ -102,7 +102,7 @@ def run_in_process(config: dict[str, Any], cuda: bool, timeout: float = 3600) ->
     import torch
 
     from finetune_worker.config import parse_job_config
-    from finetune_worker.jobs import JobManager
+    from finetune_worker.server.jobs import JobManager
 
     events: list[tuple[float, Any]] = []
     done = threading.Event()

@@ -104,7 +104,7 @@ def submit(harness: Any, config: dict[str, Any]) -> JobRun:
 
 def follow(harness: Any, run: JobRun, *, until: str = "terminal", timeout: float = 1800) -> JobRun:
     """Consume ``run``'s events, timestamping each on arrival, up to a terminal event (or ``until``)."""
-    from finetune_worker.events import TERMINAL_TYPES
+    from finetune_worker.wire.vocabulary import TERMINAL_TYPES
 
     deadline = time.monotonic() + timeout
     while True:

@@ -23,7 +23,7 @@ DATA = CONFIGS / "data"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A freshly built tiny Llama model + tokenizer (deterministic, offline, seconds)."""
-    from finetune_worker.tiny import build_tiny_model
+    from finetune_worker.testing.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 

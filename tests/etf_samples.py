@@ -10,7 +10,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from finetune_worker.etf import (
+from finetune_worker.wire import (
     Atom,
     BitBinary,
     ErlangPort,
@@ -19,6 +19,7 @@ from finetune_worker.etf import (
     Pid,
     Reference,
     decode,
+    decode_opaque,
 )
 
 
@@ -183,22 +184,23 @@ def opaque_strategy() -> st.SearchStrategy[Any]:
     nodes = st.sampled_from(["nonode@nohost", "a@b", "wörker@host"]).map(atom_bytes)
     u32 = st.integers(0, 2**32 - 1)
     pids = st.builds(
-        lambda n, a, b, c: Pid.from_bytes(b"X" + n + struct.pack(">III", a, b, c)), nodes, u32, u32, u32
+        lambda n, a, b, c: decode_opaque(Pid, b"X" + n + struct.pack(">III", a, b, c)), nodes, u32, u32, u32
     )
     refs = st.builds(
-        lambda n, c, ids: Reference.from_bytes(
+        lambda n, c, ids: decode_opaque(
+            Reference,
             b"Z"
             + struct.pack(">H", len(ids))
             + n
             + struct.pack(">I", c)
-            + b"".join(struct.pack(">I", i) for i in ids)
+            + b"".join(struct.pack(">I", i) for i in ids),
         ),
         nodes,
         u32,
         st.lists(u32, min_size=1, max_size=5),
     )
     ports = st.builds(
-        lambda n, i, c: ErlangPort.from_bytes(b"x" + n + struct.pack(">QI", i, c)),
+        lambda n, i, c: decode_opaque(ErlangPort, b"x" + n + struct.pack(">QI", i, c)),
         nodes,
         st.integers(0, 2**64 - 1),
         u32,

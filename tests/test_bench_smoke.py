@@ -26,7 +26,7 @@ EXPECTED = {
         "decode event",
         "encode status",
         "decode status",
-        ": finetune_worker.etf",
+        ": finetune_worker.wire",
         ": erlang_py",
         ": OTP term_to_binary",
         ": OTP binary_to_term",

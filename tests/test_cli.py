@@ -66,7 +66,7 @@ def test_erlport_form_with_other_packet_sizes_and_compression(packet: int) -> No
 
 def test_nouse_stdio_serves_fds_3_and_4() -> None:
     """``--nouse_stdio``: frames on fds 3 (in) and 4 (out); stdout stays free for logs."""
-    from finetune_worker.etf import Atom, decode, encode
+    from finetune_worker.wire import Atom, decode, encode
 
     to_worker_r, to_worker_w = os.pipe()
     from_worker_r, from_worker_w = os.pipe()

@@ -22,9 +22,9 @@ import pytest
 
 from finetune_worker.config import MAX_CONFIG_BYTES, parse_job_config
 from finetune_worker.errors import ConfigError
-from finetune_worker.etf import Atom
 from finetune_worker.security import ENV_ROOTS
 from finetune_worker.testing import WorkerHarness
+from finetune_worker.wire import Atom
 from test_train_helpers import DATA, tiny_config
 
 SECRET = "s3cr3t-pa55word-never-echoed"

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from finetune_worker.config.data import DataConfig
 from finetune_worker.errors import JobFailed
-from finetune_worker.tiny import CHAT_TEMPLATE
+from finetune_worker.hf import CHATML_TEMPLATE as CHAT_TEMPLATE
 from finetune_worker.training.data import IGNORE_INDEX, ChatEncoder, build_datasets, make_collator
 from finetune_worker.training.data_collate import PaddedCollator
 
@@ -457,6 +457,6 @@ def test_demo_files_match_their_generator() -> None:
     spec.loader.exec_module(module)
     for name, text in module.build().items():
         assert (DATA / name).read_text(encoding="utf-8") == text, f"{name} drifted: rerun make_demo_data.py"
-    from finetune_worker.tiny import corpus_text
+    from finetune_worker.testing.tiny import corpus_text
 
     assert corpus_text() == module.corpus(module.random.Random(module.CORPUS_SEED))

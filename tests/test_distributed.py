@@ -20,15 +20,15 @@ from safetensors.torch import load_file
 from finetune_worker.config import parse_job_config
 from finetune_worker.config.distributed import DistributedConfig
 from finetune_worker.config.train import TrainConfig
-from finetune_worker.distributed.relay import (
+from finetune_worker.errors import ConfigError
+from finetune_worker.testing import HarnessEvent, WorkerHarness
+from finetune_worker.training.distributed.relay import (
     FrameReader,
     RelayClient,
     RelayError,
     RelayServer,
     encode_frame,
 )
-from finetune_worker.errors import ConfigError
-from finetune_worker.testing import HarnessEvent, WorkerHarness
 from test_train_helpers import DATA, tiny_config
 
 
@@ -172,7 +172,7 @@ def ddp_config(
 
 
 def free_port() -> int:
-    from finetune_worker.distributed.launcher import free_port as pick
+    from finetune_worker.training.distributed.launcher import free_port as pick
 
     return pick()
 
@@ -277,7 +277,7 @@ def test_fsdp_matches_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 AGENT_REPORT = b"""torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ============================================================
-finetune_worker.distributed.rank_main FAILED
+finetune_worker.training.distributed.rank_main FAILED
 ------------------------------------------------------------
 Failures:
 [1]:
@@ -303,7 +303,7 @@ def test_agent_report_lists_every_failed_rank() -> None:
     """torchrun's "root cause" is the first exit it saw; the SIGKILLed rank is listed too."""
     import io
 
-    from finetune_worker.distributed.launcher import _describe_exit, _StderrTee
+    from finetune_worker.training.distributed.launcher import _describe_exit, _StderrTee
 
     tee = _StderrTee(io.BytesIO(b"[rank 0] noise\n" + AGENT_REPORT))
     tee.run()
@@ -325,7 +325,7 @@ def test_the_first_failure_is_judged_from_real_process_deaths(tmp_path: Path) ->
     frame turns up after all (read after its death was seen): then the first report stands."""
     import subprocess
 
-    from finetune_worker.distributed.launcher import Group
+    from finetune_worker.training.distributed.launcher import Group
 
     procs = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
     server = RelayServer(tmp_path / "relay.sock")

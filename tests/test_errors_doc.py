@@ -300,8 +300,8 @@ CALL_CASES: list[tuple[str, str, list[Any], str, str]] = [
 
 
 def call_table() -> str:
-    from finetune_worker.etf import Atom
     from finetune_worker.testing import RemoteError, WorkerHarness
+    from finetune_worker.wire import Atom
 
     rows = ["| case | sent | `Class` | message | fix |", "| --- | --- | --- | --- | --- |"]
     with WorkerHarness() as w:
@@ -369,7 +369,7 @@ def test_every_error_class_and_elixir_reason_is_documented() -> None:
 
 
 def regenerate() -> None:
-    from finetune_worker.tiny import build_tiny_model
+    from finetune_worker.testing.tiny import build_tiny_model
 
     text = DOC.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,9 +20,9 @@ from etf_samples import (
     REF_RAW,
     same,
 )
-from finetune_worker import etf
+from finetune_worker import wire as etf
 from finetune_worker.errors import ProtocolError
-from finetune_worker.etf import (
+from finetune_worker.wire import (
     Atom,
     BitBinary,
     ETFDecodeError,
@@ -30,6 +30,7 @@ from finetune_worker.etf import (
     OpaqueTerm,
     Pid,
     decode,
+    decode_opaque,
     encode,
 )
 
@@ -58,9 +59,9 @@ def test_opaque_terms_keep_their_bytes(raw: bytes, cls: type, fields: dict[str, 
 
 
 def test_opaque_equality_is_by_type_and_bytes() -> None:
-    assert Pid.from_bytes(PID_RAW) != Pid.from_bytes(OLD_PID_RAW)
+    assert decode_opaque(Pid, PID_RAW) != decode_opaque(Pid, OLD_PID_RAW)
     with pytest.raises(ETFDecodeError, match="not Pid"):
-        Pid.from_bytes(REF_RAW)
+        decode_opaque(Pid, REF_RAW)
 
 
 def test_local_ext_is_kept_whole() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from finetune_worker.etf import (
+from finetune_worker.wire import (
     Atom,
     BitBinary,
     ErlangPort,

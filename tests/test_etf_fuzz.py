@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from etf_samples import ALL_FIXTURE_BODIES, normal, random_term, same, terms
-from finetune_worker.etf import ETFDecodeError, decode, encode
+from finetune_worker.wire import ETFDecodeError, decode, encode
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -181,7 +181,7 @@ def test_bad_row_fails_naming_the_row(tiny_model_dir: Path, tmp_path: Path) -> N
 def test_wrong_adapter_fails_with_adapter_mismatch(
     tiny_model_dir: Path, memorised_adapter: Path, tmp_path: Path, toy_qa: Path
 ) -> None:
-    from finetune_worker.tiny import build_tiny_model
+    from finetune_worker.testing.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "small", size="small")
     run = run_job(eval_config(other, toy_qa, adapter_path=str(memorised_adapter)))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_worker.etf import Atom, Pid, Reference, decode, encode
 from finetune_worker.testing import HarnessEvent, RemoteError, WorkerHarness, make_pid, make_ref
+from finetune_worker.wire import Atom, Pid, Reference, decode, encode
 
 
 def test_make_pid_is_a_new_pid_ext_term() -> None:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from finetune_worker.etf import Atom, decode, encode
 from finetune_worker.testing import WorkerHarness, make_pid
+from finetune_worker.wire import Atom, decode, encode
 from test_train_helpers import tiny_config
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from finetune_worker.config import parse_job_config
-from finetune_worker.events import Event
-from finetune_worker.jobs import JobManager, JobRecord
+from finetune_worker.server.jobs import JobManager, JobRecord
+from finetune_worker.wire.vocabulary import Event
 
 #: A fixed batch: token ids below the tiny vocabulary (1017), two rows of 24.
 BATCH = torch.tensor(

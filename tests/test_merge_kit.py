@@ -25,7 +25,7 @@ SEED_T = {"self_attn": [0, 0.5, 0.3, 0.7, 1], "mlp": [1, 0.5, 0.7, 0.3, 0]}
 
 @pytest.fixture(scope="module")
 def model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from finetune_worker.tiny import build_tiny_model
+    from finetune_worker.testing.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_b") / "model", seed=1)
 

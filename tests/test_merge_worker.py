@@ -109,7 +109,7 @@ def test_lora_merge_and_refusals_through_the_worker(
 def test_mergekit_merge_and_refusals_through_the_worker(
     worker: WorkerHarness, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from finetune_worker.tiny import build_tiny_model
+    from finetune_worker.testing.tiny import build_tiny_model
 
     model_b = build_tiny_model(tmp_path / "b", seed=1)
     out = tmp_path / "slerp"
@@ -146,7 +146,7 @@ def test_mergekit_merge_and_refusals_through_the_worker(
 def test_sigkill_mid_merge_leaves_nothing_that_looks_complete(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Kill -9 the worker at its first progress event; output_dir is absent (or, if the merge won the race,
     complete), and the next merge to the same place cleans up the dead worker's staging directory."""
-    from finetune_worker.tiny import build_tiny_model
+    from finetune_worker.testing.tiny import build_tiny_model
 
     model_b = build_tiny_model(tmp_path / "b", seed=1)
     cfg = {"yaml_config_path": str(slerp_yaml(tmp_path / "m.yaml", tiny_model_dir, model_b)),

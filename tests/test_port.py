@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from finetune_worker.errors import ProtocolError
-from finetune_worker.etf import Atom, ETFDecodeError, decode, encode
-from finetune_worker.port import DEFAULT_MAX_FRAME, FrameTooLarge, Port, PortClosed
+from finetune_worker.wire import Atom, ETFDecodeError, decode, encode
+from finetune_worker.wire.port import DEFAULT_MAX_FRAME, FrameTooLarge, Port, PortClosed
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune_worker.etf import Atom, encode
-from finetune_worker.port import Port
+from finetune_worker.wire import Atom, encode
+from finetune_worker.wire.port import Port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def drain(data: bytes, packet: int) -> list[object]:
 NOISY_CHILD = textwrap.dedent(
     """
     import ctypes, os, subprocess, sys
-    from finetune_worker.port import open_port
+    from finetune_worker.wire.port import open_port
 
     port = open_port(packet={packet})
     print("print() output")
@@ -129,8 +129,8 @@ run(Python, Script, Stdio, Packet, Terms0) ->
 
 ECHO_WORKER = """
 import sys
-from finetune_worker.etf import Atom
-from finetune_worker.port import open_port
+from finetune_worker.wire import Atom
+from finetune_worker.wire.port import open_port
 
 port = open_port(use_stdio=sys.argv[1] == "use_stdio", packet=int(sys.argv[2]))
 print("noise on stdout")  # must not reach the BEAM as a frame

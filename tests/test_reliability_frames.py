@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune_worker.etf import Atom, decode, encode
 from finetune_worker.testing import WorkerHarness, make_pid
+from finetune_worker.wire import Atom, decode, encode
 from test_train_helpers import tiny_config
 
 # hypothesis would render a failing 100-frame batch in full; the assertion says enough

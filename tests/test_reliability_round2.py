@@ -22,9 +22,9 @@ import pytest
 
 from finetune_worker.config import parse_job_config
 from finetune_worker.errors import ConfigError
-from finetune_worker.etf import ETFDecodeError, decode
 from finetune_worker.security import ENV_ROOTS
 from finetune_worker.testing import WorkerHarness
+from finetune_worker.wire import ETFDecodeError, decode
 from test_train_helpers import DATA, run_job, tiny_config
 
 
@@ -149,7 +149,7 @@ def test_a_merge_may_not_replace_a_folder_holding_its_inputs(root: Path) -> None
 
 def test_a_merge_checks_again_when_it_starts(root: Path) -> None:
     from finetune_worker.errors import JobFailed
-    from finetune_worker.merging.output import check_destination
+    from finetune_worker.outputs import check_destination
 
     with pytest.raises(JobFailed, match="contains the job's input"):
         check_destination(
@@ -199,7 +199,7 @@ def test_two_workers_on_one_output_dir_the_second_fails_naming_the_first(
 
 
 def test_a_merge_lock_frees_a_dead_merges_staging_even_with_its_pid_alive(root: Path) -> None:
-    from finetune_worker.merging.output import StagedOutput
+    from finetune_worker.outputs import StagedOutput
 
     dest = root / "merged"
     # A folder a dead worker left, named after a pid that is alive (ours: a container reuses pids).
@@ -372,8 +372,8 @@ def test_a_loss_that_turns_nan_fails_the_job_and_saves_nothing_nan(
 def test_no_queued_event_after_a_jobs_terminal_event(monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner re-sends queue positions from a snapshot; a cancel landing meanwhile must end the job last."""
     monkeypatch.setenv("FINETUNE_WORKER_TEST_JOBS", "1")
-    from finetune_worker.jobs import JobManager
-    from finetune_worker.testjobs import TestStepsConfig
+    from finetune_worker.server.jobs import JobManager
+    from finetune_worker.testing.testjobs import TestStepsConfig
 
     events: list[tuple[str, str]] = []
     jobs: dict[str, str] = {}
@@ -453,7 +453,9 @@ def test_pickle_only_weights_are_an_unsupported_model(tiny_model_dir: Path, tmp_
     assert not marker.exists()
 
 
-def test_a_full_disk_during_merge_lora_is_disk_full(root: Path, tmpfs: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_during_merge_lora_is_disk_full(
+    root: Path, tmpfs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     small = tmpfs("1m")
     monkeypatch.setenv(ENV_ROOTS, f"{root}{os.pathsep}{small}")
     run = run_job(
@@ -474,8 +476,8 @@ def test_a_full_disk_during_merge_lora_is_disk_full(root: Path, tmpfs: Any, monk
 
 def test_the_job_table_keeps_a_bounded_history(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINETUNE_WORKER_TEST_JOBS", "1")
-    from finetune_worker import jobs as jobs_module
-    from finetune_worker.testjobs import TestStepsConfig
+    from finetune_worker.server import jobs as jobs_module
+    from finetune_worker.testing.testjobs import TestStepsConfig
 
     monkeypatch.setattr(jobs_module, "MAX_FINISHED_JOBS", 5)
     done = threading.Event()

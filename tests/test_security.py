@@ -55,7 +55,7 @@ def test_the_grep_would_catch_pickle(tmp_path: Path) -> None:
 
 
 def test_protocol_modules_never_fall_back_to_pickle() -> None:
-    from finetune_worker.etf import encode
+    from finetune_worker.wire import encode
 
     class Custom:
         pass

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune_worker.tiny import CHAT_TEMPLATE, EOS, MARKER, PAD, build_tiny_model
+from finetune_worker.hf import CHATML_TEMPLATE as CHAT_TEMPLATE
+from finetune_worker.testing.tiny import EOS, MARKER, PAD, build_tiny_model
 
 
 def _digest(path: Path) -> str:
@@ -22,7 +23,7 @@ def test_same_inputs_give_byte_identical_weights_across_processes(
 ) -> None:
     # A separate interpreter: the tokenizer trainer's hash maps must not make merges run-dependent.
     other = tmp_path / "again"
-    code = f"from finetune_worker.tiny import build_tiny_model; build_tiny_model({str(other)!r})"
+    code = f"from finetune_worker.testing.tiny import build_tiny_model; build_tiny_model({str(other)!r})"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert _digest(other / name) == _digest(tiny_model_dir / name), name

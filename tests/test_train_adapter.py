@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from finetune_worker.config.train import TrainConfig
+from finetune_worker.hf import load_tokenizer
 from finetune_worker.training.data import build_datasets, make_collator
 from finetune_worker.training.job import save_initial_adapter, save_outputs
-from finetune_worker.training.model import load_model, load_tokenizer, plan_hardware
+from finetune_worker.training.model import load_model, plan_hardware
 from finetune_worker.training.trainer import build_trainer
 from test_train_helpers import tiny_config
 
@@ -40,7 +41,7 @@ def train_in_memory(raw: dict[str, Any], out: Path) -> tuple[Any, Any, dict[str,
     cfg = TrainConfig.model_validate(raw)
     set_seed(cfg.seed)
     plan = plan_hardware(cfg, print)
-    tokenizer = load_tokenizer(Path(cfg.model_name))
+    tokenizer = load_tokenizer(Path(cfg.model_name), "model_name")
     model = load_model(cfg, plan, print)
     initial = save_initial_adapter(cfg, model, out)
     train_rows, eval_rows, _ = build_datasets(
@@ -82,7 +83,7 @@ def reload(cfg: TrainConfig, out: Path) -> Any:
     if cfg.quantization is not None and cfg.quantization.bits == 4:
         # The trained model keeps bitsandbytes' trainable 4-bit layout (see keep_4bit_layout_trainable);
         # its CPU inference kernel computes in bf16, ~5e-2 off in logits: compare like with like.
-        from finetune_worker.training.model import keep_4bit_layout_trainable
+        from finetune_worker.hf import keep_4bit_layout_trainable
 
         keep_4bit_layout_trainable(base)
     return PeftModel.from_pretrained(base, str(out))

@@ -48,7 +48,7 @@ def test_qlora_loss_curve_does_not_depend_on_an_evaluation_first(
 
 
 def test_bitsandbytes_still_repacks_4bit_weights_in_eval_mode() -> None:
-    """Tells when the workaround in training.model.keep_4bit_layout_trainable can go.
+    """Tells when the workaround in hf.keep_4bit_layout_trainable can go.
 
     Rebuilds the bug with a bare ``Linear4bit``: one forward in eval mode, then gradients through
     it. While bitsandbytes repacks the weight for CPU inference, the input gradient after the
@@ -88,7 +88,7 @@ def test_bitsandbytes_still_repacks_4bit_weights_in_eval_mode() -> None:
     bug_present = grads[1] is None or not torch.allclose(grads[0], grads[1], atol=1e-4)
     assert bug_present, (
         f"bitsandbytes {bnb.__version__} no longer breaks gradients after an eval forward: remove "
-        "training.model.keep_4bit_layout_trainable and this test"
+        "hf.keep_4bit_layout_trainable and this test"
     )
 
 
@@ -141,8 +141,9 @@ def test_every_listed_scheduler_builds_and_steps(tiny_model_dir: Path, tmp_path:
 
     from finetune_worker.config import parse_job_config
     from finetune_worker.config.train import TrainingParameters
+    from finetune_worker.hf import load_tokenizer
     from finetune_worker.training.data import build_datasets, make_collator
-    from finetune_worker.training.model import load_model, load_tokenizer, plan_hardware
+    from finetune_worker.training.model import load_model, plan_hardware
     from finetune_worker.training.trainer import build_trainer
 
     names = typing.get_args(TrainingParameters.model_fields["lr_scheduler"].annotation)
@@ -150,7 +151,7 @@ def test_every_listed_scheduler_builds_and_steps(tiny_model_dir: Path, tmp_path:
     base = tiny_config(tiny_model_dir, tmp_path / "sched", max_steps=20)
     _, cfg = parse_job_config(json.dumps(base))
     plan = plan_hardware(cfg, lambda m: None)
-    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer = load_tokenizer(tiny_model_dir, "model_name")
     model = load_model(cfg, plan, lambda m: None)
     rows, _, _ = build_datasets(cfg.data, tokenizer, cfg.dataset.path, validation_split=0, seed=1)
     for name in names:
@@ -271,8 +272,9 @@ def test_eval_loss_does_not_depend_on_the_eval_batch_size(
     import json
 
     from finetune_worker.config import parse_job_config
+    from finetune_worker.hf import load_tokenizer
     from finetune_worker.training.data import build_datasets, make_collator
-    from finetune_worker.training.model import load_model, load_tokenizer, plan_hardware
+    from finetune_worker.training.model import load_model, plan_hardware
     from finetune_worker.training.trainer import build_trainer
 
     losses = []
@@ -281,7 +283,7 @@ def test_eval_loss_does_not_depend_on_the_eval_batch_size(
         raw["data"] = {"max_seq_length": 128, "packing": packing}
         _, cfg = parse_job_config(json.dumps(raw))
         plan = plan_hardware(cfg, lambda m: None)
-        tokenizer = load_tokenizer(tiny_model_dir)
+        tokenizer = load_tokenizer(tiny_model_dir, "model_name")
         model = load_model(cfg, plan, lambda m: None)
         train, held, _ = build_datasets(
             cfg.data, tokenizer, cfg.dataset.path, validation_split=0.15, seed=cfg.seed

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.config import parse_job_config
-from finetune_worker.events import Event
-from finetune_worker.jobs import JobManager
+from finetune_worker.server.jobs import JobManager
+from finetune_worker.wire.vocabulary import Event
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "configs" / "data"

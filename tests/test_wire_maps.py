@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from conftest import DATA
-from finetune_worker.etf import Atom
-from finetune_worker.events import EVENT_TYPES, RECORD_KEYS, TABLE_KEYS
 from finetune_worker.testing import WorkerHarness
+from finetune_worker.wire import Atom
+from finetune_worker.wire.vocabulary import EVENT_TYPES, RECORD_KEYS, TABLE_KEYS
 
 
 def check_maps(term: Any, where: str, in_table: bool = False) -> list[str]:
@@ -59,7 +59,7 @@ def test_the_rule_itself_can_fail() -> None:
 
 @pytest.fixture(scope="module")
 def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from finetune_worker.tiny import build_tiny_model
+    from finetune_worker.testing.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-b") / "model", seed=1)
 

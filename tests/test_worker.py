@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune_worker.etf import Atom, encode
 from finetune_worker.testing import RemoteError, WorkerHarness, make_pid
+from finetune_worker.wire import Atom, encode
 
 CALL_ERROR = "finetune_worker.errors.CallError"
 PROTOCOL_ERROR = "finetune_worker.errors.ProtocolError"
@@ -121,8 +121,8 @@ def test_test_kind_is_unreachable_without_the_env_flag() -> None:
         ("finetune_worker", "__import__", ["evilmod"]),
         ("finetune_worker", "Runtime", []),
         ("finetune_worker", "config_form", [{}]),
-        ("finetune_worker.api", "info", []),
-        ("finetune_worker.worker", "serve", []),
+        ("finetune_worker.server.api", "info", []),
+        ("finetune_worker.server.worker", "serve", []),
     ],
 )
 def test_calls_outside_the_api_are_refused(
@@ -214,7 +214,7 @@ def test_casts_cancel(worker: WorkerHarness) -> None:
 
 def test_worker_imports_no_torch_and_answers_at_once() -> None:
     code = (
-        "import sys, finetune_worker.worker, finetune_worker.api, finetune_worker.cli, finetune_worker.testing;"
+        "import sys, finetune_worker.server.worker, finetune_worker.server.api, finetune_worker.cli, finetune_worker.testing;"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'pydantic') if m in sys.modules];"
         "print(heavy)"
     )

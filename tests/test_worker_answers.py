@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from finetune_worker.etf import Atom, encode
 from finetune_worker.testing import WorkerHarness, make_pid, make_ref
+from finetune_worker.wire import Atom, encode
 
 PROTOCOL_ERROR = "finetune_worker.errors.ProtocolError"
 

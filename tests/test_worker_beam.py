@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_worker.events import atom_vocabulary
+from finetune_worker.wire.vocabulary import atom_vocabulary
 
 pytestmark = [pytest.mark.erl, pytest.mark.skipif(shutil.which("escript") is None, reason="needs Erlang/OTP")]
 

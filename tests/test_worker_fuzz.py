@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 import struct
 
-from finetune_worker.etf import Atom, encode
 from finetune_worker.testing import WorkerHarness, make_pid, make_ref
+from finetune_worker.wire import Atom, encode
 
 SEED = 20261123
 FRAMES = 10_000

@@ -10,7 +10,8 @@ defmodule FineTuning.VocabularyTest do
 
   # One "section name" pair per line: OTP 25 has no JSON decoder.
   @script """
-  from finetune_worker import errors, events
+  from finetune_worker import errors
+  from finetune_worker.wire import vocabulary as events
   sections = {
       "event_types": events.EVENT_TYPES,
       "terminal_types": events.TERMINAL_TYPES,

@@ -172,29 +172,3 @@ def path_fields(data: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
     elif isinstance(data, list):
         for i, item in enumerate(data):
             yield from path_fields(item, f"{prefix}[{i}]")
-
-
-def confinement_issues(model: Any) -> list[ConfigIssue]:
-    """Every path of a validated job config that escapes the allowed roots ([] when unconfined)."""
-    if allowed_roots() is None:
-        return []
-    data = model.model_dump(mode="python") if hasattr(model, "model_dump") else dict(model)
-    issues = [i for field, value in path_fields(data) if (i := outside_issue(field, value))]
-    yaml_path = data.get("yaml_config_path")
-    if isinstance(yaml_path, str) and not any(i.path == "yaml_config_path" for i in issues):
-        issues += _yaml_model_issues(resolve(yaml_path))
-    return issues
-
-
-def _yaml_model_issues(path: Path) -> list[ConfigIssue]:
-    """MergeKit YAML model references resolve against the YAML's directory; each must stay inside."""
-    if not path.is_file():
-        return []  # reported as missing by the config's own checks
-    from finetune_worker.merging.yaml_config import model_references
-
-    issues = []
-    for where, ref, _ in model_references(path):  # a broken YAML: the config's own checks say why
-        issue = outside_issue(f"yaml_config_path: {where}", ref, path.parent)
-        if issue is not None:
-            issues.append(issue)
-    return issues

@@ -43,14 +43,14 @@ defmodule FineTuning.Protocol do
   @typedoc "An event as a subscriber receives it."
   @type event :: {:fine_tuning, String.t(), atom(), map()}
 
-  # Every atom the worker sends, generated from python/finetune_worker/events.py (a pytest
+  # Every atom the worker sends, generated from python/finetune_worker/wire/vocabulary.py (a pytest
   # checks the file is current). Consulting it at compile time makes the atoms literals here.
   @atoms_file Path.expand("../../../docs/finetune_worker_atoms.eterm", __DIR__)
   @external_resource @atoms_file
   {:ok, [atoms]} = :file.consult(@atoms_file)
   @atoms atoms
 
-  # Mirrors of python/finetune_worker/events.py and errors.py, for the functions below;
+  # Mirrors of python/finetune_worker/wire/vocabulary.py and errors.py, for the functions below;
   # test/vocabulary_test.exs checks that they stay equal.
   @event_types ~w(queued started phase progress metrics eval checkpoint log token completed
                   failed cancelled)a

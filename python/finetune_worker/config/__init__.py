@@ -1,7 +1,7 @@
 """Job configs: parse, infer the kind, validate everything at once.
 
 ``parse_job_config(raw)`` accepts a JSON text (str/bytes), a dict, or ``("file", path)``
-(:mod:`finetune_worker.api` turns the wire forms into these, in one place)
+(:mod:`finetune_worker.server.api` turns the wire forms into these, in one place)
 and returns ``(kind, model)`` with ``model`` a validated pydantic model, or raises
 :class:`~finetune_worker.errors.ConfigError` listing every problem with its JSON path.
 Models may define ``environment_issues(self) -> list[ConfigIssue]`` for checks that look at
@@ -11,47 +11,18 @@ and are reported together with them, before anything heavy loads.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from finetune_worker import kinds
+from finetune_worker.config.mergekit_yaml import model_references
 from finetune_worker.errors import ConfigError, ConfigIssue
 from finetune_worker.files import UnreadableFile, read_regular_file
-from finetune_worker.security import confinement_issues, outside_issue, redact_issues
-
-#: kind -> "module:Class" of its pydantic model (imported lazily: pydantic models are cheap,
-#: but each kind's module is owned by its feature).
-KIND_MODELS: dict[str, str] = {
-    "train": "finetune_worker.config.train:TrainConfig",
-    "merge_lora": "finetune_worker.config.merge:MergeLoraConfig",
-    "merge": "finetune_worker.config.merge:MergeKitConfig",
-    "evaluate": "finetune_worker.config.evaluate:EvaluateConfig",
-    "generate": "finetune_worker.config.evaluate:GenerateConfig",
-}
-
-TEST_KINDS: dict[str, str] = {"test_steps": "finetune_worker.testjobs:TestStepsConfig"}
-
-
-def test_jobs_enabled() -> bool:
-    """Test-only job kinds exist only when the worker was started with FINETUNE_WORKER_TEST_JOBS=1."""
-    return os.environ.get("FINETUNE_WORKER_TEST_JOBS") == "1"
-
-
-def known_kinds() -> dict[str, str]:
-    kinds = dict(KIND_MODELS)
-    if test_jobs_enabled():
-        kinds.update(TEST_KINDS)
-    return kinds
-
-
-def model_class(kind: str) -> type[BaseModel]:
-    module_name, cls_name = known_kinds()[kind].split(":")
-    cls: type[BaseModel] = getattr(importlib.import_module(module_name), cls_name)
-    return cls
-
+from finetune_worker.security import allowed_roots, outside_issue, path_fields, redact_issues, resolve
 
 #: Largest config file or text accepted (a real one is a few KiB; MergeKit YAMLs are separate).
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
@@ -69,7 +40,7 @@ def load_raw(raw: Any) -> dict[str, Any]:
     """
     source = "<config>"
     if isinstance(raw, tuple) and len(raw) == 2 and str(raw[0]) == "file":
-        path = os.fsdecode(raw[1]) if isinstance(raw[1], (bytes, bytearray)) else str(raw[1])
+        path = os.fsdecode(bytes(raw[1])) if isinstance(raw[1], (bytes, bytearray)) else str(raw[1])
         source = path
         raw = read_config_file(path)
     if isinstance(raw, (bytes, bytearray)):
@@ -139,34 +110,34 @@ def read_config_file(path: str) -> str:
 
 def infer_kind(data: dict[str, Any]) -> str:
     """The job kind: ``"job"`` if given, else from the keys (so the seed formats need no ``job``)."""
+    names = sorted(kinds.production_kinds())
     if "job" in data:
         kind = data["job"]
-        if not isinstance(kind, str) or kind not in known_kinds():
-            raise ConfigError(
-                [ConfigIssue("job", f"unknown job kind; expected one of {sorted(KIND_MODELS)}", kind)]
-            )
+        if not isinstance(kind, str) or kinds.get(kind) is None:
+            raise ConfigError([ConfigIssue("job", f"unknown job kind; expected one of {names}", kind)])
         return kind
-    keys = set(data)
-    if "yaml_config_path" in keys:
-        return "merge"
-    if "adapter_path" in keys and "base_model_path" in keys:
-        return "merge_lora"
-    if keys & {"model_name", "training_parameters"}:
-        return "train"
-    if "prompts" in keys:
-        return "generate"
-    if "model_path" in keys and "dataset" in keys:
-        return "evaluate"
+    found = kinds.recognise(set(data))
+    if found is not None:
+        return found.name
     raise ConfigError(
         [
             ConfigIssue(
                 "job",
-                'cannot tell the job kind: set "job" to one of '
-                f"{sorted(KIND_MODELS)} (or use a seed format: model_name/training_parameters for "
-                "training, base_model_path/adapter_path for a LoRA merge, yaml_config_path for MergeKit)",
+                f'cannot tell the job kind: set "job" to one of {names} (or use a seed format: '
+                "model_name/training_parameters for training, base_model_path/adapter_path for a LoRA "
+                "merge, yaml_config_path for MergeKit)",
             )
         ]
     )
+
+
+def model_class(kind: str) -> type[BaseModel]:
+    """The config schema of ``kind`` (a known one: see :func:`infer_kind`)."""
+    found = kinds.get(kind)
+    if found is None:
+        raise KeyError(kind)
+    cls: type[BaseModel] = found.config
+    return cls
 
 
 def issues_from_validation(exc: ValidationError) -> list[ConfigIssue]:
@@ -272,10 +243,36 @@ def parse_job_config(raw: Any) -> tuple[str, BaseModel]:
     return kind, model
 
 
+def confinement_issues(model: Any) -> list[ConfigIssue]:
+    """Every path of a validated job config that escapes the allowed roots ([] when unconfined),
+    the models a MergeKit YAML names included."""
+    if allowed_roots() is None:
+        return []
+    data = model.model_dump(mode="python") if hasattr(model, "model_dump") else dict(model)
+    issues = [i for field, value in path_fields(data) if (i := outside_issue(field, value))]
+    yaml_path = data.get("yaml_config_path")
+    if isinstance(yaml_path, str) and not any(i.path == "yaml_config_path" for i in issues):
+        issues += _yaml_model_issues(resolve(yaml_path))
+    return issues
+
+
+def _yaml_model_issues(path: Path) -> list[ConfigIssue]:
+    """MergeKit YAML model references resolve against the YAML's directory; each must stay inside."""
+    if not path.is_file():
+        return []  # reported as missing by the config's own checks
+
+    issues = []
+    for where, ref, _ in model_references(path):  # a broken YAML: the config's own checks say why
+        issue = outside_issue(f"yaml_config_path: {where}", ref, path.parent)
+        if issue is not None:
+            issues.append(issue)
+    return issues
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON schema of every production job kind (``finetune-worker schema``)."""
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "finetune-worker job config",
-        "oneOf": [model_class(kind).model_json_schema() for kind in KIND_MODELS],
+        "oneOf": [k.config.model_json_schema() for k in kinds.production_kinds().values()],
     }

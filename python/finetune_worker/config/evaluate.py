@@ -18,6 +18,7 @@ from finetune_worker.config.data import DataConfig
 from finetune_worker.config.generation import EvalDataset, Message, Prompt, Sampling, StrictSection
 from finetune_worker.config.train import Quantization
 from finetune_worker.errors import ConfigIssue
+from finetune_worker.kinds import JobKind
 
 __all__ = ["EvalDataset", "EvaluateConfig", "GenerateConfig", "Message", "ModelSource", "Prompt", "Sampling"]
 
@@ -166,3 +167,15 @@ def _model_issues(
                 ConfigIssue(adapter_key, f"'{adapter_path}' has no adapter_config.json (not a peft adapter)")
             )
     return issues
+
+
+KINDS = (
+    JobKind(
+        "generate", GenerateConfig, run="finetune_worker.evaluation.job:run_generate",
+        recognise=lambda keys: "prompts" in keys, order=40,
+    ),
+    JobKind(
+        "evaluate", EvaluateConfig, run="finetune_worker.evaluation.job:run_evaluate",
+        recognise=lambda keys: {"model_path", "dataset"} <= keys, order=50,
+    ),
+)  # fmt: skip

@@ -18,7 +18,8 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from finetune_worker.config.base import MAX_SEED, StrictModel
 from finetune_worker.errors import ConfigIssue
-from finetune_worker.files import destination_issue
+from finetune_worker.kinds import JobKind
+from finetune_worker.outputs import destination_issue
 
 
 class _MergeBase(StrictModel):
@@ -131,7 +132,7 @@ class MergeKitConfig(_MergeBase):
     )
 
     def environment_issues(self) -> list[ConfigIssue]:
-        from finetune_worker.merging.yaml_config import check_merge_yaml
+        from finetune_worker.config.mergekit_yaml import check_merge_yaml
 
         issues: list[ConfigIssue] = []
         path = self.resolved(self.yaml_config_path)
@@ -141,7 +142,19 @@ class MergeKitConfig(_MergeBase):
         else:
             for where, message in check_merge_yaml(path):
                 issues.append(ConfigIssue("yaml_config_path", f"{where}: {message}" if where else message))
-        from finetune_worker.merging.yaml_config import merge_inputs
+        from finetune_worker.config.mergekit_yaml import merge_inputs
 
         inputs = merge_inputs(path) if path.is_file() else [("yaml_config_path", path)]
         return issues + self.output_issues("output_dir", self.output_dir, inputs)
+
+
+KINDS = (
+    JobKind(
+        "merge", MergeKitConfig, run="finetune_worker.merging.mergekit_job:run",
+        recognise=lambda keys: "yaml_config_path" in keys, order=10,
+    ),
+    JobKind(
+        "merge_lora", MergeLoraConfig, run="finetune_worker.merging.lora:run",
+        recognise=lambda keys: {"adapter_path", "base_model_path"} <= keys, order=20,
+    ),
+)  # fmt: skip

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,8 @@ from finetune_worker.config.distributed import DistributedConfig
 from finetune_worker.config.generation import TrainingEvaluation
 from finetune_worker.config.tracking import TrackingConfig
 from finetune_worker.errors import ConfigIssue
+from finetune_worker.kinds import JobKind
+from finetune_worker.outputs import resume_checkpoint_issue, run_folder_issue
 
 PeftMethod = Literal[
     "lora", "dora", "rslora", "loftq", "pissa", "full", "ia3", "prefix_tuning", "prompt_tuning"
@@ -132,7 +135,7 @@ DEFAULT_MIN_LR_RATE = 0.1
 DEFAULT_DECAY_FRACTION = 0.1
 
 
-def scheduler_kwargs_issues(name: str, kwargs: dict[str, object]) -> list[ConfigIssue]:
+def scheduler_kwargs_issues(name: str, kwargs: Mapping[str, object]) -> list[ConfigIssue]:
     """Unknown settings for ``name``, values of the wrong type or out of range."""
     where = "training_parameters.lr_scheduler_kwargs"
     spec = SCHEDULER_KWARGS.get(name, {})
@@ -172,7 +175,7 @@ def scheduler_kwargs_issues(name: str, kwargs: dict[str, object]) -> list[Config
     return issues
 
 
-def scheduler_kwargs(name: str, kwargs: dict[str, object]) -> dict[str, object]:
+def scheduler_kwargs(name: str, kwargs: Mapping[str, object]) -> dict[str, object]:
     """The kwargs transformers gets: validated ones, whole numbers as ints, plus our defaults."""
     spec = SCHEDULER_KWARGS.get(name, {})
     out: dict[str, object] = {k: (int(v) if spec[k][0] is int else v) for k, v in kwargs.items()}  # type: ignore[call-overload]
@@ -450,8 +453,6 @@ class TrainConfig(_Section):
 
     def environment_issues(self) -> list[ConfigIssue]:
         """Problems a glance at the file system reveals; run at submit, before anything heavy."""
-        from finetune_worker.training.checkpoints import output_dir_issue, resume_path_issue
-
         issues = self.semantic_issues()
         model = self.resolved(self.model_name)
         if not model.is_dir():
@@ -475,10 +476,32 @@ class TrainConfig(_Section):
         data = self.resolved(self.dataset.path)
         if not data.is_file():
             issues.append(ConfigIssue("dataset.path", f"no dataset file at '{self.dataset.path}'"))
-        problem = output_dir_issue(self)
+        problem = run_folder_issue(
+            self.resolved(self.output_dir),
+            self.output_dir,
+            model_dir=model,
+            overwrite=self.overwrite,
+            resume=self.resume,
+            fingerprint=self.run_fingerprint(),
+        )
         if problem is not None:
             issues.append(ConfigIssue("output_dir", problem, self.output_dir))
-        problem = resume_path_issue(self)
+        problem = (
+            None
+            if self.resume in ("auto", False)
+            else resume_checkpoint_issue(self.resolved(str(self.resume)), str(self.resume))
+        )
         if problem is not None:
             issues.append(ConfigIssue("resume", problem, self.resume))
         return issues
+
+
+KINDS = (
+    JobKind(
+        "train",
+        TrainConfig,
+        run="finetune_worker.training.job:run",
+        recognise=lambda keys: bool(keys & {"model_name", "training_parameters"}),
+        order=30,
+    ),
+)

@@ -12,7 +12,6 @@ job is cancelled.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from transformers.generation.streamers import BaseStreamer
 
 from finetune_worker.config.evaluate import Message, Sampling
+from finetune_worker.context import CancelFlag
 
 #: on_text(row, piece): called with each final piece of text of batch row ``row``.
 OnText = Callable[[int, str], None]
@@ -105,16 +105,16 @@ class FinalTextStreamer(BaseStreamer):
 class StopWhenDone(StoppingCriteria):
     """Ends rows the streamer has finished (stop string seen), and every row on cancel."""
 
-    def __init__(self, streamer: FinalTextStreamer, cancel: threading.Event | None):
+    def __init__(self, streamer: FinalTextStreamer, cancel: CancelFlag | None):
         self._streamer = streamer
         self._cancel = cancel
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         n = input_ids.shape[0]
         if self._cancel is not None and self._cancel.is_set():
-            return torch.ones(n, dtype=torch.bool, device=input_ids.device)
+            return torch.ones(n, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
         done = self._streamer.done if len(self._streamer.done) == n else [False] * n
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 def prompt_ids(
@@ -159,7 +159,7 @@ def generate(
     *,
     num_return_sequences: int = 1,
     on_text: OnText | None = None,
-    cancel: threading.Event | None = None,
+    cancel: CancelFlag | None = None,
 ) -> list[Completion]:
     """Completions for a batch of tokenized prompts (left-padded together).
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from finetune_worker.context import JobContext
 from finetune_worker.evaluation import metrics
 from finetune_worker.evaluation.scoring import ModelScores, prepare, score_model
 
@@ -22,7 +23,7 @@ STAGES = ("base", "fine_tuned")
 
 
 class TrainingEvaluator:
-    def __init__(self, train_cfg: Any, tokenizer: Any, ctx: Any):
+    def __init__(self, train_cfg: Any, tokenizer: Any, ctx: JobContext):
         from finetune_worker.training.data import split_examples
         from finetune_worker.training.data_formats import load_examples
 
@@ -77,7 +78,7 @@ class TrainingEvaluator:
 
     def _samples(self) -> list[dict[str, Any]]:
         base, tuned = self.scores["base"].rows, self.scores["fine_tuned"].rows
-        shown = []
+        shown: list[dict[str, Any]] = []
         for before, after in zip(base, tuned, strict=True):
             if len(shown) >= self.section.samples:
                 break

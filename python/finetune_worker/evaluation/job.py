@@ -1,4 +1,4 @@
-"""The ``evaluate`` and ``generate`` jobs (``jobs.HANDLERS``), top to bottom.
+"""The ``evaluate`` and ``generate`` jobs (kinds declared in ``config.evaluate``), top to bottom.
 
 evaluate: load the model, read the dataset the way training reads it, score it (loss,
 perplexity, generated-answer metrics), optionally score a second model the same way, then
@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.config.evaluate import EvaluateConfig, GenerateConfig
+from finetune_worker.context import JobContext
 from finetune_worker.errors import JobCancelled, JobFailed
+from finetune_worker.evaluation.scoring import ModelScores
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -28,15 +30,15 @@ COMPLETIONS_FILE = "completions.jsonl"
 _ANSWER_KEYS = ("prediction", "exact_match", "f1", "bleu", "rouge_l", "loss", "tokens")
 
 
-def run_evaluate(ctx: Any) -> dict[str, Any]:
+def run_evaluate(ctx: JobContext) -> dict[str, Any]:
     return _classified(_evaluate, ctx)
 
 
-def run_generate(ctx: Any) -> dict[str, Any]:
+def run_generate(ctx: JobContext) -> dict[str, Any]:
     return _classified(_generate, ctx)
 
 
-def _classified(body: Callable[[Any, Any], dict[str, Any]], ctx: Any) -> dict[str, Any]:
+def _classified(body: Callable[[Any, Any], dict[str, Any]], ctx: JobContext) -> dict[str, Any]:
     """Run a job body; failures we did not name get training's classification (OOM, paths...)."""
     try:
         return body(ctx, ctx.config)
@@ -51,7 +53,7 @@ def _classified(body: Callable[[Any, Any], dict[str, Any]], ctx: Any) -> dict[st
 # ---- evaluate ------------------------------------------------------------------------------
 
 
-def _evaluate(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
+def _evaluate(ctx: JobContext, cfg: EvaluateConfig) -> dict[str, Any]:
     started = time.monotonic()
     from finetune_worker.training.data_formats import load_examples
 
@@ -102,8 +104,13 @@ def _evaluate(ctx: Any, cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _score(
-    ctx: Any, cfg: EvaluateConfig, examples: list[Any], which: str, model_path: str, adapter_path: str | None
-):
+    ctx: JobContext,
+    cfg: EvaluateConfig,
+    examples: list[Any],
+    which: str,
+    model_path: str,
+    adapter_path: str | None,
+) -> ModelScores:
     from finetune_worker.evaluation.loading import load_for_inference
     from finetune_worker.evaluation.scoring import prepare, score_model
 
@@ -121,7 +128,7 @@ def _score(
     ctx.check_cancelled()
     # Each model is tokenized with its own tokenizer: the comparison model may use another.
     items = prepare(examples, lm.tokenizer, cfg.data)
-    stage = {"current": None}
+    stage: dict[str, str | None] = {"current": None}
 
     def progress(name: str, done: int, total: int) -> None:
         if name != stage["current"]:
@@ -154,10 +161,11 @@ def _brief(values: dict[str, Any]) -> str:
 # ---- generate ------------------------------------------------------------------------------
 
 
-def _generate(ctx: Any, cfg: GenerateConfig) -> dict[str, Any]:
+def _generate(ctx: JobContext, cfg: GenerateConfig) -> dict[str, Any]:
     started = time.monotonic()
     from finetune_worker.evaluation.generation import generate, prompt_ids
-    from finetune_worker.evaluation.loading import ensure_chat_template, load_for_inference
+    from finetune_worker.evaluation.loading import load_for_inference
+    from finetune_worker.hf import ensure_chat_template
 
     out = _output_dir(cfg.output_dir, cfg)
     ctx.phase("loading_model")
@@ -238,7 +246,7 @@ def _prompt_json(prompt: Any) -> Any:
 def _output_dir(value: str | None, cfg: Any) -> Path | None:
     if value is None:
         return None
-    out = cfg.resolved(value)
+    out: Path = cfg.resolved(value)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"

@@ -18,7 +18,7 @@ import torch
 
 from finetune_worker.config.evaluate import ModelSource
 from finetune_worker.errors import JobFailed
-from finetune_worker.tiny import CHAT_TEMPLATE
+from finetune_worker.hf import bnb_config, check_causal_lm, load_tokenizer, model_not_found
 
 Warn = Callable[[str], None]
 
@@ -45,13 +45,11 @@ def load_for_inference(
     """Load ``src``'s model (or the given paths, for the comparison model) in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from finetune_worker.training.model import bnb_config
-
     model_dir = src.resolved(model_path or src.model_path)
     adapter_value = adapter_path if model_path is not None else src.adapter_path
     adapter_dir = src.resolved(adapter_value) if adapter_value else None
     if not model_dir.is_dir():
-        raise _not_found(model_key, model_dir)
+        raise model_not_found(model_key, model_dir)
     if not (model_dir / "config.json").is_file() and (model_dir / "adapter_config.json").is_file():
         if adapter_dir is not None:
             raise JobFailed(
@@ -66,7 +64,7 @@ def load_for_inference(
             f"{adapter_key}: no peft adapter at '{adapter_dir}' (adapter_config.json missing)",
             hint="Point it at a training job's output_dir or a directory saved by peft's save_pretrained.",
         )
-    _check_causal_lm(model_dir, model_key)
+    check_causal_lm(model_dir, model_key)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = _dtype(src.precision, device, warn)
@@ -87,35 +85,14 @@ def load_for_inference(
         model = _attach_adapter(model, adapter_dir, adapter_key)
     model.eval()
     model.config.use_cache = True  # training turns the cache off; generation needs it to be fast
-    tokenizer = load_tokenizer(adapter_dir if _has_tokenizer(adapter_dir) else model_dir, model_key)
+    tokenizer = load_tokenizer(
+        adapter_dir if adapter_dir is not None and _has_tokenizer(adapter_dir) else model_dir, model_key
+    )
     what = f"{model_dir.name} + adapter {adapter_dir.name}" if adapter_dir else model_dir.name
     bits = f", {q.bits}-bit" if q is not None else ""
     return LoadedModel(
         model, tokenizer, device, f"{what} on {device} ({str(dtype).removeprefix('torch.')}{bits})"
     )
-
-
-def load_tokenizer(path: Path, key: str = "model_path") -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as exc:
-        raise JobFailed(
-            "unsupported_model", f"{key} '{path}': cannot load its tokenizer ({type(exc).__name__}: {exc})"
-        ) from exc
-    if tokenizer.pad_token is None:
-        # Padding is masked everywhere (attention and labels), so reusing EOS is safe.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def ensure_chat_template(tokenizer: Any, override: str | None) -> None:
-    """The override if given; ChatML when the tokenizer has none (what training does too)."""
-    if override:
-        tokenizer.chat_template = override
-    elif not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHAT_TEMPLATE
 
 
 def _adapter_base(adapter_dir: Path, key: str) -> Path:
@@ -132,27 +109,6 @@ def _adapter_base(adapter_dir: Path, key: str) -> Path:
             hint=f"Set {key} to the base model directory and adapter_path to '{adapter_dir}'.",
         )
     return Path(base)
-
-
-def _check_causal_lm(path: Path, key: str) -> None:
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    if not (path / "config.json").is_file():
-        raise JobFailed(
-            "unsupported_model",
-            f"{key} '{path}': no config.json, so this is not a transformers model directory",
-        )
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (ValueError, KeyError, OSError) as exc:
-        raise JobFailed(
-            "unsupported_model", f"{key} '{path}': not an architecture transformers knows ({exc})"
-        ) from exc
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise JobFailed(
-            "unsupported_model", f"{key} '{path}': {config.model_type!r} has no causal language-model head"
-        )
 
 
 def _attach_adapter(model: Any, adapter_dir: Path, key: str) -> Any:
@@ -185,11 +141,3 @@ def _dtype(precision: str, device: str, warn: Warn) -> torch.dtype:
 
 def _has_tokenizer(path: Path | None) -> bool:
     return path is not None and any((path / name).is_file() for name in _TOKENIZER_FILES)
-
-
-def _not_found(key: str, path: Path) -> JobFailed:
-    return JobFailed(
-        "model_not_found",
-        f"{key}: no local model at '{path}'; this worker loads models from local paths (no hub access)",
-        hint="Copy the model directory to this machine, or point at a training job's output_dir.",
-    )

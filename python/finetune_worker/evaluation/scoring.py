@@ -11,7 +11,6 @@ generated from the conversation before it, scored against the reference.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from finetune_worker.config.data import DataConfig
 from finetune_worker.config.evaluate import Sampling
+from finetune_worker.context import CancelFlag
 from finetune_worker.evaluation import metrics
 from finetune_worker.evaluation.generation import generate
 from finetune_worker.training.data import IGNORE_INDEX, ChatEncoder
@@ -75,14 +75,14 @@ def score_model(
     *,
     batch_size: int,
     sampling: Sampling | None,
-    cancel: threading.Event | None = None,
+    cancel: CancelFlag | None = None,
     progress: Progress | None = None,
 ) -> ModelScores:
     """Loss over every item, then (unless ``sampling`` is None) generated answers for those with a reference."""
     rows = [{"row": it.row, "kind": it.kind} for it in items]
     total_nll, total_tokens = 0.0, 0
     flat = [(i, seq) for i, it in enumerate(items) for seq in it.sequences]
-    per_item = [[0.0, 0] for _ in items]
+    per_item: list[list[float]] = [[0.0, 0.0] for _ in items]
     for start in range(0, len(flat), batch_size):
         _check(cancel)
         chunk = flat[start : start + batch_size]
@@ -93,11 +93,11 @@ def score_model(
             per_item[i][1] += count
         if progress:
             progress("loss", min(start + batch_size, len(flat)), len(flat))
-    for row, (nll, count) in zip(rows, per_item, strict=True):
-        total_nll += nll
-        total_tokens += int(count)
-        row["tokens"] = int(count)
-        row["loss"] = round(nll / count, 6) if count else None
+    for row, (item_nll, item_count) in zip(rows, per_item, strict=True):
+        total_nll += item_nll
+        total_tokens += int(item_count)
+        row["tokens"] = int(item_count)
+        row["loss"] = round(item_nll / item_count, 6) if item_count else None
     loss = total_nll / total_tokens if total_tokens else None
     result: dict[str, Any] = {
         "eval_loss": round(loss, 6) if loss is not None else None,
@@ -110,10 +110,11 @@ def score_model(
     if sampling is not None and answerable:
         for start in range(0, len(answerable), batch_size):
             _check(cancel)
-            chunk = answerable[start : start + batch_size]
-            answers = generate(model, tokenizer, [items[i].prompt for i in chunk], sampling, cancel=cancel)  # type: ignore[misc]
+            batch = answerable[start : start + batch_size]
+            prompts = [items[i].prompt or [] for i in batch]
+            answers = generate(model, tokenizer, prompts, sampling, cancel=cancel)
             _check(cancel)
-            for i, answer in zip(chunk, answers, strict=True):
+            for i, answer in zip(batch, answers, strict=True):
                 text = answer.text
                 ref = items[i].reference or ""
                 rows[i].update({"prompt": items[i].prompt_text, "reference": ref, "prediction": text.strip()})
@@ -156,7 +157,7 @@ def _batch_nll(model: Any, tokenizer: Any, seqs: list[dict[str, list[int]]]) -> 
     return out
 
 
-def _check(cancel: threading.Event | None) -> None:
+def _check(cancel: CancelFlag | None) -> None:
     if cancel is not None and cancel.is_set():
         from finetune_worker.errors import JobCancelled
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.config.merge import MergeLoraConfig
+from finetune_worker.context import JobContext
 from finetune_worker.errors import JobFailed
-from finetune_worker.jobs import JobContext
 from finetune_worker.merging import compat
-from finetune_worker.merging.output import StagedOutput, check_destination, count_tensors, dir_size
+from finetune_worker.outputs import StagedOutput, check_destination, count_tensors, dir_size
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")

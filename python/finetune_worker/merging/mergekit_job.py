@@ -23,10 +23,10 @@ from typing import Any
 import yaml
 
 from finetune_worker.config.merge import MergeKitConfig
+from finetune_worker.config.mergekit_yaml import check_merge_yaml, merge_inputs, resolved_document
+from finetune_worker.context import JobContext
 from finetune_worker.errors import JobFailed
-from finetune_worker.jobs import JobContext
-from finetune_worker.merging.output import StagedOutput, check_destination, count_tensors, dir_size
-from finetune_worker.merging.yaml_config import check_merge_yaml, merge_inputs, resolved_document
+from finetune_worker.outputs import StagedOutput, check_destination, count_tensors, dir_size
 
 _HINT = "Fix the MergeKit YAML at yaml_config_path (see docs/configs.md, Merging)."
 

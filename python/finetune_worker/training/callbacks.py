@@ -8,18 +8,18 @@ returned, i.e. after our trainer published the checkpoint with its atomic rename
 from __future__ import annotations
 
 import math
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from finetune_worker.training.checkpoints import is_complete
+from finetune_worker.context import CancelFlag
+from finetune_worker.outputs import is_complete
 
 
 class EventCallback(TrainerCallback):
-    def __init__(self, emit: Any, cancel_event: threading.Event, output_dir: Path):
+    def __init__(self, emit: Any, cancel_event: CancelFlag, output_dir: Path):
         self._emit = emit
         self._cancel = cancel_event
         self._output_dir = output_dir
@@ -29,7 +29,7 @@ class EventCallback(TrainerCallback):
         self._last_log_tokens = 0
         self.cancel_requested = False
         self.last_checkpoint: Path | None = None
-        self.last_eval: dict[str, float] = {}
+        self.last_eval: dict[str, float | None] = {}
         self.last_eval_step: int | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -12,36 +12,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from finetune_worker.files import overlap_issue
+from finetune_worker.outputs import (
+    CHECKPOINT_RE,
+    LOCK_FILE,
+    RUN_MARKER,
+    STAGING,
+    is_complete,
+    read_marker,
+    resume_checkpoint_issue,
+    run_folder_issue,
+)
 
 if TYPE_CHECKING:
     from finetune_worker.config.train import TrainConfig
-
-RUN_MARKER = ".finetune-worker-run.json"
-#: Held (flock) by the job writing into the output_dir; see :func:`output_lock`.
-LOCK_FILE = ".finetune-worker.lock"
-STAGING = ".staging"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-#: Written by transformers' own jit checkpointing while a save is in progress.
-INCOMPLETE_SENTINEL = "checkpoint-is-incomplete.txt"
-#: Files a finished run leaves behind; their presence without our marker means "someone else's run".
-RUN_OUTPUTS = ("summary.json", "adapter_config.json", "model.safetensors", "trainer_state.json")
-
-
-def is_complete(path: Path) -> bool:
-    """A checkpoint we can resume from: published, with trainer state, not mid-jit-save."""
-    return (
-        path.is_dir()
-        and (path / "trainer_state.json").is_file()
-        and not (path / INCOMPLETE_SENTINEL).exists()
-    )
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -138,12 +127,22 @@ def _fsync_dir(path: Path) -> None:
 # ---- the run marker: which run owns this output_dir ------------------------------------------
 
 
-def read_marker(output_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((output_dir / RUN_MARKER).read_text())
-    except (OSError, ValueError):
+def output_dir_issue(cfg: TrainConfig) -> str | None:
+    """Why ``output_dir`` cannot take this run, or None (submit-time and run-time checks alike)."""
+    return run_folder_issue(
+        cfg.resolved(cfg.output_dir),
+        cfg.output_dir,
+        model_dir=cfg.resolved(cfg.model_name),
+        overwrite=cfg.overwrite,
+        resume=cfg.resume,
+        fingerprint=cfg.run_fingerprint(),
+    )
+
+
+def resume_path_issue(cfg: TrainConfig) -> str | None:
+    if cfg.resume in ("auto", False):
         return None
-    return data if isinstance(data, dict) else None
+    return resume_checkpoint_issue(cfg.resolved(str(cfg.resume)), str(cfg.resume))
 
 
 def write_marker(output_dir: Path, cfg: TrainConfig) -> None:
@@ -151,72 +150,6 @@ def write_marker(output_dir: Path, cfg: TrainConfig) -> None:
     tmp = output_dir / (RUN_MARKER + ".tmp")
     tmp.write_text(json.dumps({"fingerprint": cfg.run_fingerprint(), "model_name": cfg.model_name}, indent=2))
     os.replace(tmp, output_dir / RUN_MARKER)
-
-
-def holds_run(output_dir: Path) -> bool:
-    """Anything a training run leaves: our marker, checkpoints, or final outputs."""
-    if not output_dir.is_dir():
-        return False
-    if (output_dir / RUN_MARKER).exists() or any(CHECKPOINT_RE.match(p.name) for p in output_dir.iterdir()):
-        return True
-    return any((output_dir / name).exists() for name in RUN_OUTPUTS)
-
-
-def output_dir_issue(cfg: TrainConfig) -> str | None:
-    """Why ``output_dir`` cannot take this run, or None. Shared by submit-time and run-time checks."""
-    out = cfg.resolved(cfg.output_dir)
-    try:
-        out.exists()
-    except PermissionError:  # a parent this user may not search (mode 0500, 0700 of another user)
-        return f"'{cfg.output_dir}' is not writable by this user (cannot even look inside its parent folder)"
-    if out.exists() and not out.is_dir():
-        return f"'{cfg.output_dir}' exists and is not a directory"
-    probe = out
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"'{cfg.output_dir}' cannot be created: {probe} is a file, not a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"'{cfg.output_dir}' is not writable by this user (nearest existing folder: {probe})"
-    inputs: list[tuple[str, str | os.PathLike[str]]] = [("model_name", cfg.resolved(cfg.model_name))]
-    clash = overlap_issue(out, inputs, contains=False)
-    if clash is not None:
-        return f"'{cfg.output_dir}' {clash}; choose another output_dir"
-    foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
-    if not cfg.overwrite and foreign and not holds_run(out):
-        shown = ", ".join(foreign[:5])
-        return (
-            f"'{cfg.output_dir}' holds files that are not a run of this worker ({shown}...); training writes "
-            'the adapter, tokenizer and README.md there. Choose an empty or new output_dir, or set "overwrite": '
-            "true to write over those files"
-        )
-    if cfg.overwrite or not holds_run(out):
-        return None
-    marker = read_marker(out)
-    same = marker is not None and marker.get("fingerprint") == cfg.run_fingerprint()
-    if cfg.resume is False:
-        return (
-            f"'{cfg.output_dir}' holds an earlier run and resume is false; set \"overwrite\": true to "
-            'replace it, "resume": "auto" to continue it, or choose another output_dir'
-        )
-    if cfg.resume == "auto" and not same:
-        why = "a run with a different config" if marker else "files of a run this worker did not start"
-        return (
-            f"'{cfg.output_dir}' holds {why}; choose another output_dir, or set \"overwrite\": true "
-            "to replace it"
-        )
-    return None
-
-
-def resume_path_issue(cfg: TrainConfig) -> str | None:
-    if cfg.resume in ("auto", False):
-        return None
-    path = cfg.resolved(str(cfg.resume))
-    if not path.is_dir():
-        return f"no checkpoint directory at '{cfg.resume}'"
-    if not is_complete(path):
-        return f"'{cfg.resume}' is not a complete checkpoint (no trainer_state.json, or marked incomplete)"
-    return None
 
 
 def wipe_run(output_dir: Path) -> None:
@@ -235,7 +168,7 @@ def output_lock(cfg: TrainConfig) -> Iterator[None]:
     """Hold ``output_dir``'s lock for the job: a second job on it (another worker, another machine
     on a shared file system) fails at once with ``output_dir_conflict`` naming the holder."""
     from finetune_worker.errors import JobFailed
-    from finetune_worker.files import Busy, exclusive_lock
+    from finetune_worker.outputs import Busy, exclusive_lock
 
     out = cfg.resolved(cfg.output_dir)
     with contextlib.ExitStack() as stack:
@@ -255,3 +188,56 @@ def output_lock(cfg: TrainConfig) -> Iterator[None]:
                 hint="Choose an output_dir this user can create and write to.",
             ) from None
         yield
+
+
+def prepare_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
+    """Re-check paths and the output directory when the job starts (a queued job may wait while
+    files change); claim it with the run marker; return the checkpoint to resume from. Used by the
+    single-process job and by the distributed launcher alike."""
+    from finetune_worker.errors import JobFailed
+    from finetune_worker.hf import model_not_found
+    from finetune_worker.training.failures import dataset_not_found
+
+    if not cfg.resolved(cfg.model_name).is_dir():
+        raise model_not_found("model_name", cfg.model_name)
+    if not cfg.resolved(cfg.dataset.path).is_file():
+        raise dataset_not_found(cfg.dataset.path)
+    problem = output_dir_issue(cfg)
+    if problem is not None:
+        if "not writable" in problem or "not a directory" in problem or "cannot be created" in problem:
+            raise JobFailed(
+                "output_dir_not_writable",
+                f"output_dir: {problem}",
+                hint="Choose an output_dir this user can create and write to.",
+            )
+        raise JobFailed("output_dir_conflict", f"output_dir: {problem}", hint=CONFLICT_HINT)
+    problem = resume_path_issue(cfg)
+    if problem is not None:
+        raise JobFailed("invalid_config", f"resume: {problem}", hint="Point resume at a checkpoint-N folder.")
+
+    marker = read_marker(out)
+    same_run = marker is not None and marker.get("fingerprint") == cfg.run_fingerprint()
+    fresh = cfg.resume is False or (cfg.resume == "auto" and not same_run)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if fresh and cfg.overwrite:
+            wipe_run(out)
+        clear_staging(out)  # half-written checkpoints of a killed run were never published
+        write_marker(out, cfg)
+    except PermissionError as exc:
+        raise JobFailed(
+            "output_dir_not_writable",
+            f"output_dir: cannot write to '{cfg.output_dir}' ({exc.strerror})",
+            hint="Choose an output_dir this user can create and write to.",
+        ) from exc
+    if cfg.resume == "auto":
+        return latest_checkpoint(out) if same_run else None
+    if cfg.resume is False:
+        return None
+    return cfg.resolved(str(cfg.resume))
+
+
+CONFLICT_HINT = (
+    'Use a fresh output_dir, set "resume": "auto" with the same config to continue that run, or '
+    '"overwrite": true to replace it.'
+)

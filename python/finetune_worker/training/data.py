@@ -22,7 +22,7 @@ from typing import Any
 
 from finetune_worker.config.data import DataConfig
 from finetune_worker.errors import JobFailed
-from finetune_worker.tiny import CHAT_TEMPLATE as CHATML_TEMPLATE
+from finetune_worker.hf import CHATML_TEMPLATE
 from finetune_worker.training.data_collate import make_collator
 from finetune_worker.training.data_formats import Example, load_examples
 

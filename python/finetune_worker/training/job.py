@@ -1,6 +1,6 @@
 """The ``train`` job, top to bottom: checks, model, data, base eval, train, final eval, save.
 
-Runs on the runner thread (``jobs.HANDLERS["train"]``). Cheap checks come first because a job
+Runs on the runner thread (the ``train`` kind of ``config.train``). Cheap checks come first because a job
 may wait in the queue for hours after ``submit`` validated it: paths can vanish meanwhile.
 Every failure leaves as a :class:`JobFailed` with a code and a hint; a cancel leaves as
 :class:`JobCancelled` carrying the checkpoint written at the step boundary.
@@ -21,14 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.config.train import VIRTUAL_TOKEN_METHODS, TrainConfig
+from finetune_worker.context import JobContext
 from finetune_worker.errors import JobCancelled, JobFailed
 from finetune_worker.security import redact
 from finetune_worker.training import checkpoints as ckpt
-from finetune_worker.training.failures import (
-    classify_training_exception,
-    dataset_not_found,
-    model_not_found,
-)
+from finetune_worker.training.failures import classify_training_exception
 
 # OpenMP threads that spin while they wait collapse CPU training 20-40x as soon as another
 # process competes for the cores (measured here: a 45-row eval went from 0.24 s to 22 s).
@@ -45,9 +42,9 @@ INITIAL_ADAPTER = "initial_adapter"
 MUTATING_INITS = frozenset({"pissa"})
 
 
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: JobContext) -> dict[str, Any]:
     cfg: TrainConfig = ctx.config
-    if getattr(ctx, "rank", None) is not None:
+    if ctx.rank is not None:
         return _train(ctx, cfg)  # a torchrun rank: the launching worker holds the output lock
     # One job per output_dir, across workers and machines sharing it. The workers of the other nodes
     # of one multi-node job write into the same (shared) folder as node 0's: node 0 holds the lock.
@@ -57,13 +54,13 @@ def run(ctx: Any) -> dict[str, Any]:
     with lock:
         if cfg.distributed is not None:
             # A torchrun process group trains; this thread only launches and supervises it.
-            from finetune_worker.distributed.launcher import run_distributed
+            from finetune_worker.training.distributed.launcher import run_distributed
 
             return run_distributed(ctx)
         return _train(ctx, cfg)
 
 
-def _train(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
+def _train(ctx: JobContext, cfg: TrainConfig) -> dict[str, Any]:
     trackers: list[Any] = []  # experiment-tracking runs, closed here whichever way the job ends
     try:
         return _run(ctx, cfg, trackers)
@@ -79,7 +76,7 @@ def _train(ctx: Any, cfg: TrainConfig) -> dict[str, Any]:
         _close_tracking(trackers, "FAILED")
         failure = classify_training_exception(exc)
         # The JobManager logs no traceback for a named failure, so keep it in the worker's log here.
-        log.error("train job %s failed (%s)", getattr(ctx, "job_id", "?"), failure.error, exc_info=exc)
+        log.error("train job %s failed (%s)", ctx.job_id, failure.error, exc_info=exc)
         _drop_frames(exc)
         raise failure from None
     finally:
@@ -106,18 +103,18 @@ def _release_memory() -> None:
 
 def _close_tracking(trackers: list[Any], status: str) -> None:
     if trackers:
-        from finetune_worker.tracking import finish_tracking
+        from finetune_worker.training.tracking import finish_tracking
 
         finish_tracking(trackers, None, status)
 
 
-def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
+def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
     started = time.monotonic()
     out = cfg.resolved(cfg.output_dir)
     # Inside a torchrun rank (distributed.rank_main) the launcher prepared the output_dir once.
-    rank = getattr(ctx, "rank", None)
+    rank = ctx.rank
     if rank is None:
-        resume_from = _prepare_output_dir(cfg, out)
+        resume_from = ckpt.prepare_output_dir(cfg, out)
         if resume_from is not None:
             ctx.log(f"resuming from {resume_from}")
     else:
@@ -126,16 +123,11 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
     # Heavy imports only now, on the runner thread.
     from transformers import set_seed
 
-    from finetune_worker.tracking import finish_tracking, tracking_callbacks, tracking_summary
+    from finetune_worker.hf import load_tokenizer
     from finetune_worker.training.callbacks import EventCallback
     from finetune_worker.training.data import build_datasets, make_collator
-    from finetune_worker.training.model import (
-        check_model_dir,
-        load_model,
-        load_tokenizer,
-        plan_hardware,
-        trainable_parameters,
-    )
+    from finetune_worker.training.model import load_model, plan_hardware, trainable_parameters
+    from finetune_worker.training.tracking import finish_tracking, tracking_callbacks, tracking_summary
     from finetune_worker.training.trainer import build_trainer, read_run_state
 
     def warn(message: str) -> None:
@@ -145,8 +137,7 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
     set_seed(cfg.seed)  # adapter init is random: seed it like the Trainer seeds everything else
     plan = plan_hardware(cfg, warn)
     model_path = cfg.resolved(cfg.model_name)
-    check_model_dir(model_path)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, "model_name")
     model = load_model(cfg, plan, warn)
     initial_adapter = save_initial_adapter(cfg, model, out) if rank in (None, 0) else None
     trainable, total = trainable_parameters(model)
@@ -202,7 +193,7 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
         from finetune_worker.evaluation.in_training import TrainingEvaluator
 
         evaluator = TrainingEvaluator(cfg, tokenizer, ctx)
-    base_eval: dict[str, float] = {}
+    base_eval: dict[str, float | None] = {}
     if has_eval or evaluator is not None:
         ctx.phase("evaluating")
     if has_eval:
@@ -223,7 +214,7 @@ def _run(ctx: Any, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
         last = callback.last_checkpoint or ckpt.latest_checkpoint(out)
         raise JobCancelled(step=step, checkpoint=str(last) if last else None)
 
-    final_eval: dict[str, float] = {}
+    final_eval: dict[str, float | None] = {}
     if has_eval or evaluator is not None:
         ctx.phase("evaluating")
     best_loaded = trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None
@@ -318,60 +309,13 @@ def save_outputs(trainer: Any, tokenizer: Any, out: Path, initial_adapter: Path 
         trainer.model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(initial_adapter))
 
 
-def _prepare_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
-    """Re-check paths and the output directory; claim it; return the checkpoint to resume from."""
-    if not cfg.resolved(cfg.model_name).is_dir():
-        raise model_not_found(cfg.model_name)
-    if not cfg.resolved(cfg.dataset.path).is_file():
-        raise dataset_not_found(cfg.dataset.path)
-    problem = ckpt.output_dir_issue(cfg)
-    if problem is not None:
-        if "not writable" in problem or "not a directory" in problem or "cannot be created" in problem:
-            raise JobFailed(
-                "output_dir_not_writable",
-                f"output_dir: {problem}",
-                hint="Choose an output_dir this user can create and write to.",
-            )
-        raise JobFailed("output_dir_conflict", f"output_dir: {problem}", hint=_CONFLICT_HINT)
-    problem = ckpt.resume_path_issue(cfg)
-    if problem is not None:
-        raise JobFailed("invalid_config", f"resume: {problem}", hint="Point resume at a checkpoint-N folder.")
-
-    marker = ckpt.read_marker(out)
-    same_run = marker is not None and marker.get("fingerprint") == cfg.run_fingerprint()
-    fresh = cfg.resume is False or (cfg.resume == "auto" and not same_run)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if fresh and cfg.overwrite:
-            ckpt.wipe_run(out)
-        ckpt.clear_staging(out)  # half-written checkpoints of a killed run were never published
-        ckpt.write_marker(out, cfg)
-    except PermissionError as exc:
-        raise JobFailed(
-            "output_dir_not_writable",
-            f"output_dir: cannot write to '{cfg.output_dir}' ({exc.strerror})",
-            hint="Choose an output_dir this user can create and write to.",
-        ) from exc
-    if cfg.resume == "auto":
-        return ckpt.latest_checkpoint(out) if same_run else None
-    if cfg.resume is False:
-        return None
-    return cfg.resolved(str(cfg.resume))
-
-
-_CONFLICT_HINT = (
-    'Use a fresh output_dir, set "resume": "auto" with the same config to continue that run, or '
-    '"overwrite": true to replace it.'
-)
-
-
 def _summary(
     cfg: TrainConfig,
     trainer: Any,
     result: Any,
     stats: Any,
-    base_eval: dict[str, float],
-    final_eval: dict[str, float],
+    base_eval: dict[str, float | None],
+    final_eval: dict[str, float | None],
     resume_from: Path | None,
     started: float,
     n_train: int,

@@ -7,11 +7,9 @@ and what the machine has.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +17,7 @@ from torch import nn
 
 from finetune_worker.config.train import LORA_FAMILY, TrainConfig
 from finetune_worker.errors import JobFailed
-from finetune_worker.training.failures import model_not_found, unsupported_model
+from finetune_worker.hf import bnb_config, check_causal_lm, keep_4bit_layout_trainable, unsupported_model
 
 log = logging.getLogger("finetune_worker.training")
 
@@ -71,54 +69,12 @@ def plan_hardware(cfg: TrainConfig, warn: Warn) -> Plan:
     return Plan(device=device, precision=precision, load_dtype=load_dtype, optimizer=optimizer)
 
 
-def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as exc:
-        raise unsupported_model(
-            str(path), f"cannot load its tokenizer ({type(exc).__name__}: {exc})"
-        ) from exc
-    if tokenizer.pad_token is None:
-        # Padding positions are masked out of the loss, so reusing EOS is safe.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def check_model_dir(path: Path) -> Any:
-    """The model's config, or a named failure: missing directory, no config, unknown or non-causal."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    if not path.is_dir():
-        raise model_not_found(str(path))
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise unsupported_model(str(path), "no config.json, so this is not a transformers model directory")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except ValueError as exc:
-        raise unsupported_model(str(path), f"config.json is not valid JSON ({exc})") from exc
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (ValueError, KeyError, OSError) as exc:
-        raise unsupported_model(
-            str(path), f"model_type {model_type!r} is not an architecture transformers knows"
-        ) from exc
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise unsupported_model(
-            str(path), f"model_type {model_type!r} has no causal language-model head (AutoModelForCausalLM)"
-        )
-    return config
-
-
 def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
     """The base model on its device, quantized if asked, with adapters attached (or frozen parts)."""
     from transformers import AutoModelForCausalLM
 
     path = cfg.resolved(cfg.model_name)
-    check_model_dir(path)
+    check_causal_lm(path, "model_name")
     kwargs: dict[str, Any] = {"dtype": plan.load_dtype, "attn_implementation": cfg.attn_implementation}
     q = cfg.quantization
     if q is not None:
@@ -134,13 +90,15 @@ def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except ValueError as exc:
         if "attn_implementation" in str(exc) or "attention" in str(exc).lower():
-            raise unsupported_model(str(path), f"attention implementation not supported: {exc}") from exc
+            raise unsupported_model(
+                "model_name", path, f"attention implementation not supported: {exc}"
+            ) from exc
         raise
     except OSError as exc:
-        raise unsupported_model(str(path), f"cannot load its weights ({exc})") from exc
+        raise unsupported_model("model_name", path, f"cannot load its weights ({exc})") from exc
     except Exception as exc:
         if type(exc).__name__ == "SafetensorError":  # truncated or corrupt weight file
-            raise unsupported_model(str(path), f"its weight files are damaged ({exc})") from exc
+            raise unsupported_model("model_name", path, f"its weight files are damaged ({exc})") from exc
         raise
     model.config.use_cache = False  # the KV cache is useless in training and warns with checkpointing
     if q is not None and q.bits == 4 and plan.device == "cpu":
@@ -160,47 +118,8 @@ def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
     if gc and q is None:
         # Checkpointed blocks must see an input that requires grad, or adapters get no gradient.
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config(cfg))
-
-
-def keep_4bit_layout_trainable(model: nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference in a model we train.
-
-    bitsandbytes 0.50.2, CPUs with AVX512-BF16: the first ``Linear4bit.forward`` in eval mode
-    (any evaluation before or during training) repacks the weight into a CPU inference layout
-    for good (``_convert_weight_packed_for_cpu``); every later matmul, in training too, goes
-    through ``gemv_4bit``, which has no autograd kernel, so the gradients that flow through the
-    frozen base to the LoRA weights are silently wrong (torch warns once: "an autograd kernel
-    was not registered"). The repack only runs when ``support_avx512bf16_for_cpu`` is set, so
-    clearing that flag keeps the trainable layout; inference outside training keeps the fast
-    path. CUDA never takes this branch (it needs ``x.device.type == "cpu"``).
-    ``tests/test_train_correctness.py`` tells when a bitsandbytes release no longer needs this.
-    Returns the number of layers changed.
-    """
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return 0
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
-
-
-def bnb_config(q: Any, compute_dtype: torch.dtype) -> Any:
-    """The bitsandbytes load config of a ``quantization`` section (4-bit NF4/FP4 or 8-bit)."""
-    from transformers import BitsAndBytesConfig
-
-    if q.bits == 4:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.quant_type,
-            bnb_4bit_use_double_quant=q.use_double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
+    peft_model: nn.Module = get_peft_model(model, peft_config(cfg))
+    return peft_model
 
 
 def peft_config(cfg: TrainConfig) -> Any:
@@ -229,7 +148,7 @@ def peft_config(cfg: TrainConfig) -> Any:
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=p.r,
-            lora_alpha=p.alpha,
+            lora_alpha=p.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale works
             lora_dropout=p.dropout,
             target_modules=targets,
             **extra,
@@ -247,7 +166,7 @@ def peft_config(cfg: TrainConfig) -> Any:
     raise AssertionError(f"unhandled peft method {p.method}")
 
 
-def _freeze(model: nn.Module, cfg: TrainConfig, warn: Warn) -> None:
+def _freeze(model: Any, cfg: TrainConfig, warn: Warn) -> None:
     n = cfg.peft.freeze_layers
     if cfg.peft.freeze_embeddings:
         emb = model.get_input_embeddings()
@@ -259,7 +178,7 @@ def _freeze(model: nn.Module, cfg: TrainConfig, warn: Warn) -> None:
         layers = decoder_layers(model)
         if layers is None:
             raise unsupported_model(
-                cfg.model_name, "cannot find its decoder layers to freeze (peft.freeze_layers)"
+                "model_name", cfg.model_name, "cannot find its decoder layers to freeze (peft.freeze_layers)"
             )
         if n >= len(layers):
             raise JobFailed(

@@ -79,6 +79,7 @@ class AtomicCheckpointTrainer(Trainer):
     def check_finite_weights(self) -> None:
         """Refuse to save weights that are no longer numbers (an update can overflow while the loss
         that led to it was still finite)."""
+        assert self.model is not None
         for name, param in self.model.named_parameters():
             if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
                 raise diverged(
@@ -110,7 +111,7 @@ class AtomicCheckpointTrainer(Trainer):
         finally:
             self._eval_sums = None
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        if int(count) > 0 and f"{prefix}_loss" in output.metrics:
+        if int(count) > 0 and output.metrics is not None and f"{prefix}_loss" in output.metrics:
             output.metrics[f"{prefix}_loss"] = float(total) / int(count)
         return output
 
@@ -127,18 +128,19 @@ class AtomicCheckpointTrainer(Trainer):
         # warmup_stable_decay has no default decay length in transformers; ours is a fraction of
         # the run, known only here.
         kwargs = self.args.lr_scheduler_kwargs
+        assert isinstance(kwargs, dict)  # built by training_arguments from a validated config
         if self.args.lr_scheduler_type == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
             kwargs["num_decay_steps"] = max(1, round(DEFAULT_DECAY_FRACTION * num_training_steps))
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _get_output_dir(self, trial: Any) -> str:
         if self._staging:
-            return str(staging_dir(Path(self.args.output_dir)))
+            return str(staging_dir(Path(str(self.args.output_dir))))
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         self.check_finite_weights()
-        out = Path(self.args.output_dir)
+        out = Path(str(self.args.output_dir))
         staged = staging_dir(out) / f"checkpoint-{self.state.global_step}"
         # Under torchrun every rank writes into the same staged folder (its RNG state at least),
         # so only the saving process prepares and publishes it, and the others wait on both

@@ -46,7 +46,7 @@ def _default_grace() -> float:
 
 
 def _add_port_options(p: argparse.ArgumentParser) -> None:
-    from finetune_worker.port import DEFAULT_BUFFER_SIZE, DEFAULT_MAX_FRAME
+    from finetune_worker.wire.port import DEFAULT_BUFFER_SIZE, DEFAULT_MAX_FRAME
 
     p.add_argument(
         "--packet", type=int, choices=(1, 2, 4), default=4, help="length prefix bytes ({packet, N})"
@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_port(args: argparse.Namespace) -> int:
-    from finetune_worker.port import open_port
-    from finetune_worker.worker import serve
+    from finetune_worker.server.worker import serve
+    from finetune_worker.wire.port import open_port
 
     port = open_port(
         packet=args.packet,
@@ -233,8 +233,8 @@ def atoms_file() -> str:
     ``{ok, [Atoms]} = file:consult(Path)`` creates every atom the worker can send, so the frames
     it sends then decode with ``binary_to_term(B, [safe])``.
     """
-    from finetune_worker.api import PROTOCOL_VERSION
-    from finetune_worker.events import atom_vocabulary
+    from finetune_worker.server.api import PROTOCOL_VERSION
+    from finetune_worker.wire.vocabulary import atom_vocabulary
 
     def quoted(name: str) -> str:
         return "'" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -249,7 +249,7 @@ def atoms_file() -> str:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from finetune_worker.tiny import build_tiny_model
+    from finetune_worker.testing.tiny import build_tiny_model
 
     try:
         path = build_tiny_model(args.dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
@@ -263,7 +263,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """One job, in process, through the same JobManager the port uses."""
     from finetune_worker.errors import ConfigError
-    from finetune_worker.jobs import JobManager
+    from finetune_worker.server.jobs import JobManager
 
     try:
         kind, model = _load(args.config)
@@ -274,14 +274,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
 
     if args.json:
-        from finetune_worker.port import protect_stdout
-        from finetune_worker.render import JsonLines
+        from finetune_worker.cli.render import JsonLines
+        from finetune_worker.wire.port import protect_stdout
 
         # Libraries print to stdout; keep the JSON lines a clean stream by sending them to a
         # private dup of fd 1 and pointing fd 1 at stderr, as port mode does for frames.
         sink: Any = JsonLines(os.fdopen(protect_stdout(), "w", buffering=1, encoding="utf-8"))
     else:
-        from finetune_worker.render import Renderer
+        from finetune_worker.cli.render import Renderer
 
         sink = Renderer()
 

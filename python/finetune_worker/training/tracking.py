@@ -36,6 +36,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from finetune_worker.config.tracking import MlflowSection, TensorboardSection, TrackingConfig, WandbSection
+from finetune_worker.context import JobContext
 from finetune_worker.security import redact
 
 #: Files of output_dir that are not the trained model: tracking stores, run bookkeeping.
@@ -44,7 +45,7 @@ _TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
 
 
 def tracking_callbacks(
-    cfg: TrackingConfig | None, ctx: Any, output_dir: Path, *, resuming: bool = True
+    cfg: TrackingConfig | None, ctx: JobContext, output_dir: Path, *, resuming: bool = True
 ) -> list[Tracker]:
     """Start a run in every enabled backend; backends that cannot start are skipped with a warning.
 
@@ -84,7 +85,7 @@ def finish_tracking(trackers: list[Tracker], output_dir: Path | None, status: st
         tracker.finish(artifacts, status)
 
 
-def default_run_name(ctx: Any, out: Path) -> str:
+def default_run_name(ctx: JobContext, out: Path) -> str:
     fingerprint = getattr(ctx.config, "run_fingerprint", None)
     digest = fingerprint()[:8] if callable(fingerprint) else hashlib.sha256(str(out).encode()).hexdigest()[:8]
     return f"{out.name}-{digest}"
@@ -122,7 +123,7 @@ class Tracker(TrainerCallback):
 
     name = "tracker"
 
-    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: Any):
+    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: JobContext):
         self.run_name = run_name
         self.section = section
         self.output_dir = output_dir
@@ -201,7 +202,7 @@ class MlflowTracker(Tracker):
     name = "mlflow"
     section: MlflowSection
 
-    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: Any):
+    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: JobContext):
         super().__init__(run_name, section, output_dir, ctx)
         self.tracking_uri = section.tracking_uri or f"sqlite:///{output_dir / 'mlflow.db'}"
         self.run_id: str | None = None
@@ -299,7 +300,7 @@ class TensorboardTracker(Tracker):
     name = "tensorboard"
     section: TensorboardSection
 
-    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: Any):
+    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: JobContext):
         super().__init__(run_name, section, output_dir, ctx)
         self.log_dir = Path(section.log_dir) if section.log_dir else output_dir / "runs" / run_name
         self._writer: Any = None
@@ -334,7 +335,7 @@ class WandbTracker(Tracker):
     name = "wandb"
     section: WandbSection
 
-    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: Any):
+    def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: JobContext):
         super().__init__(run_name, section, output_dir, ctx)
         # W&B run ids allow only [A-Za-z0-9_-]; derived from the name, so a resume continues the run.
         self.run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]

@@ -1,12 +1,12 @@
 """The worker process: read a frame, decode it, dispatch it, answer, repeat.
 
 The main thread only reads, decodes and dispatches; every call returns at once (``submit``
-queues, the :class:`~finetune_worker.jobs.JobManager` runner thread trains). All frames go out
+queues, the :class:`~finetune_worker.server.jobs.JobManager` runner thread trains). All frames go out
 through :meth:`Port.send`, whose one lock keeps replies and events from interleaving.
 
 Messages (docs/protocol.md, "Messages"):
 
-- ``{'C', Id, finetune_worker, Function, Args}``: a call of :mod:`finetune_worker.api`; the
+- ``{'C', Id, finetune_worker, Function, Args}``: a call of :mod:`finetune_worker.server.api`; the
   reply is ``{'r', Id, Result}`` or ``{'e', Id, {python, Class, Message, Trace}}``.
 - ``{'M', Message}``: a cast; ``{cancel, JobId}`` is understood, anything else is logged.
 - Job events go to the job's ``ReplyTo`` pid as ``{'M', Pid, Event}`` (ErlPort: ``Pid ! Event``).
@@ -43,7 +43,6 @@ import threading
 import traceback
 from typing import Any
 
-from finetune_worker import api
 from finetune_worker.errors import (
     WIRE_ERROR_CLASSES,
     CallError,
@@ -52,12 +51,21 @@ from finetune_worker.errors import (
     brief,
     wire_class_name,
 )
-from finetune_worker.etf import DEFAULT_MAX_DEPTH, Atom, ETFDecodeError, Pid, RawTerm, decode, recover_call_id
-from finetune_worker.events import Event
-from finetune_worker.jobs import JobManager, JobRecord
-from finetune_worker.port import FrameTooLarge, Port, PortClosed
+from finetune_worker.server import api
+from finetune_worker.server.jobs import JobManager, JobRecord
+from finetune_worker.wire import (
+    DEFAULT_MAX_DEPTH,
+    Atom,
+    ETFDecodeError,
+    Pid,
+    RawTerm,
+    decode,
+    recover_call_id,
+)
+from finetune_worker.wire.port import FrameTooLarge, Port, PortClosed
+from finetune_worker.wire.vocabulary import Event
 
-log = logging.getLogger("finetune_worker.worker")
+log = logging.getLogger("finetune_worker.server.worker")
 
 #: Names the peer sends as atoms; compared as text (Atom is a str), never sent back.
 API_MODULE = "finetune_worker"

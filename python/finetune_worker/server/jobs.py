@@ -1,8 +1,8 @@
-"""Job queue, the one runner thread, and the context a job handler runs with.
+"""Job queue, the one runner thread, and the context (:class:`WorkerJobContext`) a handler gets.
 
 One GPU, one job: jobs run in FIFO order on a single runner thread. The main thread
 only submits, queries and cancels, which all return at once. A job handler is a plain
-function ``run(ctx: JobContext) -> dict`` living in its own module (see ``HANDLERS``); it is
+function ``run(ctx: JobContext) -> dict`` named by its kind (:mod:`finetune_worker.kinds`); it is
 imported lazily on the runner thread, so torch and transformers never slow the main
 thread. It reports through ``ctx`` and returns the ``completed`` payload, raises
 :class:`JobCancelled` when it stopped on request, or raises anything else to fail.
@@ -10,12 +10,9 @@ thread. It reports through ``ctx`` and returns the ``completed`` payload, raises
 
 from __future__ import annotations
 
-import errno
-import importlib
 import itertools
 import logging
 import os
-import sys
 import threading
 import time
 import traceback
@@ -24,23 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_worker import kinds
+from finetune_worker.context import JobContext
 from finetune_worker.errors import JobCancelled, JobFailed
-from finetune_worker.events import TERMINAL_TYPES as TERMINAL_STATES
-from finetune_worker.events import Event
+from finetune_worker.failures import classify_exception
+from finetune_worker.wire.vocabulary import TERMINAL_TYPES as TERMINAL_STATES
+from finetune_worker.wire.vocabulary import Event
 
-log = logging.getLogger("finetune_worker.jobs")
-
-#: job kind -> "module:function" of its handler, imported on first use by the runner thread.
-HANDLERS: dict[str, str] = {
-    "train": "finetune_worker.training.job:run",
-    "merge_lora": "finetune_worker.merging.lora:run",
-    "merge": "finetune_worker.merging.mergekit_job:run",
-    "evaluate": "finetune_worker.evaluation.job:run_evaluate",
-    "generate": "finetune_worker.evaluation.job:run_generate",
-    # Test-only kind; its config model is registered only when FINETUNE_WORKER_TEST_JOBS=1
-    # (see finetune_worker.config), so no production config can reach it.
-    "test_steps": "finetune_worker.testjobs:run",
-}
+log = logging.getLogger("finetune_worker.server.jobs")
 
 #: Finished jobs ``status``/``jobs`` still know; older ones are forgotten, oldest first (a worker
 #: that runs for months must not grow its table without bound).
@@ -86,69 +74,17 @@ class JobRecord:
         }
 
 
-class ReportingContext:
-    """Cancel flag and reporting helpers shared by every job context: subclasses set
-    ``cancel_event`` and implement :meth:`emit`."""
-
-    cancel_event: Any  # threading.Event, or anything with is_set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self.cancel_event.is_set()
-
-    def check_cancelled(self, step: int = 0, checkpoint: str | None = None) -> None:
-        """Raise :class:`JobCancelled` if a cancel was asked for (call it at safe points)."""
-        if self.cancel_event.is_set():
-            raise JobCancelled(step=step, checkpoint=checkpoint)
-
-    def emit(self, type: str, **payload: Any) -> None:
-        raise NotImplementedError
-
-    def progress(self, done: int, total: int, *, unit: str, started: float) -> None:
-        """A ``progress`` event for work counted in ``unit``s (modules, tasks, rows) since ``started``.
-
-        ``started`` is a ``time.monotonic()`` reading; the ETA assumes the remaining units cost
-        what the finished ones did.
-        """
-        elapsed = time.monotonic() - started
-        self.emit(
-            "progress",
-            step=done,
-            total_steps=total,
-            done=done,
-            total=total,
-            unit=unit,
-            percent=round(100.0 * done / total, 1) if total else 100.0,
-            elapsed_s=round(elapsed, 3),
-            eta_s=round(elapsed / done * (total - done), 3) if done else None,
-        )
-
-    def phase(self, name: str) -> None:
-        self.emit("phase", phase=name)
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.emit("log", level=level, message=message)
-
-
-class JobContext(ReportingContext):
-    """What a handler gets: its config, a way to report, and the cancel flag."""
+class WorkerJobContext(JobContext):
+    """The context of a job run by this worker's runner thread."""
 
     def __init__(self, manager: JobManager, record: JobRecord):
         self._manager = manager
         self._record = record
-        self.cancel_event = threading.Event()
-
-    @property
-    def job_id(self) -> str:
-        return self._record.job_id
-
-    @property
-    def kind(self) -> str:
-        return self._record.kind
-
-    @property
-    def config(self) -> Any:
-        return self._record.config
+        self.job_id = record.job_id
+        self.kind = record.kind
+        self.config = record.config
+        self.stop = threading.Event()  # what the manager sets; handlers read it as cancel_event
+        self.cancel_event = self.stop
 
     def emit(self, type: str, **payload: Any) -> None:
         """Send one event to the job's subscriber (and keep ``status`` up to date)."""
@@ -168,7 +104,7 @@ class JobManager:
         self._wakeup = threading.Condition(self._lock)
         self._queue: deque[JobRecord] = deque()
         self._jobs: dict[str, JobRecord] = {}
-        self._current: tuple[JobRecord, JobContext] | None = None
+        self._current: tuple[JobRecord, WorkerJobContext] | None = None
         self._closing = False
         self._sink_failures = 0
         self._ids = itertools.count(1)
@@ -229,7 +165,7 @@ class JobManager:
                 record.finished_at = time.time()
                 queued_cancel = True
             elif self._current and self._current[0] is record:
-                self._current[1].cancel_event.set()
+                self._current[1].stop.set()
                 return True
             else:
                 return True  # already finished: cancelling is a no-op, not an error
@@ -248,7 +184,7 @@ class JobManager:
             pending = list(self._queue)
             self._queue.clear()
             if self._current:
-                self._current[1].cancel_event.set()
+                self._current[1].stop.set()
             self._wakeup.notify_all()
         for record in pending:
             record.state = "cancelled"
@@ -266,7 +202,7 @@ class JobManager:
                 if self._closing and not self._queue:
                     return
                 record = self._queue.popleft()
-                ctx = JobContext(self, record)
+                ctx = WorkerJobContext(self, record)
                 self._current = (record, ctx)
                 record.state = "running"
                 record.started_at = time.time()
@@ -281,7 +217,7 @@ class JobManager:
                 with self._lock:
                     self._current = None
 
-    def _run_one(self, record: JobRecord, ctx: JobContext) -> None:
+    def _run_one(self, record: JobRecord, ctx: WorkerJobContext) -> None:
         self._emit(record, "started", {"kind": record.kind})
         try:
             _check_still_confined(record)
@@ -370,7 +306,7 @@ def _update_record(record: JobRecord, event: Event) -> None:
 def _check_still_confined(record: JobRecord) -> None:
     """The job's paths again, now that it starts: a link swapped while it queued (an output_dir
     symlink pointed out of the root after submit) must not take it outside the allowed roots."""
-    from finetune_worker.security import confinement_issues
+    from finetune_worker.config import confinement_issues
 
     if not hasattr(record.config, "model_dump"):
         return
@@ -384,77 +320,8 @@ def _check_still_confined(record: JobRecord) -> None:
 
 
 def _load_handler(kind: str) -> Callable[[JobContext], dict[str, Any] | None]:
-    target = HANDLERS.get(kind)
-    if target is None:
+    found = kinds.get(kind)
+    if found is None:
         raise JobFailed("invalid_config", f"no handler for job kind {kind!r}")
-    module_name, func_name = target.split(":")
-    module = importlib.import_module(module_name)
-    func: Callable[[JobContext], dict[str, Any] | None] = getattr(module, func_name)
-    return func
-
-
-#: Generic hints; a job kind may pass its own (training names its batch and sequence settings).
-OOM_HINT = (
-    "The job ran out of memory: free memory (other jobs and processes), load in a smaller precision "
-    "(fp16/bf16, or 4-bit for training), or use a machine with more RAM or VRAM."
-)
-DISK_HINT = "Free disk space where the job writes (or lower checkpoint.keep for training), then resubmit."
-
-_OOM_MARKERS = (
-    "out of memory",
-    "can't allocate memory",
-    "cannot allocate memory",
-    "defaultcpuallocator",
-    "std::bad_alloc",
-)
-# safetensors reports a full disk as SafetensorError("... IoError(Os { code: 28, kind: StorageFull ...").
-_DISK_MARKERS = ("no space left on device", "disk quota exceeded", "storagefull")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    torch = sys.modules.get("torch")  # never import torch just to classify an error
-    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    return any(marker in str(exc).lower() for marker in _OOM_MARKERS)
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in seen:
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return seen
-
-
-def classify_exception(
-    exc: BaseException, *, oom_hint: str = OOM_HINT, disk_hint: str = DISK_HINT
-) -> JobFailed:
-    """Name a failure we did not raise ourselves, with a hint of what to do about it."""
-    if isinstance(exc, JobFailed):
-        return exc
-    text = f"{type(exc).__name__}: {exc}"
-    lowered = text.lower()
-    if is_out_of_memory(exc):
-        where = "GPU" if "cuda" in lowered else "CPU"
-        return JobFailed("out_of_memory", f"{where} out of memory: {text}", hint=oom_hint)
-    for cause in _chain(exc):
-        if (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
-            marker in str(cause).lower() for marker in _DISK_MARKERS
-        ):
-            return JobFailed("disk_full", f"disk full while writing: {text}", hint=disk_hint)
-    if "unpickling" in lowered or "weights only load failed" in lowered:
-        # transformers loads .bin weights with torch.load(weights_only=True): a pickle that wants
-        # to run code, or anything else that is not plain tensors, is refused.
-        return JobFailed(
-            "unsupported_model",
-            text,
-            hint="The weights are pickle files that hold more than tensors (or are damaged); use a model "
-            "saved as safetensors (model.save_pretrained(dir) writes them).",
-        )
-    if isinstance(exc, PermissionError):
-        return JobFailed("output_dir_not_writable", text, hint="Choose an output_dir this user can write to.")
-    return JobFailed("internal_error", text, hint="See the worker's stderr log for the traceback.")
+    handler: Callable[[JobContext], dict[str, Any] | None] = found.handler()
+    return handler

@@ -1,6 +1,6 @@
 """Event sinks for ``finetune-worker run``: a live rich display, or JSON lines for scripts.
 
-Both are :data:`finetune_worker.jobs.Sink` callables ``(record, event) -> None``, fed the very
+Both are :data:`finetune_worker.server.jobs.Sink` callables ``(record, event) -> None``, fed the very
 events a BEAM subscriber would get, so the terminal shows what the port would send.
 """
 
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from finetune_worker.events import Event, plain
+from finetune_worker.wire.vocabulary import Event, plain
 
 
 class JsonLines:

@@ -2,7 +2,7 @@
 
 The runner thread prepares the output_dir once, writes the validated config to a private temp
 dir, opens the event relay, and starts ``python -m torch.distributed.run ... -m
-finetune_worker.distributed.rank_main`` in a session of its own, so that one ``killpg`` reaches
+finetune_worker.training.distributed.rank_main`` in a session of its own, so that one ``killpg`` reaches
 the agent and every rank. It then relays rank 0's events to ``ctx.emit`` (the BEAM sees the
 stream of a single-process job), turns a cancel into a stop file the ranks agree on, and
 ends the job as the ranks report it, or as torchrun's exit shows it when a rank died silently.
@@ -32,10 +32,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from finetune_worker.distributed.relay import RelayServer
+from finetune_worker.context import JobContext
 from finetune_worker.errors import JobCancelled, JobFailed
+from finetune_worker.training import checkpoints as ckpt
+from finetune_worker.training.distributed.relay import RelayServer
 
-log = logging.getLogger("finetune_worker.distributed")
+log = logging.getLogger("finetune_worker.training.distributed")
 
 POLL_S = 0.2
 #: After SIGTERM to the group, how long before SIGKILL.
@@ -65,7 +67,7 @@ def torchrun_command(dist: Any, master_port: int, launch: Path, relay: Path) -> 
         "--max-restarts=0",  # a failed rank fails the job; resume is ours, from checkpoints
         "--monitor-interval=0.5",  # notice a dead rank (and stop its peers) within half a second
         "-m",
-        "finetune_worker.distributed.rank_main",
+        "finetune_worker.training.distributed.rank_main",
         f"--launch={launch}",
         f"--relay={relay}",
     ]
@@ -122,7 +124,7 @@ class _StderrTee(threading.Thread):
 class Group:
     """The torchrun process group of one job, and what its ranks have said so far."""
 
-    def __init__(self, ctx: Any, proc: subprocess.Popen[bytes], server: RelayServer, tee: _StderrTee):
+    def __init__(self, ctx: JobContext, proc: subprocess.Popen[bytes], server: RelayServer, tee: _StderrTee):
         self.ctx = ctx
         self.proc = proc
         self.server = server
@@ -228,13 +230,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def run_distributed(ctx: Any) -> dict[str, Any]:
+def run_distributed(ctx: JobContext) -> dict[str, Any]:
     """The train job's handler when ``distributed`` is set (see ``training.job.run``)."""
-    from finetune_worker.training.job import _prepare_output_dir
 
     cfg = ctx.config
     out = cfg.resolved(cfg.output_dir)
-    resume_from = _prepare_output_dir(cfg, out)
+    resume_from = ckpt.prepare_output_dir(cfg, out)
     if resume_from is not None:
         ctx.log(f"resuming from {resume_from}")
     ctx.check_cancelled()
@@ -248,7 +249,7 @@ def run_distributed(ctx: Any) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _launch_and_supervise(ctx: Any, cfg: Any, tmp: Path, resume_from: Path | None) -> dict[str, Any]:
+def _launch_and_supervise(ctx: JobContext, cfg: Any, tmp: Path, resume_from: Path | None) -> dict[str, Any]:
     dist = cfg.distributed
     launch = tmp / "launch.json"
     stop_file = tmp / "stop"
@@ -295,7 +296,9 @@ def _launch_and_supervise(ctx: Any, cfg: Any, tmp: Path, resume_from: Path | Non
         server.close()
 
 
-def _supervise(ctx: Any, group: Group, stop_file: Path, stop_timeout: float, out: Path) -> dict[str, Any]:
+def _supervise(
+    ctx: JobContext, group: Group, stop_file: Path, stop_timeout: float, out: Path
+) -> dict[str, Any]:
     stop_sent: float | None = None
     failed_at: float | None = None
     while group.proc.poll() is None:

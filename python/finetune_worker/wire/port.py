@@ -1,6 +1,6 @@
 """Erlang port framing over file descriptors: ``{packet, N}`` frames in and out, ETF terms inside.
 
-The codec (:mod:`finetune_worker.etf`) never touches IO; this module owns the file descriptors.
+The codec (:mod:`finetune_worker.wire`) never touches IO; this module owns the file descriptors.
 Like ErlPort's ``erlproto.Port``: descriptors are passed in (tests use ``os.pipe()``), one
 write lock is shared by every thread, writes loop until the whole frame is out, and EOF or
 EPIPE surface as :class:`PortClosed` so the worker can end cleanly. Unlike ErlPort, large
@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Any
 
-from finetune_worker import etf
+from finetune_worker import wire as etf
 from finetune_worker.errors import FinetuneWorkerError, ProtocolError
 
 __all__ = [

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_worker.errors import ERROR_CODES
-from finetune_worker.etf import Atom
+from finetune_worker.wire import Atom
 
-log = logging.getLogger("finetune_worker.events")
+log = logging.getLogger("finetune_worker.wire.vocabulary")
 
 EVENT_TYPES: frozenset[str] = frozenset(
     {
@@ -145,7 +145,7 @@ class Event:
         return self.type in TERMINAL_TYPES
 
     def to_term(self) -> tuple[Any, ...]:
-        """``{fine_tuning, JobId, Type, Payload}`` ready for :func:`finetune_worker.etf.encode`."""
+        """``{fine_tuning, JobId, Type, Payload}`` ready for :func:`finetune_worker.wire.encode`."""
         return (Atom("fine_tuning"), self.job_id, Atom(self.type), payload_term(self.payload))
 
 

@@ -1,13 +1,13 @@
 """The worker's API: the only functions the BEAM may call (``{'C', Id, finetune_worker, Fun, Args}``).
 
 Every function here is named in ``__all__`` and nothing else is callable: the dispatcher in
-:mod:`finetune_worker.worker` looks names up in ``__all__`` and never imports anything a
+:mod:`finetune_worker.server.worker` looks names up in ``__all__`` and never imports anything a
 call names. Each function takes the worker's :class:`Runtime` first (supplied by the
 dispatcher, not by the caller), then the call's arguments as decoded terms: binaries arrive
-as ``str`` (or ``bytes`` when not UTF-8), atoms as :class:`~finetune_worker.etf.Atom`.
+as ``str`` (or ``bytes`` when not UTF-8), atoms as :class:`~finetune_worker.wire.Atom`.
 Every function returns at once: ``submit`` validates and queues, it never trains.
 
-Results are wire terms: maps go through :func:`~finetune_worker.events.payload_term` so that
+Results are wire terms: maps go through :func:`~finetune_worker.wire.vocabulary.payload_term` so that
 known keys are atoms and any other key a binary (a BEAM decoding with ``[safe]`` never mints
 an atom). A wrong argument raises :class:`~finetune_worker.errors.CallError`, which the
 dispatcher turns into an ``'e'`` reply.
@@ -26,9 +26,9 @@ from typing import Any
 
 import finetune_worker
 from finetune_worker.errors import CallError, ConfigError, ConfigIssue, brief
-from finetune_worker.etf import Atom, Pid
-from finetune_worker.events import payload_term
-from finetune_worker.jobs import JobManager
+from finetune_worker.server.jobs import JobManager
+from finetune_worker.wire import Atom, Pid
+from finetune_worker.wire.vocabulary import payload_term
 
 __all__ = ["cancel", "info", "jobs", "ping", "shutdown", "status", "submit", "validate"]
 

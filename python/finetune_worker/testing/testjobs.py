@@ -21,7 +21,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune_worker.context import JobContext
 from finetune_worker.errors import JobCancelled, JobFailed
+from finetune_worker.kinds import JobKind
 
 
 class TestStepsConfig(BaseModel):
@@ -39,7 +41,7 @@ class TestStepsConfig(BaseModel):
     output_dir: str | None = Field(default=None, description="write result.json here")
 
 
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: JobContext) -> dict[str, Any]:
     cfg: TestStepsConfig = ctx.config
     started = time.monotonic()
     ctx.phase("training")
@@ -79,6 +81,9 @@ def run(ctx: Any) -> dict[str, Any]:
     if not cfg.ignore_cancel and ctx.cancelled:
         raise JobCancelled(step=cfg.steps)
     return {"outputs": outputs, "summary": {"steps": cfg.steps, "runtime_s": time.monotonic() - started}}
+
+
+KINDS = (JobKind("test_steps", TestStepsConfig, run="finetune_worker.testing.testjobs:run", test_only=True),)
 
 
 def _write_junk(job_id: str, step: int) -> None:

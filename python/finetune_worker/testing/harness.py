@@ -6,7 +6,7 @@ ErlPort's Erlang side does, and routes what comes back: ``'r'``/``'e'`` replies 
 :attr:`WorkerHarness.messages`. It fabricates realistic pids and references
 (NEW_PID_EXT / NEWER_REFERENCE_EXT) to stand in for BEAM processes, and captures the
 worker's stderr for assertions. Its framing is written independently of
-:mod:`finetune_worker.port`, so the two check each other.
+:mod:`finetune_worker.wire.port`, so the two check each other.
 
 Example::
 
@@ -37,8 +37,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_worker.etf import Atom, ETFDecodeError, Pid, Reference, decode, encode
-from finetune_worker.events import TERMINAL_TYPES
+from finetune_worker.wire import Atom, ETFDecodeError, Pid, Reference, decode, decode_opaque, encode
+from finetune_worker.wire.vocabulary import TERMINAL_TYPES
 
 __all__ = ["HarnessEvent", "RemoteError", "Reply", "WorkerHarness", "make_pid", "make_ref"]
 
@@ -57,7 +57,7 @@ def make_pid(node: str = "harness@127.0.0.1", number: int | None = None, creatio
     """A pid as OTP 23+ encodes it (NEW_PID_EXT): ``<<88, Node/atom, ID:32, Serial:32, Creation:32>>``."""
     number = next(_serials) + 80 if number is None else number
     raw = bytes([_NEW_PID]) + _atom_bytes(node) + struct.pack(">III", number & 0x7FFF, 0, creation)
-    pid: Pid = Pid.from_bytes(raw)
+    pid: Pid = decode_opaque(Pid, raw)
     return pid
 
 
@@ -71,7 +71,7 @@ def make_ref(node: str = "harness@127.0.0.1", creation: int = 1700000000) -> Ref
         + _atom_bytes(node)
         + struct.pack(">IIII", creation, *ids)
     )
-    ref: Reference = Reference.from_bytes(raw)
+    ref: Reference = decode_opaque(Reference, raw)
     return ref
 
 

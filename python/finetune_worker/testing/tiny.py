@@ -17,7 +17,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from finetune_worker.hf import CHATML_TEMPLATE
 
 Size = Literal["tiny", "small"]
 
@@ -26,20 +28,6 @@ EOS = "<|im_end|>"  # end of turn: generation stops there, and training teaches 
 PAD = "<|pad|>"  # distinct from eos so label masking by pad id never hides a trained eos
 IM_START = "<|im_start|>"
 SPECIAL_TOKENS = [BOS, IM_START, EOS, PAD]
-
-#: ChatML. ``{% generation %}`` marks what the assistant says (content plus end of turn), so
-#: ``apply_chat_template(return_assistant_tokens_mask=True)`` yields the responses-only mask.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{% else %}"
-    "{{ message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 MARKER = "tiny_model.json"  # written last: its presence means the directory is complete
 FORMAT_VERSION = 2  # bump whenever the same size and seed would build different bytes
@@ -147,7 +135,7 @@ def _build_into(path: Path, spec: TinySpec, seed: int) -> int:
 
     tokenizer = _train_tokenizer(spec.vocab_size)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]  # rope_theta goes through **kwargs in transformers 5
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -178,7 +166,7 @@ def _build_into(path: Path, spec: TinySpec, seed: int) -> int:
     return len(tokenizer)
 
 
-def _train_tokenizer(vocab_size: int):  # -> transformers PreTrainedTokenizerFast
+def _train_tokenizer(vocab_size: int) -> Any:  # a transformers PreTrainedTokenizerFast
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -199,7 +187,7 @@ def _train_tokenizer(vocab_size: int):  # -> transformers PreTrainedTokenizerFas
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=CHATML_TEMPLATE,
         model_max_length=2048,
         padding_side="right",
         clean_up_tokenization_spaces=False,
@@ -210,7 +198,7 @@ def _model_card(size: str, seed: int, spec: TinySpec, vocab: int) -> str:
     return f"""# finetune-worker tiny model ({size})
 
 A randomly initialized Llama-architecture causal LM built by `finetune-worker make-tiny-model`
-(`finetune_worker.tiny.build_tiny_model(DIR, size={size!r}, seed={seed})`), for tests, demos and
+(`finetune_worker.testing.tiny.build_tiny_model(DIR, size={size!r}, seed={seed})`), for tests, demos and
 benchmarks. It knows nothing until you train it.
 
 - Architecture: LlamaForCausalLM, {spec.num_hidden_layers} layers, hidden {spec.hidden_size},

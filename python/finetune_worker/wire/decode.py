@@ -1,7 +1,7 @@
-"""The ETF decoder behind :func:`finetune_worker.etf.decode`: bounds-checked, depth-limited, no IO.
+"""External Term Format bytes to Python terms (:func:`decode`): bounds-checked, depth-limited, no IO.
 
 Every length field is checked against the bytes that remain before anything is allocated, and
-every failure surfaces as :class:`~finetune_worker.etf.ETFDecodeError` with the byte offset.
+every failure surfaces as :class:`~finetune_worker.wire.ETFDecodeError` with the byte offset.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import zlib
 from typing import Any, Literal
 
 from finetune_worker.errors import brief
-from finetune_worker.etf import (
+from finetune_worker.wire.terms import (
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_SIZE,
     DEFAULT_MAX_TERMS,
     VERSION,
     Atom,
@@ -21,6 +23,7 @@ from finetune_worker.etf import (
     ImproperList,
     OpaqueTerm,
     Pid,
+    RawTerm,
     Reference,
 )
 
@@ -382,7 +385,7 @@ def decode_term(
     binaries: Literal["auto", "bytes"],
     max_terms: int = DEFAULT_MAX_TERMS,
 ) -> Any:
-    """See :func:`finetune_worker.etf.decode`."""
+    """See :func:`decode`."""
     buf = data if isinstance(data, bytes) else bytes(data)
     if not buf:
         raise ETFDecodeError("empty input", 0)
@@ -409,7 +412,7 @@ def decode_term(
 
 
 def call_id_bytes(data: bytes | bytearray | memoryview, *, max_size: int) -> bytes | None:
-    """See :func:`finetune_worker.etf.recover_call_id`: the encoded ``Id`` of a call frame, or None."""
+    """See :func:`recover_call_id`: the encoded ``Id`` of a call frame, or None."""
     buf = data if isinstance(data, bytes) else bytes(data)
     if len(buf) < 2 or buf[0] != VERSION:
         return None
@@ -433,3 +436,42 @@ def call_id_bytes(data: bytes | bytearray | memoryview, *, max_size: int) -> byt
         return buf[at : decoder.pos]
     except (ETFDecodeError, RecursionError, MemoryError):
         return None
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_size: int = DEFAULT_MAX_SIZE,
+    binaries: Literal["auto", "bytes"] = "auto",
+    max_terms: int = DEFAULT_MAX_TERMS,
+) -> Any:
+    """Decode one whole term (version byte 131 first); any malformed input raises :class:`ETFDecodeError`.
+
+    ``max_depth`` bounds nesting (tuples, lists, maps, funs), ``max_size`` the inflated size of a
+    compressed term, ``max_terms`` how many terms (of any kind) the decoder may build, and so
+    the memory and time one input can cost. ``binaries="bytes"`` keeps every binary as ``bytes``
+    instead of turning UTF-8 ones into ``str``.
+    """
+    return decode_term(data, max_depth=max_depth, max_size=max_size, binaries=binaries, max_terms=max_terms)
+
+
+def recover_call_id(
+    data: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_MAX_SIZE
+) -> RawTerm | None:
+    """The ``Id`` of a ``{'C', Id, ...}`` frame as its encoded bytes, read without decoding the rest.
+
+    For a frame that :func:`decode` refused (map keys that collide in Python, a bad term deep in
+    the arguments): the worker can still answer the call, and the caller does not wait forever.
+    ``None`` when the frame is not a call or its ``Id`` itself does not decode.
+    """
+    raw = call_id_bytes(data, max_size=max_size)
+    return RawTerm(raw) if raw is not None else None
+
+
+def decode_opaque(cls: type[Any], raw: bytes) -> Any:
+    """Parse ``raw`` (one encoded pid, reference, port or fun, without the version byte) as ``cls``."""
+    term = decode(bytes([VERSION]) + bytes(raw))
+    if not isinstance(term, cls):
+        raise ETFDecodeError(f"bytes encode {type(term).__name__}, not {cls.__name__}", 0)
+    return term

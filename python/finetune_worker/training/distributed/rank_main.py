@@ -1,6 +1,6 @@
 """What each torchrun process runs: the single-process training job, reporting over the relay.
 
-``python -m finetune_worker.distributed.rank_main --launch LAUNCH.json --relay SOCKET`` (torchrun
+``python -m finetune_worker.training.distributed.rank_main --launch LAUNCH.json --relay SOCKET`` (torchrun
 sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous variables). The job itself is
 ``training.job.run``, unchanged, with a context whose ``emit`` sends frames to the worker:
 rank 0 sends every event, the other ranks only their own failure. Cancel is a stop file the
@@ -22,14 +22,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from finetune_worker.distributed.relay import RelayClient
+from finetune_worker.context import JobContext
 from finetune_worker.errors import JobCancelled, JobFailed
-from finetune_worker.jobs import ReportingContext
+from finetune_worker.training.distributed.relay import RelayClient
 
 # Same reason as in training.job: spinning OpenMP threads collapse CPU training under contention.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-log = logging.getLogger("finetune_worker.distributed.rank")
+log = logging.getLogger("finetune_worker.training.distributed.rank")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -75,8 +75,9 @@ class AgreedStop:
         return local
 
 
-class RankContext(ReportingContext):
-    """The slice of ``jobs.JobContext`` that ``training.job.run`` uses, for one rank."""
+class RankContext(JobContext):
+    """The :class:`~finetune_worker.context.JobContext` of one torchrun rank: events go through
+    the relay (rank 0 only), the cancel flag is the stop all ranks agree on."""
 
     def __init__(
         self,
@@ -150,7 +151,7 @@ def run_rank(launch_path: Path, client: RelayClient, rank: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="finetune_worker.distributed.rank_main")
+    parser = argparse.ArgumentParser(prog="finetune_worker.training.distributed.rank_main")
     parser.add_argument("--launch", required=True, help="launch JSON written by the worker's launcher")
     parser.add_argument("--relay", required=True, help="Unix socket of the worker's event relay")
     args = parser.parse_args(argv)

@@ -1,0 +1,71 @@
+"""What a job handler gets: :class:`JobContext`, the one type every ``run(ctx)`` takes.
+
+The worker's runner thread (:class:`finetune_worker.server.jobs.WorkerJobContext`) and a torchrun
+rank (:class:`finetune_worker.training.distributed.rank_main.RankContext`) provide it. A handler
+reads its validated ``config``, reports through :meth:`JobContext.emit` and the helpers, and
+stops at safe points when :attr:`JobContext.cancelled`. ``rank`` is None in the worker and the
+process's rank inside a torchrun group.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from finetune_worker.errors import JobCancelled
+
+
+class CancelFlag(Protocol):
+    """What a cancel flag must do: a ``threading.Event``, or a rank's agreed stop."""
+
+    def is_set(self) -> bool: ...
+
+
+class JobContext:
+    """Cancel flag and reporting helpers; subclasses set the attributes and implement :meth:`emit`."""
+
+    job_id: str
+    kind: str
+    config: Any  # the kind's validated pydantic model
+    cancel_event: CancelFlag
+    rank: int | None = None
+    resume_from: Path | None = None  # a rank's checkpoint to resume from (the launcher chose it)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def check_cancelled(self, step: int = 0, checkpoint: str | None = None) -> None:
+        """Raise :class:`JobCancelled` if a cancel was asked for (call it at safe points)."""
+        if self.cancel_event.is_set():
+            raise JobCancelled(step=step, checkpoint=checkpoint)
+
+    def emit(self, type: str, **payload: Any) -> None:
+        """Send one event of this job (``type`` one of ``wire.vocabulary.EVENT_TYPES``)."""
+        raise NotImplementedError
+
+    def progress(self, done: int, total: int, *, unit: str, started: float) -> None:
+        """A ``progress`` event for work counted in ``unit``s (modules, tasks, rows) since ``started``.
+
+        ``started`` is a ``time.monotonic()`` reading; the ETA assumes the remaining units cost
+        what the finished ones did.
+        """
+        elapsed = time.monotonic() - started
+        self.emit(
+            "progress",
+            step=done,
+            total_steps=total,
+            done=done,
+            total=total,
+            unit=unit,
+            percent=round(100.0 * done / total, 1) if total else 100.0,
+            elapsed_s=round(elapsed, 3),
+            eta_s=round(elapsed / done * (total - done), 3) if done else None,
+        )
+
+    def phase(self, name: str) -> None:
+        self.emit("phase", phase=name)
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit("log", level=level, message=message)
