@@ -275,7 +275,7 @@ def test_yaml_mirror_matches_installed_mergekit() -> None:
     from mergekit import config as mk
     from mergekit.merge_methods import registered_methods
 
-    from finetune_worker.merging import yaml_config as ours
+    from finetune_worker.config import mergekit_yaml as ours
 
     assert {m.spec.name for m in registered_methods()} == ours.MERGE_METHODS
     pairs = [

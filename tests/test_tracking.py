@@ -3,6 +3,7 @@ TensorBoard (event files read back), W&B offline, and failures that only warn.""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,23 +129,21 @@ def test_wandb_offline_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert list(offline[0].glob("*.wandb"))  # the run's record, ready for `wandb sync`
 
 
-@pytest.mark.slow
-def test_mlflow_server_on_loopback(tiny_model_dir: Path, tmp_path: Path) -> None:
-    _need("mlflow")
-    from mlflow import MlflowClient
-
+@contextlib.contextmanager
+def mlflow_server(store: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    """A real `mlflow server` on a free loopback port (yields the port); stopped afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    store = tmp_path / "server"
-    store.mkdir()
+    store.mkdir(exist_ok=True)
     cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "mlflow", "server", *extra, "--host", "127.0.0.1", "--port", str(port),
         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
         "--default-artifact-root", (store / "artifacts").as_uri(), "--workers", "1",
     ]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or {**os.environ}, cwd=store
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -154,6 +154,22 @@ def test_mlflow_server_on_loopback(tiny_model_dir: Path, tmp_path: Path) -> None
                 assert server.poll() is None, "mlflow server exited"
                 assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
                 time.sleep(0.5)
+        yield port
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.mark.slow
+def test_mlflow_server_on_loopback(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _need("mlflow")
+    from mlflow import MlflowClient
+
+    with mlflow_server(tmp_path / "server") as port:
+        uri = f"http://127.0.0.1:{port}"
         run = run_job(
             tracked_config(tiny_model_dir, tmp_path / "run", {"mlflow": {"tracking_uri": uri}}), timeout=600
         )
@@ -165,12 +181,6 @@ def test_mlflow_server_on_loopback(tiny_model_dir: Path, tmp_path: Path) -> None
         assert mrun.info.status == "FINISHED"
         assert len(client.get_metric_history(mrun.info.run_id, "train/loss")) == 6
         assert "summary.json" in {a.path for a in client.list_artifacts(mrun.info.run_id)}
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def test_cancelled_run_is_killed_and_resume_continues_the_same_mlflow_run(
@@ -215,9 +225,6 @@ def test_mlflow_server_with_basic_auth_and_no_password_anywhere(tiny_model_dir: 
     from mlflow import MlflowClient
 
     password = "Sup3rSecretMlflowPw"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     store = tmp_path / "server"
     store.mkdir()
     ini = store / "basic_auth.ini"
@@ -227,29 +234,14 @@ def test_mlflow_server_with_basic_auth_and_no_password_anywhere(tiny_model_dir: 
         f"admin_username = alice\nadmin_password = {password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-        "--port", str(port), "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-        "--default-artifact-root", (store / "artifacts").as_uri(), "--workers", "1",
-    ]  # fmt: skip
     env = {
         **os.environ,
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-key",
     }
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=store)
-    uri = f"http://alice:{password}@127.0.0.1:{port}"
     out = tmp_path / "run"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert server.poll() is None, "mlflow server exited"
-                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
-                time.sleep(0.5)
+    with mlflow_server(store, "--app-name", "basic-auth", env=env) as port:
+        uri = f"http://alice:{password}@127.0.0.1:{port}"
         cfg = tracked_config(tiny_model_dir, out, {"mlflow": {"tracking_uri": uri}, "tensorboard": True})
         with WorkerHarness() as w:
             events = w.submit_and_wait(json.dumps(cfg), timeout=600)
@@ -270,9 +262,3 @@ def test_mlflow_server_with_basic_auth_and_no_password_anywhere(tiny_model_dir: 
         leaks += ["stderr"] if password in stderr else []
         leaks += [str(p) for p in out.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
         assert not leaks, leaks
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()

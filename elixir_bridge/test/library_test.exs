@@ -49,6 +49,22 @@ defmodule FineTuning.LibraryTest do
     %{dir: dir, model: model}
   end
 
+  defp tiny_train(model, out, extra) do
+    Map.merge(
+      %{
+        "job" => "train",
+        "model_name" => model,
+        "output_dir" => out,
+        "dataset" => %{"path" => Path.join(repo(), "configs/data/conversations.jsonl")},
+        "data" => %{"max_seq_length" => 64},
+        "peft" => %{"method" => "lora", "r" => 4, "alpha" => 8},
+        "training_parameters" => %{"batch_size" => 4, "learning_rate" => 1.0e-3},
+        "overwrite" => true
+      },
+      extra
+    )
+  end
+
   defp steps(n, seconds, extra \\ %{}),
     do: Map.merge(%{"job" => "test_steps", "steps" => n, "step_seconds" => seconds}, extra)
 
@@ -159,18 +175,8 @@ defmodule FineTuning.LibraryTest do
     [{Worker, w, _, _}] = Supervisor.which_children(sup)
     out = Path.join(dir, "stopped")
 
-    config = %{
-      "job" => "train",
-      "model_name" => model,
-      "output_dir" => out,
-      "dataset" => %{"path" => Path.join(repo(), "configs/data/conversations.jsonl")},
-      "data" => %{"max_seq_length" => 128},
-      "peft" => %{"method" => "lora", "r" => 4, "alpha" => 8},
-      "training_parameters" => %{"batch_size" => 4, "learning_rate" => 1.0e-3},
-      "max_steps" => 500,
-      "checkpoint" => %{"every_steps" => 1000},
-      "overwrite" => true
-    }
+    config =
+      tiny_train(model, out, %{"max_steps" => 500, "checkpoint" => %{"every_steps" => 1000}})
 
     {:ok, job_id} = FineTuning.submit(w, config)
     {:ok, queued} = FineTuning.submit(w, steps(3, 0))
@@ -263,18 +269,11 @@ defmodule FineTuning.LibraryTest do
 
     out = Path.join(dir, "telemetry-run")
 
-    config = %{
-      "job" => "train",
-      "model_name" => model,
-      "output_dir" => out,
-      "dataset" => %{"path" => Path.join(repo(), "configs/data/conversations.jsonl")},
-      "data" => %{"max_seq_length" => 64},
-      "peft" => %{"method" => "lora", "r" => 4, "alpha" => 8},
-      "training_parameters" => %{"batch_size" => 4},
-      "max_steps" => 2,
-      "checkpoint" => %{"every_steps" => 1, "keep" => 1},
-      "overwrite" => true
-    }
+    config =
+      tiny_train(model, out, %{
+        "max_steps" => 2,
+        "checkpoint" => %{"every_steps" => 1, "keep" => 1}
+      })
 
     {:ok, train_job} = FineTuning.submit(w, config)
     assert {:completed, _} = collect_events(train_job, 120_000) |> List.last()

@@ -166,6 +166,13 @@ def count_tensors(path: Path) -> int:
     return total
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: a reader sees the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 # ---- paths an output may not touch; locks ------------------------------------------------------
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict
 
 #: Largest seed: numpy (which transformers' set_seed seeds too) takes 32-bit seeds only.
@@ -14,3 +17,9 @@ class StrictModel(BaseModel):
     trained to 100% NaN weights."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @staticmethod
+    def resolved(value: str) -> Path:
+        """The one path resolver of configs: ``~`` expanded, relative paths against the worker's
+        working directory (symlinks are left alone; confinement follows them separately)."""
+        return Path(os.path.abspath(os.path.expanduser(value)))

@@ -9,7 +9,6 @@ is optional with a default. Nothing here imports torch: ``submit`` must answer a
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -36,10 +35,6 @@ class ModelSource(StrictSection):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on CUDA that supports it, fp32 on CPU."
     )
-
-    def resolved(self, value: str) -> Path:
-        """Relative paths resolve against the worker's working directory."""
-        return Path(os.path.abspath(os.path.expanduser(value)))
 
     def model_issues(self, prefix: str = "") -> list[ConfigIssue]:
         return _model_issues(

@@ -27,11 +27,6 @@ class _MergeBase(StrictModel):
         False, description="Replace a non-empty output directory (only once the new model is complete)."
     )
 
-    @staticmethod
-    def resolved(value: str) -> Path:
-        """Relative paths resolve against the worker's working directory."""
-        return Path(os.path.abspath(os.path.expanduser(value)))
-
     def output_issues(
         self, key: str, value: str, inputs: Sequence[tuple[str, Path]] = ()
     ) -> list[ConfigIssue]:

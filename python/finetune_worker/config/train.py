@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -274,6 +275,17 @@ def _layer_count(model_dir: Path) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+@dataclass(frozen=True)
+class TrainPaths:
+    """The resolved paths of a train config (``TrainConfig.paths``)."""
+
+    model: Path
+    dataset: Path
+    output: Path
+    resume: Path | None  # an explicit checkpoint ("auto" finds one in output)
+    evaluation_dataset: Path | None
+
+
 class TrainConfig(_Section):
     """A training job. The seed format is a valid instance as written."""
 
@@ -324,9 +336,18 @@ class TrainConfig(_Section):
 
     # ---- derived values -------------------------------------------------------------------
 
-    def resolved(self, value: str) -> Path:
-        """Relative paths resolve against the current working directory (the worker's)."""
-        return Path(os.path.abspath(os.path.expanduser(value)))
+    @cached_property
+    def paths(self) -> TrainPaths:
+        """Every path of the run, resolved once (``StrictModel.resolved``)."""
+        resume = self.resume if isinstance(self.resume, str) and self.resume != "auto" else None
+        held_out = self.evaluation.dataset if self.evaluation is not None else None
+        return TrainPaths(
+            model=self.resolved(self.model_name),
+            dataset=self.resolved(self.dataset.path),
+            output=self.resolved(self.output_dir),
+            resume=self.resolved(resume) if resume else None,
+            evaluation_dataset=self.resolved(held_out.path) if held_out is not None else None,
+        )
 
     @property
     def warmup(self) -> float:

@@ -30,10 +30,10 @@ class TrainingEvaluator:
         self.section = train_cfg.evaluation
         self._ctx = ctx
         if self.section.dataset is not None:
-            examples = load_examples(train_cfg.resolved(self.section.dataset.path), train_cfg.data)
+            examples = load_examples(train_cfg.paths.evaluation_dataset, train_cfg.data)
             source = self.section.dataset.path
         else:
-            examples = load_examples(train_cfg.resolved(train_cfg.dataset.path), train_cfg.data)
+            examples = load_examples(train_cfg.paths.dataset, train_cfg.data)
             # The same held-out rows the Trainer's eval uses; training rows only if none are held out.
             train, held = split_examples(examples, train_cfg.dataset.validation_split, train_cfg.seed)
             examples, source = (held, "held-out split") if held else (train, "training rows")

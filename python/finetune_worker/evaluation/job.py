@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from finetune_worker.config.evaluate import EvaluateConfig, GenerateConfig
 from finetune_worker.context import JobContext
 from finetune_worker.errors import JobCancelled, JobFailed
 from finetune_worker.evaluation.scoring import ModelScores
+from finetune_worker.outputs import write_text_atomic
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -93,8 +93,8 @@ def _evaluate(ctx: JobContext, cfg: EvaluateConfig) -> dict[str, Any]:
     if out is not None:
         ctx.phase("saving")
         metrics_path, predictions_path = out / METRICS_FILE, out / PREDICTIONS_FILE
-        _write_atomic(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        _write_atomic(metrics_path, json.dumps(result, indent=2) + "\n")
+        write_text_atomic(predictions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_text_atomic(metrics_path, json.dumps(result, indent=2) + "\n")
         outputs = {
             "output_dir": str(out),
             "metrics_path": str(metrics_path),
@@ -224,7 +224,7 @@ def _generate(ctx: JobContext, cfg: GenerateConfig) -> dict[str, Any]:
     outputs: dict[str, Any] = {}
     if out is not None:
         path = out / COMPLETIONS_FILE
-        _write_atomic(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in completions))
+        write_text_atomic(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in completions))
         outputs = {"output_dir": str(out), "completions_path": str(path)}
     summary = {
         "completions": completions,
@@ -259,9 +259,3 @@ def _output_dir(value: str | None, cfg: Any) -> Path | None:
             hint="Choose an output_dir this user can create and write to.",
         ) from exc
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -130,9 +130,9 @@ def _fsync_dir(path: Path) -> None:
 def output_dir_issue(cfg: TrainConfig) -> str | None:
     """Why ``output_dir`` cannot take this run, or None (submit-time and run-time checks alike)."""
     return run_folder_issue(
-        cfg.resolved(cfg.output_dir),
+        cfg.paths.output,
         cfg.output_dir,
-        model_dir=cfg.resolved(cfg.model_name),
+        model_dir=cfg.paths.model,
         overwrite=cfg.overwrite,
         resume=cfg.resume,
         fingerprint=cfg.run_fingerprint(),
@@ -140,9 +140,9 @@ def output_dir_issue(cfg: TrainConfig) -> str | None:
 
 
 def resume_path_issue(cfg: TrainConfig) -> str | None:
-    if cfg.resume in ("auto", False):
+    if cfg.paths.resume is None:  # "auto" or false
         return None
-    return resume_checkpoint_issue(cfg.resolved(str(cfg.resume)), str(cfg.resume))
+    return resume_checkpoint_issue(cfg.paths.resume, str(cfg.resume))
 
 
 def write_marker(output_dir: Path, cfg: TrainConfig) -> None:
@@ -170,7 +170,7 @@ def output_lock(cfg: TrainConfig) -> Iterator[None]:
     from finetune_worker.errors import JobFailed
     from finetune_worker.outputs import Busy, exclusive_lock
 
-    out = cfg.resolved(cfg.output_dir)
+    out = cfg.paths.output
     with contextlib.ExitStack() as stack:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -198,9 +198,9 @@ def prepare_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
     from finetune_worker.hf import model_not_found
     from finetune_worker.training.failures import dataset_not_found
 
-    if not cfg.resolved(cfg.model_name).is_dir():
+    if not cfg.paths.model.is_dir():
         raise model_not_found("model_name", cfg.model_name)
-    if not cfg.resolved(cfg.dataset.path).is_file():
+    if not cfg.paths.dataset.is_file():
         raise dataset_not_found(cfg.dataset.path)
     problem = output_dir_issue(cfg)
     if problem is not None:
@@ -234,7 +234,7 @@ def prepare_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
         return latest_checkpoint(out) if same_run else None
     if cfg.resume is False:
         return None
-    return cfg.resolved(str(cfg.resume))
+    return cfg.paths.resume
 
 
 CONFLICT_HINT = (

@@ -23,6 +23,7 @@ from typing import Any
 from finetune_worker.config.train import VIRTUAL_TOKEN_METHODS, TrainConfig
 from finetune_worker.context import JobContext
 from finetune_worker.errors import JobCancelled, JobFailed
+from finetune_worker.outputs import write_text_atomic
 from finetune_worker.security import redact
 from finetune_worker.training import checkpoints as ckpt
 from finetune_worker.training.failures import classify_training_exception
@@ -110,7 +111,7 @@ def _close_tracking(trackers: list[Any], status: str) -> None:
 
 def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, Any]:
     started = time.monotonic()
-    out = cfg.resolved(cfg.output_dir)
+    out = cfg.paths.output
     # Inside a torchrun rank (distributed.rank_main) the launcher prepared the output_dir once.
     rank = ctx.rank
     if rank is None:
@@ -123,7 +124,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     # Heavy imports only now, on the runner thread.
     from transformers import set_seed
 
-    from finetune_worker.hf import load_tokenizer
+    from finetune_worker.hf import check_causal_lm, load_tokenizer
     from finetune_worker.training.callbacks import EventCallback
     from finetune_worker.training.data import build_datasets, make_collator
     from finetune_worker.training.model import load_model, plan_hardware, trainable_parameters
@@ -136,8 +137,8 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     ctx.phase("loading_model")
     set_seed(cfg.seed)  # adapter init is random: seed it like the Trainer seeds everything else
     plan = plan_hardware(cfg, warn)
-    model_path = cfg.resolved(cfg.model_name)
-    tokenizer = load_tokenizer(model_path, "model_name")
+    check_causal_lm(cfg.paths.model, "model_name")  # once: load_model trusts it
+    tokenizer = load_tokenizer(cfg.paths.model, "model_name")
     model = load_model(cfg, plan, warn)
     initial_adapter = save_initial_adapter(cfg, model, out) if rank in (None, 0) else None
     trainable, total = trainable_parameters(model)
@@ -152,7 +153,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     train_rows, eval_rows, stats = build_datasets(
         cfg.data,
         tokenizer,
-        cfg.resolved(cfg.dataset.path),
+        cfg.paths.dataset,
         validation_split=cfg.dataset.validation_split,
         seed=cfg.seed,
         warn=warn,
@@ -241,7 +242,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     if trackers:
         summary["tracking"] = tracking_summary(trackers)
     summary_path = out / SUMMARY
-    _write_json_atomic(summary_path, summary)
+    write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=False, default=str))
     finish_tracking(trackers, out)  # uploads the saved adapter/model and summary.json
     trackers.clear()
     ckpt.clear_staging(out)
@@ -374,12 +375,6 @@ def _whole_run_loss(trainer: Any, result: Any) -> float | None:
         # Resumed from a checkpoint that predates the saved loss sum: only this call's steps.
         return session if steps > initial else None
     return _finite((trainer.prior_loss_sum + session * (steps - initial)) / steps)
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
 
 
 def _plain(value: Any) -> Any:

@@ -17,7 +17,7 @@ from torch import nn
 
 from finetune_worker.config.train import LORA_FAMILY, TrainConfig
 from finetune_worker.errors import JobFailed
-from finetune_worker.hf import bnb_config, check_causal_lm, keep_4bit_layout_trainable, unsupported_model
+from finetune_worker.hf import bnb_config, keep_4bit_layout_trainable, unsupported_model
 
 log = logging.getLogger("finetune_worker.training")
 
@@ -73,8 +73,7 @@ def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
     """The base model on its device, quantized if asked, with adapters attached (or frozen parts)."""
     from transformers import AutoModelForCausalLM
 
-    path = cfg.resolved(cfg.model_name)
-    check_causal_lm(path, "model_name")
+    path = cfg.paths.model  # checked by the job (hf.check_causal_lm) before the tokenizer loads
     kwargs: dict[str, Any] = {"dtype": plan.load_dtype, "attn_implementation": cfg.attn_implementation}
     q = cfg.quantization
     if q is not None:

@@ -234,7 +234,7 @@ def run_distributed(ctx: JobContext) -> dict[str, Any]:
     """The train job's handler when ``distributed`` is set (see ``training.job.run``)."""
 
     cfg = ctx.config
-    out = cfg.resolved(cfg.output_dir)
+    out = cfg.paths.output
     resume_from = ckpt.prepare_output_dir(cfg, out)
     if resume_from is not None:
         ctx.log(f"resuming from {resume_from}")
@@ -288,7 +288,7 @@ def _launch_and_supervise(ctx: JobContext, cfg: Any, tmp: Path, resume_from: Pat
     tee.start()
     group = Group(ctx, proc, server, tee)
     try:
-        return _supervise(ctx, group, stop_file, dist.stop_timeout_s, out=cfg.resolved(cfg.output_dir))
+        return _supervise(ctx, group, stop_file, dist.stop_timeout_s, out=cfg.paths.output)
     finally:
         if proc.poll() is None:
             group.stop()
