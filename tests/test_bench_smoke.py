@@ -59,6 +59,7 @@ EXPECTED = {
         "4-bit QLoRA (NF4, double quant), A",
         "4-bit QLoRA (NF4, double quant), C",
     ],
+    "data": ["peak RSS, training on 1,000 rows", "peak RSS, training on 5,000 rows"],
     "gpu": ["lora, A plain script", "lora, B worker runner", "lora, C worker runner", "full, C", "qlora, C"],
 }
 

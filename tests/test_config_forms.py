@@ -84,7 +84,7 @@ def test_a_binary_is_the_document_never_a_file_name(
     path = tree["outside"] / "job.json" if where == "outside" else tree["good"]
     reply = worker.call("validate", str(path))
     text = messages(reply)
-    assert "must be the JSON document itself" in text and "{file, Path}" in text
+    assert "must be the JSON or YAML document itself" in text and "{file, Path}" in text
     assert SECRET not in repr(reply) and "tracking_uri" not in repr(reply)
 
 
@@ -125,7 +125,7 @@ def test_in_process_a_str_is_never_read_as_a_path(
     tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(ENV_ROOTS, raising=False)
-    with pytest.raises(ConfigError, match="must be the JSON document itself"):
+    with pytest.raises(ConfigError, match="must be the JSON or YAML document itself"):
         parse_job_config(str(tree["outside"] / "job.json"))
     with pytest.raises(ConfigError, match="not a regular file"):
         parse_job_config(("file", "/dev/zero"))

@@ -26,7 +26,12 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cwd holding a (placeholder) local model dir and a dataset, as the seed's relative paths expect."""
     (tmp_path / "mistralai" / "Mistral-7B-v0.1").mkdir(parents=True)
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.jsonl").write_text('{"text": "hello"}\n')
+    rows = [
+        {"text": "hello"},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    ]
+    (tmp_path / "data" / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (tmp_path / "data" / "chat.jsonl").write_text(json.dumps(rows[1]) + "\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -56,6 +61,7 @@ def test_design_names_are_accepted(workdir: Path) -> None:
     raw.update(
         {
             "job": "train",
+            "dataset": {"path": "data/chat.jsonl", "validation_split": 0.1},
             "max_steps": 50,
             "peft": {"method": "dora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
             "data": {
@@ -180,13 +186,20 @@ def test_fingerprint_ignores_length_and_resume(workdir: Path) -> None:
 
 
 def test_shipped_examples_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    examples = sorted(CONFIGS.glob("*.json"))
-    train_examples = [p for p in examples if "model_name" in json.loads(p.read_text())]
-    assert {"tiny-lora.json", "tiny-qlora.json", "tiny-full.json", "mistral-7b-qlora.json"} <= {
-        p.name for p in train_examples
-    }
-    for path in train_examples:
-        TrainConfig.model_validate_json(path.read_text())  # schema-valid as shipped
+    import yaml
+
+    documents = {p: json.loads(p.read_text()) for p in CONFIGS.glob("*.json")}
+    documents |= {p: yaml.safe_load(p.read_text()) for p in CONFIGS.glob("*.yaml")}  # MergeKit YAMLs too
+    train_examples = {p: d for p, d in documents.items() if "model_name" in d}
+    assert {
+        "tiny-lora.json",
+        "tiny-qlora.json",
+        "tiny-full.json",
+        "mistral-7b-qlora.json",
+        "tiny-mixture.yaml",
+    } <= {p.name for p in train_examples}
+    for document in train_examples.values():
+        TrainConfig.model_validate(document)  # schema-valid as shipped
     assert json.loads((CONFIGS / "mistral-7b-qlora.json").read_text()) == json.loads(SEED) | {
         "output_dir": "runs/mistral-7b-qlora"
     }
@@ -200,6 +213,6 @@ def test_tiny_examples_validate_fully(
     (tmp_path / ".tiny" / "model").symlink_to(tiny_model_dir)
     (tmp_path / "configs").symlink_to(CONFIGS)
     monkeypatch.chdir(tmp_path)
-    for name in ("tiny-lora.json", "tiny-qlora.json", "tiny-full.json"):
+    for name in ("tiny-lora.json", "tiny-qlora.json", "tiny-full.json", "tiny-mixture.yaml"):
         kind, _ = parse_job_config(("file", f"configs/{name}"))
         assert kind == "train"

@@ -28,7 +28,8 @@ def tok(tiny_model_dir: Path) -> Any:
 
 
 def build(tok: Any, path: Path, split: float = 0.0, seed: int = 0, **cfg: Any) -> tuple[list, list, dict]:
-    return build_datasets(DataConfig(**cfg), tok, path, validation_split=split, seed=seed)
+    train, held, stats = build_datasets(DataConfig(**cfg), tok, path, validation_split=split, seed=seed)
+    return list(train), list(held), stats
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
@@ -204,7 +205,8 @@ def test_bad_rows_name_row_and_key(tok: Any, tmp_path: Path) -> None:
     err = _failure(tok, path)
     assert err.error == "bad_dataset_row"
     msg = err.message
-    assert "row 3: missing key 'answer' (a Q&A row needs question and answer)" in msg
+    # The message names the keys wanted and the keys found.
+    assert "row 3: missing key 'answer' (a Q&A row needs question and answer; the row has question)" in msg
     assert "row 4: key 'answer' must be a string, got a number" in msg
     assert "row 5: messages[1]: unknown role 'robot'" in msg
     assert "row 6: 'messages' is empty" in msg
@@ -246,18 +248,25 @@ def test_row_numbers_in_json_and_csv(tok: Any, tmp_path: Path) -> None:
     msg = _failure(tok, tmp_path / "d.csv").message
     assert "row 2: missing key 'answer'" in msg and "row 3: 3 values but the header has 2 columns" in msg
     msg = _failure(tok, write_jsonl(tmp_path / "f.jsonl", [{"text": "x"}]), format="qa").message
-    assert msg == "row 1: missing key 'question' (a Q&A row needs question and answer)"
+    assert msg == "row 1: missing key 'question' (a Q&A row needs question and answer; the row has text)"
 
 
 def test_missing_empty_and_unknown_files(tok: Any, tmp_path: Path) -> None:
     err = _failure(tok, tmp_path / "nope.jsonl")
-    assert err.error == "dataset_not_found" and "does not exist" in err.message and err.hint
+    assert err.error == "dataset_not_found" and "no dataset file or folder" in err.message and err.hint
     (tmp_path / "empty.jsonl").write_text("\n\n")
     err = _failure(tok, tmp_path / "empty.jsonl")
     assert err.error == "bad_dataset_row" and "is empty" in err.message
     (tmp_path / "data.parquet").write_text("x")
     err = _failure(tok, tmp_path / "data.parquet")
-    assert "data.file_format" in err.hint
+    assert "not a readable parquet file" in err.message and "file_format" in err.hint
+    (tmp_path / "rows.unknown").write_text("a,b\n1,2\n")
+    err = _failure(tok, tmp_path / "rows.unknown")
+    assert (
+        err.error == "invalid_config"
+        and "cannot tell the format" in err.message
+        and "file_format" in err.hint
+    )
     (tmp_path / "rows.dat").write_text(json.dumps({"text": "hello there"}) + "\n")
     assert len(build(tok, tmp_path / "rows.dat", file_format="jsonl")[0]) == 1
     (tmp_path / "t.txt").write_text("hello")
@@ -378,7 +387,7 @@ def test_text_blocks(tok: Any, tmp_path: Path) -> None:
 
 def test_padded_collator_shapes(tok: Any) -> None:
     collator = make_collator(tok, packing=False)
-    assert isinstance(collator, PaddedCollator) and collator.pad_token_id == tok.pad_token_id
+    assert isinstance(collator.inner, PaddedCollator) and collator.inner.pad_token_id == tok.pad_token_id
     batch = collator([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, tok.pad_token_id, tok.pad_token_id]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]

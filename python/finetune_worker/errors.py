@@ -37,15 +37,20 @@ class ConfigIssue:
     path: str
     message: str
     value: Any = None
+    line: int | None = None  # where ``path`` is in the config file or text, when known
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "message": self.message}
         if self.value is not None:
             out["value"] = _short_repr(self.value)
+        if self.line is not None:
+            out["line"] = self.line
         return out
 
     def __str__(self) -> str:
         where = self.path or "<config>"
+        if self.line is not None:
+            where += f" (line {self.line})"
         if self.value is not None:
             return f"{where}: {self.message} (got {_short_repr(self.value)})"
         return f"{where}: {self.message}"

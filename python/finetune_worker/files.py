@@ -9,8 +9,10 @@ swapped after a check is still the one checked), and read up to a size bound.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+from typing import BinaryIO
 
 
 class UnreadableFile(ValueError):
@@ -21,8 +23,8 @@ class UnreadableFile(ValueError):
         super().__init__(reason)
 
 
-def read_regular_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
-    """The bytes of ``path``; :class:`UnreadableFile` unless it is a regular file of at most ``max_bytes``."""
+def _open_regular(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of ``path`` (non-blocking) and its stat, checked to be a regular file."""
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -34,6 +36,34 @@ def read_regular_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UnreadableFile("not a regular file")
+    except OSError as exc:
+        os.close(fd)
+        raise UnreadableFile(exc.strerror or str(exc)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """``path`` opened for binary reading; :class:`UnreadableFile` unless it is a regular file.
+
+    For files read as a stream (datasets of any size): the checks of :func:`read_regular_file`
+    on the open descriptor, then ordinary blocking reads.
+    """
+    fd, _ = _open_regular(path)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """The bytes of ``path``; :class:`UnreadableFile` unless it is a regular file of at most ``max_bytes``."""
+    fd, info = _open_regular(path)
+    try:
         if info.st_size > max_bytes:
             raise UnreadableFile(f"{info.st_size} bytes, over the {max_bytes} byte limit")
         with os.fdopen(fd, "rb", closefd=False) as f:

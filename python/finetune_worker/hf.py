@@ -13,19 +13,46 @@ from typing import Any
 
 from finetune_worker.errors import JobFailed
 
-#: ChatML. ``{% generation %}`` marks what the assistant says (content plus end of turn), so
-#: ``apply_chat_template(return_assistant_tokens_mask=True)`` yields the responses-only mask.
+#: ChatML, with tool use in the Hermes/Qwen style. ``{% generation %}`` marks what the assistant
+#: says (content, tool calls, end of turn), so ``apply_chat_template(return_assistant_tokens_mask=True)``
+#: yields the responses-only mask. With ``tools=`` the tool schemas go into the system turn; an
+#: assistant's ``tool_calls`` become ``<tool_call>`` JSON blocks; ``tool`` turns keep their role.
+#: Conversations without tools render exactly as plain ChatML.
 CHATML_TEMPLATE = (
+    "{% if tools %}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ 'You can call these tools (JSON schemas):\\n<tools>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    '{{ \'</tools>\\nTo call one, answer with <tool_call>{"name": ..., "arguments": {...}}</tool_call>.<|im_end|>\\n\' }}'
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% generation %}"
+    "{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>\\n' }}{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{{ '\\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
     "{% else %}"
     "{{ message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endif %}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+#: Templates ``data.chat_template`` may name instead of giving Jinja text.
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
+
+def chat_template(value: str | None) -> str | None:
+    """A ``data.chat_template`` value as Jinja text (a name from NAMED_TEMPLATES, or the text)."""
+    return NAMED_TEMPLATES.get(value, value) if value else value
 
 
 def causal_lm_hint(key: str) -> str:
@@ -95,7 +122,7 @@ def load_tokenizer(path: Path, key: str) -> Any:
 def ensure_chat_template(tokenizer: Any, override: str | None) -> None:
     """The override if given; ChatML when the tokenizer has none (what training does too)."""
     if override:
-        tokenizer.chat_template = override
+        tokenizer.chat_template = chat_template(override)
     elif not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML_TEMPLATE
 

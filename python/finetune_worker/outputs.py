@@ -261,6 +261,8 @@ RUN_MARKER = ".finetune-worker-run.json"
 #: Held (flock) by the job writing into the output_dir; see :func:`output_lock`.
 LOCK_FILE = ".finetune-worker.lock"
 STAGING = ".staging"
+#: The run's tokenized data (Arrow files), reused on resume and removed once the run completes.
+DATA_CACHE = ".data-cache"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 #: Written by transformers' own jit checkpointing while a save is in progress.
 INCOMPLETE_SENTINEL = "checkpoint-is-incomplete.txt"

@@ -11,8 +11,10 @@ and are reported together with them, before anything heavy loads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune_worker import kinds
 from finetune_worker.config.mergekit_yaml import model_references
+from finetune_worker.config.yaml_doc import YamlProblem, load_bounded_yaml, value_lines
 from finetune_worker.errors import ConfigError, ConfigIssue
 from finetune_worker.files import UnreadableFile, read_regular_file
 from finetune_worker.security import allowed_roots, outside_issue, path_fields, redact_issues, resolve
@@ -31,13 +34,18 @@ _BOM = "\ufeff"
 
 
 def load_raw(raw: Any) -> dict[str, Any]:
-    """Turn a config (a dict, a JSON document as str/bytes, or ``("file", path)``) into a dict.
+    """Turn a config (a dict, a JSON or YAML document as str/bytes, or ``("file", path)``) into a dict.
 
     A str is always the document itself, never a file name: naming a file takes the explicit
     ``("file", path)`` form (``{file, Path}`` on the wire), which alone reads from disk and is
     confined to the allowed roots (:func:`read_config_file`). Raises ConfigError naming what is
     wrong, and never echoes the config's text (it may hold secrets).
     """
+    return load_document(raw)[0]
+
+
+def load_document(raw: Any) -> tuple[dict[str, Any], str | None]:
+    """:func:`load_raw`, and the document's text when it came as text (for line numbers)."""
     source = "<config>"
     if isinstance(raw, tuple) and len(raw) == 2 and str(raw[0]) == "file":
         path = os.fsdecode(bytes(raw[1])) if isinstance(raw[1], (bytes, bytearray)) else str(raw[1])
@@ -52,11 +60,19 @@ def load_raw(raw: Any) -> dict[str, Any]:
             raw = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError([ConfigIssue("", f"config is not UTF-8 text (byte {exc.start})")]) from None
+    text = None
     if isinstance(raw, str):
-        raw = _parse_text(raw.removeprefix(_BOM), source)
+        text = raw.removeprefix(_BOM)
+        raw = _parse_text(text, source)
     if not isinstance(raw, dict):
-        raise ConfigError([ConfigIssue("", f"a job config must be a JSON object, got {type(raw).__name__}")])
-    return {str(k): v for k, v in raw.items()}
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "", f"a job config must be a JSON object (a YAML mapping), got {type(raw).__name__}"
+                )
+            ]
+        )
+    return {str(k): v for k, v in raw.items()}, text
 
 
 def _parse_text(text: str, source: str) -> Any:
@@ -70,11 +86,16 @@ def _parse_text(text: str, source: str) -> Any:
             [
                 ConfigIssue(
                     "",
-                    "a config sent as text must be the JSON document itself, not a file name; to name "
-                    "a file send {file, Path} (Elixir: {:file, path})",
+                    "a config sent as text must be the JSON or YAML document itself, not a file name; to "
+                    "name a file send {file, Path} (Elixir: {:file, path})",
                 )
             ]
         )
+    if source.lower().endswith((".yaml", ".yml")) or (stripped and stripped[0] not in "{["):
+        try:
+            return load_bounded_yaml(text)
+        except YamlProblem as exc:
+            raise ConfigError([ConfigIssue("", f"invalid YAML in {source}: {exc}")]) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -214,8 +235,54 @@ def _bounded(issues: list[ConfigIssue]) -> list[ConfigIssue]:
 
 
 def parse_job_config(raw: Any) -> tuple[str, BaseModel]:
-    """Parse and fully validate a job config; raise ConfigError with every problem at once."""
-    data = load_raw(raw)
+    """Parse and fully validate a job config; raise ConfigError with every problem at once
+    (each issue with its line when the config came as text or a file)."""
+    data, text = load_document(raw)
+    try:
+        return _validate(data)
+    except ConfigError as exc:
+        if text is None:
+            raise
+        raise ConfigError(with_lines(exc.issues, text)) from None
+
+
+def with_lines(issues: list[ConfigIssue], text: str) -> list[ConfigIssue]:
+    """``issues`` with the line of each one's path in ``text`` (the nearest enclosing key's
+    when the path itself is not there, e.g. a missing key)."""
+    lines = value_lines(text)
+    if len(set(lines.values())) < 2:
+        return issues  # a one-line document: every line number would be 1
+    out = []
+    for issue in issues:
+        line = _line_of(split_path(issue.path), lines)
+        out.append(dataclasses.replace(issue, line=line) if line is not None else issue)
+    return out
+
+
+def _line_of(parts: list[str | int], lines: dict[tuple[str | int, ...], int]) -> int | None:
+    """The line of the deepest part of ``parts`` the document has. A level the document leaves
+    out is stepped over (``dataset.sources[0]`` of a ``dataset`` written as a list)."""
+    found, prefix, i = None, (), 0
+    while i < len(parts):
+        here = (*prefix, parts[i])
+        if here in lines:
+            prefix, found, i = here, lines[here], i + 1
+        elif i + 1 < len(parts) and (*prefix, parts[i + 1]) in lines:
+            i += 1
+        else:
+            break
+    return found
+
+
+def split_path(path: str) -> list[str | int]:
+    """``"a.b[2].c"`` -> ``["a", "b", 2, "c"]`` (the inverse of :func:`json_path`)."""
+    parts: list[str | int] = []
+    for token in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        parts.append(int(token[1:-1]) if token.startswith("[") else token)
+    return parts
+
+
+def _validate(data: dict[str, Any]) -> tuple[str, BaseModel]:
     problems = document_issues(data)
     if problems:
         raise ConfigError(redact_issues(problems))
@@ -224,7 +291,8 @@ def parse_job_config(raw: Any) -> tuple[str, BaseModel]:
     try:
         model = cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_bounded(redact_issues(issues_from_validation(exc)))) from None
+        issues = redact_issues(issues_from_validation(exc))
+        raise ConfigError(_bounded(issues + _partial_issues(cls, data))) from None
     # Confinement first: no other check may probe (and report on) a path outside the roots.
     outside = confinement_issues(model)
     if outside:
@@ -241,6 +309,21 @@ def parse_job_config(raw: Any) -> tuple[str, BaseModel]:
         if issues:
             raise ConfigError(issues)
     return kind, model
+
+
+def _partial_issues(cls: type[BaseModel], data: dict[str, Any]) -> list[ConfigIssue]:
+    """What a kind's ``partial_issues(raw)`` finds in the valid parts of an invalid config (paths
+    that do not exist, unreadable data), so one pass reports everything; nothing is probed when a
+    path lies outside the allowed roots."""
+    check = getattr(cls, "partial_issues", None)
+    if check is None:
+        return []
+    if allowed_roots() is not None and any(outside_issue(f, v) for f, v in path_fields(data)):
+        return []
+    try:
+        return list(check(data))
+    except OSError:
+        return []
 
 
 def confinement_issues(model: Any) -> list[ConfigIssue]:

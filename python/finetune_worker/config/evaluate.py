@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from finetune_worker.config.data import DataConfig
 from finetune_worker.config.generation import EvalDataset, Message, Prompt, Sampling, StrictSection
 from finetune_worker.config.train import Quantization
+from finetune_worker.data.sources import Source, preview_issues
 from finetune_worker.errors import ConfigIssue
 from finetune_worker.kinds import JobKind
 
@@ -97,11 +98,17 @@ class EvaluateConfig(ModelSource):
                 "compare_adapter_path",
                 self.compare_adapter_path,
             )
-        data = self.resolved(self.dataset.path)
-        if not data.is_file():
-            what = "is a directory, not a file" if data.is_dir() else "does not exist"
-            issues.append(ConfigIssue("dataset.path", f"dataset file '{self.dataset.path}' {what}"))
+        issues += [ConfigIssue("dataset.path", message) for message in preview_issues(self.source)]
         return issues + self.output_issues(self.output_dir)
+
+    @property
+    def source(self) -> Source:
+        return self.data.source(
+            self.resolved(self.dataset.path),
+            "dataset",
+            split=self.dataset.split,
+            file_format=self.dataset.file_format,
+        )
 
 
 class GenerateConfig(ModelSource, Sampling):

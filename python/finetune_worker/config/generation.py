@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from finetune_worker.config.base import MAX_SEED, StrictModel
+from finetune_worker.config.data import FileFormat
 
 
 class StrictSection(StrictModel):
@@ -93,7 +94,12 @@ class EvalDataset(StrictSection):
     """The examples to score, in any training format (text, qa, instruction, conversations)."""
 
     path: str = Field(
-        ..., description="JSONL, JSON, CSV or TXT file; relative paths resolve against the cwd."
+        ...,
+        description="A dataset file, folder or save_to_disk folder, as training reads them; relative to the cwd.",
+    )
+    split: str | None = Field(None, description="The split to read from a folder or a DatasetDict.")
+    file_format: FileFormat | None = Field(
+        None, description="File format (jsonl, json, csv, tsv, txt, parquet, arrow); default from the file."
     )
 
 

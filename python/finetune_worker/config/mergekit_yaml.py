@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from finetune_worker.config.yaml_doc import YamlProblem, load_bounded_yaml
 from finetune_worker.files import UnreadableFile, read_regular_file
 
 #: MergeKit 0.1.5's registered merge methods (``mergekit.merge_methods.registered_methods()``).
@@ -169,57 +169,8 @@ class MergeYaml(_Strict):
         return self
 
 
-#: Most YAML nodes a MergeKit config may expand to, aliases counted as often as they are used.
-#: A real config has a few hundred; nine levels of nine aliases (a 638-byte "billion laughs")
-#: expand to 387 million, which validation would then walk for minutes and gigabytes.
-MAX_YAML_NODES = 100_000
 #: Largest MergeKit YAML file read (real ones are a few KiB).
 MAX_YAML_BYTES = 4 * 1024 * 1024
-
-
-class YamlTooLarge(ValueError):
-    """A YAML document that expands (through anchors and aliases) past MAX_YAML_NODES."""
-
-
-def load_bounded_yaml(text: str, max_nodes: int = MAX_YAML_NODES) -> Any:
-    """``yaml.safe_load`` that refuses documents expanding past ``max_nodes`` nodes.
-
-    The node graph is composed first (linear in the text: an alias is one shared node), its
-    expanded size counted with each shared node sized once, and only then constructed.
-    """
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        size = _expanded_size(node, {}, max_nodes)
-        if size > max_nodes:
-            raise YamlTooLarge(
-                f"the YAML expands to more than {max_nodes} nodes through its anchors and aliases; "
-                "write the repeated parts out, or use fewer aliases"
-            )
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _expanded_size(node: Any, sizes: dict[int, int], cap: int) -> int:
-    known = sizes.get(id(node))
-    if known is not None:
-        return known
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        children = node.value
-    elif isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    else:
-        children = []
-    for child in children:
-        size += _expanded_size(child, sizes, cap)
-        if size > cap:
-            break  # no need to count further: the answer is "too large"
-    sizes[id(node)] = size
-    return size
 
 
 def read_yaml(path: Path) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
@@ -232,15 +183,8 @@ def read_yaml(path: Path) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]
         return None, [("", f"'{path}' is not UTF-8 text (byte {exc.start})")]
     try:
         data = load_bounded_yaml(text)
-    except YamlTooLarge as exc:
+    except YamlProblem as exc:
         return None, [("", str(exc))]
-    except RecursionError:
-        return None, [("", "the YAML is nested too deeply")]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        return None, [("", f"malformed YAML{where}: {problem}")]
     if not isinstance(data, dict):
         return None, [("", f"a MergeKit config must be a YAML mapping, got {type(data).__name__}")]
     return data, []

@@ -18,13 +18,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from finetune_worker.config.base import MAX_SEED, StrictModel
-from finetune_worker.config.data import DataConfig
+from finetune_worker.config.data import DataConfig, DatasetSection, column_renames
 from finetune_worker.config.distributed import DistributedConfig
 from finetune_worker.config.generation import TrainingEvaluation
 from finetune_worker.config.tracking import TrackingConfig
+from finetune_worker.data.rows import RowSpec
+from finetune_worker.data.sources import Source, preview_issues
 from finetune_worker.errors import ConfigIssue
 from finetune_worker.kinds import JobKind
 from finetune_worker.outputs import resume_checkpoint_issue, run_folder_issue
@@ -185,17 +187,6 @@ def scheduler_kwargs(name: str, kwargs: Mapping[str, object]) -> dict[str, objec
     return out
 
 
-class DatasetSection(_Section):
-    """Where the examples are (the seed's ``dataset``); how to read them is ``data``."""
-
-    path: str = Field(
-        ..., description="JSONL, JSON, CSV or TXT file; relative paths resolve against the cwd."
-    )
-    validation_split: float = Field(
-        0.1, ge=0, lt=1, description="Fraction held out for eval loss/perplexity; 0 disables evaluation."
-    )
-
-
 class Quantization(_Section):
     """bitsandbytes loading of the base model (QLoRA when combined with a LoRA method)."""
 
@@ -275,12 +266,21 @@ def _layer_count(model_dir: Path) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+def _missing_model(model_name: str) -> ConfigIssue | None:
+    if StrictModel.resolved(model_name).is_dir():
+        return None
+    return ConfigIssue(
+        "model_name",
+        f"no local model at '{model_name}'; this worker loads models from local paths (no hub access)",
+    )
+
+
 @dataclass(frozen=True)
 class TrainPaths:
     """The resolved paths of a train config (``TrainConfig.paths``)."""
 
     model: Path
-    dataset: Path
+    datasets: tuple[Path, ...]  # each source's path, in order
     output: Path
     resume: Path | None  # an explicit checkpoint ("auto" finds one in output)
     evaluation_dataset: Path | None
@@ -295,7 +295,9 @@ class TrainConfig(_Section):
     training_parameters: TrainingParameters = Field(
         default_factory=TrainingParameters, description="Optimization settings."
     )
-    dataset: DatasetSection = Field(..., description="Training data file and validation split.")
+    dataset: DatasetSection = Field(
+        ..., description="Training data: one source ({path}) or a mixture (a list, or {sources: [...]})."
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="How rows become token sequences.")
     quantization: Quantization | None = Field(
         None, description="Load the base in 4/8-bit; null loads it unquantized."
@@ -343,11 +345,54 @@ class TrainConfig(_Section):
         held_out = self.evaluation.dataset if self.evaluation is not None else None
         return TrainPaths(
             model=self.resolved(self.model_name),
-            dataset=self.resolved(self.dataset.path),
+            datasets=tuple(self.resolved(s.path) for s in self.dataset.entries()),
             output=self.resolved(self.output_dir),
             resume=self.resolved(resume) if resume else None,
             evaluation_dataset=self.resolved(held_out.path) if held_out is not None else None,
         )
+
+    @cached_property
+    def sources(self) -> list[Source]:
+        """The data sources, each with the ``data`` section's defaults filled in."""
+        data, entries = self.data, self.dataset.entries()
+        listed = self.dataset.sources is not None
+        names: dict[str, int] = {}
+        out = []
+        for i, entry in enumerate(entries):
+            path = self.resolved(entry.path)
+            name = entry.name or path.name
+            names[name] = names.get(name, 0) + 1
+            if names[name] > 1:
+                name = f"{name} ({names[name]})"  # two sources of one file name stay apart in the counts
+            out.append(
+                Source(
+                    index=i,
+                    name=name,
+                    path=path,
+                    where=f"dataset.sources[{i}]" if listed else "dataset",
+                    spec=RowSpec(
+                        format=entry.format or data.format,
+                        renames=column_renames(entry.columns if entry.columns is not None else data.columns),
+                        system_prompt=entry.system_prompt or data.system_prompt,
+                    ),
+                    file_format=entry.file_format or data.file_format,
+                    split=entry.split,
+                    weight=entry.weight,
+                    repeat=entry.repeat,
+                    loss_weight=entry.loss_weight,
+                    validation_split=(
+                        entry.validation_split
+                        if entry.validation_split is not None
+                        else self.dataset.validation_split
+                    ),
+                )
+            )
+        return out
+
+    @property
+    def holds_out(self) -> bool:
+        """Whether any source keeps rows out of training for evaluation."""
+        return any(s.validation_split > 0 for s in self.sources)
 
     @property
     def warmup(self) -> float:
@@ -365,7 +410,9 @@ class TrainConfig(_Section):
         data["training_parameters"].pop("epochs", None)
         data["training_parameters"].pop("logging_steps", None)
         data["model_name"] = str(self.resolved(self.model_name))
-        data["dataset"]["path"] = str(self.resolved(self.dataset.path))
+        for i, entry in enumerate(data["dataset"].get("sources") or [data["dataset"]]):
+            if entry.get("path") is not None:
+                entry["path"] = str(self.paths.datasets[i])
         data["output_dir"] = str(self.resolved(self.output_dir))
         if data.get("distributed"):
             # Where the rendezvous happens and which node this is do not change what is trained.
@@ -419,7 +466,7 @@ class TrainConfig(_Section):
                     "freezing applies to full fine-tuning only (adapter methods already freeze the base)",
                 )
             )
-        if self.eval.early_stopping_patience is not None and self.dataset.validation_split == 0:
+        if self.eval.early_stopping_patience is not None and not self.holds_out:
             issues.append(
                 ConfigIssue(
                     "eval.early_stopping_patience",
@@ -451,7 +498,7 @@ class TrainConfig(_Section):
 
     def _best_model_issues(self) -> list[ConfigIssue]:
         where = "eval.load_best_model_at_end"
-        if self.dataset.validation_split == 0:
+        if not self.holds_out:
             return [ConfigIssue(where, "needs held-out data: set dataset.validation_split above 0")]
         every = self.eval.every_steps
         if every is None:
@@ -472,17 +519,55 @@ class TrainConfig(_Section):
             ]
         return []
 
+    @classmethod
+    def partial_issues(cls, raw: dict[str, object]) -> list[ConfigIssue]:
+        """The model and data problems of a config whose schema failed elsewhere, so that one pass
+        reports them all: what ``environment_issues`` would say of the sections that are valid."""
+        issues = []
+        model_name = raw.get("model_name")
+        if isinstance(model_name, str) and model_name:
+            missing = _missing_model(model_name)
+            issues += [missing] if missing is not None else []
+        try:
+            dataset = DatasetSection.model_validate(raw.get("dataset"))
+            data = DataConfig.model_validate(raw.get("data") or {})
+        except ValidationError:
+            return issues  # the schema errors already name them
+        probe = cls.model_construct(dataset=dataset, data=data, model_name="", output_dir="")
+        return issues + probe.data_issues()
+
+    def data_issues(self) -> list[ConfigIssue]:
+        """What a look at the data reveals without a tokenizer: each source's path, format and first rows."""
+        issues = [ConfigIssue(where, message) for where, message in self.dataset.mixture_issues()]
+        for source in self.sources:
+            issues += [ConfigIssue(f"{source.where}.path", message) for message in preview_issues(source)]
+        held_out = self.evaluation_source
+        if held_out is not None:
+            issues += [
+                ConfigIssue("evaluation.dataset.path", message) for message in preview_issues(held_out)
+            ]
+        return issues
+
+    @property
+    def evaluation_source(self) -> Source | None:
+        """The ``evaluation`` section's own rows, when it names a dataset."""
+        held_out = self.evaluation.dataset if self.evaluation is not None else None
+        if held_out is None:
+            return None
+        return self.data.source(
+            self.resolved(held_out.path),
+            "evaluation.dataset",
+            split=held_out.split,
+            file_format=held_out.file_format,
+        )
+
     def environment_issues(self) -> list[ConfigIssue]:
         """Problems a glance at the file system reveals; run at submit, before anything heavy."""
         issues = self.semantic_issues()
         model = self.resolved(self.model_name)
-        if not model.is_dir():
-            issues.append(
-                ConfigIssue(
-                    "model_name",
-                    f"no local model at '{self.model_name}'; this worker loads models from local paths (no hub access)",
-                )
-            )
+        missing = _missing_model(self.model_name)
+        if missing is not None:
+            issues.append(missing)
         elif self.peft.method == "full" and self.peft.freeze_layers:
             layers = _layer_count(model)
             if layers is not None and self.peft.freeze_layers >= layers:
@@ -494,9 +579,7 @@ class TrainConfig(_Section):
                         self.peft.freeze_layers,
                     )
                 )
-        data = self.resolved(self.dataset.path)
-        if not data.is_file():
-            issues.append(ConfigIssue("dataset.path", f"no dataset file at '{self.dataset.path}'"))
+        issues += self.data_issues()
         problem = run_folder_issue(
             self.resolved(self.output_dir),
             self.output_dir,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_worker.context import JobContext
+from finetune_worker.data.rows import Example
 from finetune_worker.evaluation import metrics
 from finetune_worker.evaluation.scoring import ModelScores, prepare, score_model
 
@@ -23,20 +24,27 @@ STAGES = ("base", "fine_tuned")
 
 
 class TrainingEvaluator:
-    def __init__(self, train_cfg: Any, tokenizer: Any, ctx: JobContext):
-        from finetune_worker.training.data import split_examples
-        from finetune_worker.training.data_formats import load_examples
+    def __init__(
+        self,
+        train_cfg: Any,
+        tokenizer: Any,
+        ctx: JobContext,
+        *,
+        held_out: list[Example],
+        training: list[Example],
+    ):
+        """``held_out`` and ``training``: the first held-out and training examples (training's
+        data pass kept them), used when the section names no dataset of its own."""
+        from finetune_worker.data.sources import load_examples
 
         self.section = train_cfg.evaluation
         self._ctx = ctx
         if self.section.dataset is not None:
-            examples = load_examples(train_cfg.paths.evaluation_dataset, train_cfg.data)
+            examples = load_examples(train_cfg.evaluation_source, self.section.max_rows)
             source = self.section.dataset.path
         else:
-            examples = load_examples(train_cfg.paths.dataset, train_cfg.data)
             # The same held-out rows the Trainer's eval uses; training rows only if none are held out.
-            train, held = split_examples(examples, train_cfg.dataset.validation_split, train_cfg.seed)
-            examples, source = (held, "held-out split") if held else (train, "training rows")
+            examples, source = (held_out, "held-out split") if held_out else (training, "training rows")
         self.source = source
         self.items = prepare(examples[: self.section.max_rows], tokenizer, train_cfg.data)
         self._tokenizer = tokenizer

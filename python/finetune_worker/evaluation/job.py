@@ -55,13 +55,11 @@ def _classified(body: Callable[[Any, Any], dict[str, Any]], ctx: JobContext) -> 
 
 def _evaluate(ctx: JobContext, cfg: EvaluateConfig) -> dict[str, Any]:
     started = time.monotonic()
-    from finetune_worker.training.data_formats import load_examples
+    from finetune_worker.data.sources import load_examples
 
     # Read the data first: a bad row should fail before minutes of model loading.
     ctx.phase("preparing_data")
-    examples = load_examples(cfg.resolved(cfg.dataset.path), cfg.data)
-    if cfg.max_rows is not None:
-        examples = examples[: cfg.max_rows]
+    examples = load_examples(cfg.source, cfg.max_rows)
     ctx.log(f"{len(examples)} row(s) from {cfg.dataset.path}")
     out = _output_dir(cfg.output_dir, cfg)
 

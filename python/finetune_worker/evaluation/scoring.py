@@ -20,10 +20,10 @@ import torch
 from finetune_worker.config.data import DataConfig
 from finetune_worker.config.evaluate import Sampling
 from finetune_worker.context import CancelFlag
+from finetune_worker.data.rows import Example
 from finetune_worker.evaluation import metrics
 from finetune_worker.evaluation.generation import generate
 from finetune_worker.training.data import IGNORE_INDEX, ChatEncoder
-from finetune_worker.training.data_formats import Example
 
 #: progress(stage, done, total): stage is "loss" or "answers".
 Progress = Callable[[str, int, int], None]
@@ -56,10 +56,20 @@ def prepare(examples: list[Example], tokenizer: Any, data_cfg: DataConfig) -> li
         if ex.kind != "text":
             last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
             context = ex.messages[:last]
-            if any(m["role"] == "user" for m in context):
-                item.reference = ex.messages[last]["content"]
+            answer = ex.messages[last]
+            # A reference is what the assistant said; a turn that only calls tools has none to score.
+            if (
+                any(m["role"] == "user" for m in context)
+                and answer["content"]
+                and not answer.get("tool_calls")
+            ):
+                item.reference = answer["content"]
                 text = tokenizer.apply_chat_template(
-                    context, chat_template=encoder.template, tokenize=False, add_generation_prompt=True
+                    context,
+                    tools=ex.tools,
+                    chat_template=encoder.template,
+                    tokenize=False,
+                    add_generation_prompt=True,
                 )
                 item.prompt_text = str(text)
                 # Templates write their own special tokens, as training's encoder assumes.

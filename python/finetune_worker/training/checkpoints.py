@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from finetune_worker.outputs import (
     CHECKPOINT_RE,
+    DATA_CACHE,
     LOCK_FILE,
     RUN_MARKER,
     STAGING,
@@ -65,6 +66,11 @@ def staging_dir(output_dir: Path) -> Path:
 def clear_staging(output_dir: Path) -> None:
     """Remove half-written checkpoints of a killed run: they were never published."""
     shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
+
+
+def clear_data_cache(output_dir: Path) -> None:
+    """Remove the run's tokenized data: it only serves a resume of this run."""
+    shutil.rmtree(output_dir / DATA_CACHE, ignore_errors=True)
 
 
 def publish(staged: Path, output_dir: Path) -> Path:
@@ -157,6 +163,7 @@ def wipe_run(output_dir: Path) -> None:
     if not output_dir.is_dir():
         return
     clear_staging(output_dir)
+    clear_data_cache(output_dir)
     for child in output_dir.iterdir():
         if CHECKPOINT_RE.match(child.name):
             shutil.rmtree(child, ignore_errors=True)
@@ -200,8 +207,9 @@ def prepare_output_dir(cfg: TrainConfig, out: Path) -> Path | None:
 
     if not cfg.paths.model.is_dir():
         raise model_not_found("model_name", cfg.model_name)
-    if not cfg.paths.dataset.is_file():
-        raise dataset_not_found(cfg.dataset.path)
+    for source in cfg.sources:
+        if not source.path.exists():
+            raise dataset_not_found(f"{source.where}.path", str(source.path))
     problem = output_dir_issue(cfg)
     if problem is not None:
         if "not writable" in problem or "not a directory" in problem or "cannot be created" in problem:

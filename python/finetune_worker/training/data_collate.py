@@ -6,6 +6,9 @@ examples back to back, ``position_ids`` restart at 0 for each, and the first lab
 example (the model derives per-example masks from the restarting positions), with no compute
 spent on padding. The padded collator is the fallback for models or methods that need rows
 (prefix/prompt tuning prepend virtual tokens per row).
+
+Rows of a source with a ``loss_weight`` carry it as a column; :class:`LossWeights` turns it into
+``token_weights`` laid out as the batch's tokens are, which the Trainer's loss multiplies in.
 """
 
 from __future__ import annotations
@@ -46,17 +49,49 @@ class PaddedCollator:
         }
 
 
+@dataclass
+class LossWeights:
+    """Wraps a collator: rows' ``loss_weight`` become a ``token_weights`` tensor shaped like the
+    batch's ``input_ids`` (one flattened row when packing, padded rows otherwise, 0 on padding).
+    Batches whose rows carry no weight are the inner collator's, unchanged."""
+
+    inner: Any
+    packing: bool
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        weights = [f.get("loss_weight") for f in features]
+        batch: dict[str, Any] = self.inner(
+            [{k: v for k, v in f.items() if k != "loss_weight"} for f in features]
+        )
+        if all(w is None for w in weights):
+            return batch
+        import torch
+
+        lengths = [len(_as_list(f["input_ids"])) for f in features]
+        per_row = [[1.0 if w is None else float(w)] * n for w, n in zip(weights, lengths, strict=True)]
+        if self.packing:
+            grid = [[w for row in per_row for w in row]]
+        else:
+            width = batch["input_ids"].shape[1]
+            grid = [row + [0.0] * (width - len(row)) for row in per_row]
+        batch["token_weights"] = torch.tensor(grid, dtype=torch.float32)
+        return batch
+
+
 def make_collator(tokenizer: Any, packing: bool) -> Any:
     """The collator for ``data.packing``: padding-free when True, padded otherwise."""
+    inner: Any
     if packing:
         from transformers import DataCollatorWithFlattening
 
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        # Padded positions are masked out of attention and loss, so any id works; eos always exists.
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return PaddedCollator(pad_token_id=int(pad))
+        inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    else:
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            # Padded positions are masked out of attention and loss, so any id works; eos always exists.
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        inner = PaddedCollator(pad_token_id=int(pad))
+    return LossWeights(inner, packing)
 
 
 def _as_list(value: Any) -> list[int]:

@@ -24,9 +24,9 @@ def classify_training_exception(exc: BaseException) -> JobFailed:
     return classify_exception(exc, oom_hint=OOM_HINT, disk_hint=DISK_HINT)
 
 
-def dataset_not_found(path: str) -> JobFailed:
+def dataset_not_found(where: str, path: str) -> JobFailed:
     return JobFailed(
         "dataset_not_found",
-        f"dataset.path: no dataset file at '{path}'",
+        f"{where}: no dataset file or folder at '{path}'",
         hint="Relative paths resolve against the worker's working directory; pass an absolute path.",
     )

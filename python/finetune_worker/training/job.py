@@ -23,7 +23,7 @@ from typing import Any
 from finetune_worker.config.train import VIRTUAL_TOKEN_METHODS, TrainConfig
 from finetune_worker.context import JobContext
 from finetune_worker.errors import JobCancelled, JobFailed
-from finetune_worker.outputs import write_text_atomic
+from finetune_worker.outputs import DATA_CACHE, write_text_atomic
 from finetune_worker.security import redact
 from finetune_worker.training import checkpoints as ckpt
 from finetune_worker.training.failures import classify_training_exception
@@ -126,7 +126,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
 
     from finetune_worker.hf import check_causal_lm, load_tokenizer
     from finetune_worker.training.callbacks import EventCallback
-    from finetune_worker.training.data import build_datasets, make_collator
+    from finetune_worker.training.data import make_collator, prepare_data
     from finetune_worker.training.model import load_model, plan_hardware, trainable_parameters
     from finetune_worker.training.tracking import finish_tracking, tracking_callbacks, tracking_summary
     from finetune_worker.training.trainer import build_trainer, read_run_state
@@ -134,11 +134,39 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     def warn(message: str) -> None:
         ctx.log(message, level="warning")
 
+    # The tokenizer and the data first: a bad row or a missing file fails in seconds, not after
+    # minutes of loading a model.
+    ctx.phase("preparing_data")
+    check_causal_lm(cfg.paths.model, "model_name")  # once: load_model trusts it
+    tokenizer = load_tokenizer(cfg.paths.model, "model_name")
+    keep = cfg.evaluation.max_rows if cfg.evaluation is not None and cfg.evaluation.dataset is None else 0
+    data = prepare_data(
+        cfg.data,
+        tokenizer,
+        cfg.sources,
+        seed=cfg.seed,
+        cache_dir=out / DATA_CACHE,
+        warn=warn,
+        keep_examples=keep,
+        check_cancelled=ctx.check_cancelled,
+    )
+    train_rows, eval_rows, stats = data.train, data.eval, data.stats
+    has_eval = eval_rows is not None and len(eval_rows) > 0
+    reused = " (tokenized earlier: reused from the data cache)" if data.from_cache else ""
+    ctx.log(f"{len(train_rows)} training and {len(eval_rows) if has_eval else 0} held-out examples{reused}")
+    if len(cfg.sources) > 1:
+        ctx.log(
+            "sources: "
+            + ", ".join(
+                f"{p['name']} {p['sequences']} rows ({100 * (p['share'] or 0):.1f}% of trained tokens)"
+                for p in stats["sources"]
+            )
+        )
+    ctx.check_cancelled()
+
     ctx.phase("loading_model")
     set_seed(cfg.seed)  # adapter init is random: seed it like the Trainer seeds everything else
     plan = plan_hardware(cfg, warn)
-    check_causal_lm(cfg.paths.model, "model_name")  # once: load_model trusts it
-    tokenizer = load_tokenizer(cfg.paths.model, "model_name")
     model = load_model(cfg, plan, warn)
     initial_adapter = save_initial_adapter(cfg, model, out) if rank in (None, 0) else None
     trainable, total = trainable_parameters(model)
@@ -149,24 +177,12 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     )
     ctx.check_cancelled()
 
-    ctx.phase("preparing_data")
-    train_rows, eval_rows, stats = build_datasets(
-        cfg.data,
-        tokenizer,
-        cfg.paths.dataset,
-        validation_split=cfg.dataset.validation_split,
-        seed=cfg.seed,
-        warn=warn,
-    )
     packing = bool(getattr(cfg.data, "packing", False))
     if packing and cfg.peft.method in VIRTUAL_TOKEN_METHODS:
         # Virtual tokens are prepended per row; a flattened batch has a single row to prepend to.
         warn(f"data.packing is off for {cfg.peft.method}: virtual tokens need one row per example")
         packing = False
     collator = make_collator(tokenizer, packing)
-    has_eval = eval_rows is not None and len(eval_rows) > 0
-    ctx.log(f"{len(train_rows)} training and {len(eval_rows) if has_eval else 0} held-out examples")
-    ctx.check_cancelled()
 
     callback = EventCallback(ctx.emit, ctx.cancel_event, out)
     trackers.extend(tracking_callbacks(cfg.tracking, ctx, out, resuming=resume_from is not None))
@@ -193,7 +209,9 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     if cfg.evaluation is not None:  # the evaluate job's scores before and after training
         from finetune_worker.evaluation.in_training import TrainingEvaluator
 
-        evaluator = TrainingEvaluator(cfg, tokenizer, ctx)
+        evaluator = TrainingEvaluator(
+            cfg, tokenizer, ctx, held_out=data.held_examples, training=data.train_examples
+        )
     base_eval: dict[str, float | None] = {}
     if has_eval or evaluator is not None:
         ctx.phase("evaluating")
@@ -246,6 +264,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     finish_tracking(trackers, out)  # uploads the saved adapter/model and summary.json
     trackers.clear()
     ckpt.clear_staging(out)
+    ckpt.clear_data_cache(out)
     weights_key = "model_path" if cfg.peft.method == "full" else "adapter_path"
     return {
         "outputs": {"output_dir": str(out), weights_key: str(out), "summary_path": str(summary_path)},

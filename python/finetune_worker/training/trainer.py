@@ -89,6 +89,9 @@ class AtomicCheckpointTrainer(Trainer):
     # ---- token-weighted eval loss ------------------------------------------------------------
 
     def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        weights = inputs.pop("token_weights", None)
+        if weights is not None and model.training:
+            return self._weighted_loss(model, inputs, weights, *args, **kwargs)
         count = None
         if self._eval_sums is not None and not model.training:
             # The model's loss is the mean over the batch's target tokens (labels shifted by one).
@@ -101,6 +104,38 @@ class AtomicCheckpointTrainer(Trainer):
             self._eval_sums[0] += loss.detach().float() * count
             self._eval_sums[1] += count
         return out
+
+    def _weighted_loss(
+        self,
+        model: Any,
+        inputs: Any,
+        weights: torch.Tensor,
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """The causal-LM loss with each target token's cross-entropy times its source's
+        ``loss_weight``, normalized as the model's own loss is (by the accumulated batch's target
+        tokens when the Trainer counts them, so a weight of 1 everywhere is the usual loss)."""
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits
+        if logits.shape[1] > labels.shape[1]:  # prompt tuning prepends virtual tokens' logits
+            logits = logits[:, -labels.shape[1] :]
+        targets = labels[..., 1:].reshape(-1)
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[..., :-1, :].float().reshape(-1, logits.shape[-1]),
+            targets,
+            ignore_index=-100,
+            reduction="none",
+        )
+        valid = targets != -100
+        total = (token_loss * weights[..., 1:].reshape(-1).to(token_loss.dtype) * valid).sum()
+        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        loss = total / (num_items_in_batch if scaled else valid.sum().clamp(min=1))
+        if scaled and self.args.average_tokens_across_devices:
+            # As Trainer.compute_loss: the count was summed over the processes.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
         device = self.args.device

@@ -94,6 +94,10 @@ RECORD_KEYS: frozenset[str] = frozenset(
         # train summary: data
         "rows", "dropped", "eval_rows", "format_counts", "mask_method", "max_seq_length",
         "train_rows", "train_tokens", "trained_tokens", "truncated", "warnings",
+        # train summary: data, per source
+        "sources", "sequences", "weight", "repeat", "loss_weight", "share",
+        # config issues: where in the file
+        "line",
         # train summary: evaluation (samples are records)
         "rows_from", "improvement", "samples", "base", "fine_tuned", "reference", "row",
         # evaluate summary

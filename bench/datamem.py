@@ -1,0 +1,136 @@
+"""Data memory: peak resident memory of a training run on 100k rows against 2M rows of JSONL.
+
+The worker streams its data (``training/data.py``): rows are checked, then tokenized into Arrow
+files that the Trainer memory-maps, so peak RSS should not grow with the number of rows. Each
+run is ``finetune-worker run`` in its own process, on the tiny model, a few steps, its peak RSS
+(``ru_maxrss``) read from ``wait4`` when it exits. The rows are users' shape: mostly short Q&A,
+with a long-tailed share of multi-turn conversations (the longest a few thousand characters),
+and a small held-out split. Order A B A (100k, 2M, 100k): peak RSS is not noisy the way timings
+are, but the repeat shows it is the row count and not the machine that moves it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import REPO, Options, Row, fmt_mib, worker_env
+
+PART = "data"
+#: Peak RSS of the 2M-row run over the 100k-row run's: 20 times the rows, at most 1.25 times the memory.
+TARGET = 1.25
+_WORDS = (
+    "the village river morning bread market teacher garden winter story letter window road "
+    "mountain lamp harvest friend evening table music school bridge forest ship light house"
+).split()
+
+
+def _sentence(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(words)).capitalize() + "."
+
+
+def write_rows(path: Path, n: int, seed: int = 0) -> Path:
+    """``n`` rows of JSONL (written once per size): 85% short Q&A, 15% conversations whose
+    length is log-uniform between 2 and 24 turns of 5 to 60 words."""
+    if path.is_file():
+        return path
+    rng = random.Random(seed)
+    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            if rng.random() < 0.85:
+                row: dict[str, object] = {
+                    "question": f"Question {i}: {_sentence(rng, rng.randint(4, 12))}",
+                    "answer": _sentence(rng, rng.randint(3, 20)),
+                }
+            else:
+                turns = int(math.exp(rng.uniform(math.log(2), math.log(24))))
+                messages = []
+                for t in range(turns):
+                    messages.append({"role": "user" if t % 2 == 0 else "assistant", "content": _sentence(rng, rng.randint(5, 60))})
+                if messages[-1]["role"] != "assistant":
+                    messages.append({"role": "assistant", "content": _sentence(rng, 8)})
+                row = {"messages": messages}
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def run_once(model: Path, data: Path, out: Path, steps: int) -> tuple[int, float]:
+    """``(peak RSS bytes, seconds)`` of one ``finetune-worker run`` on ``data``."""
+    config = {
+        "model_name": str(model),
+        "output_dir": str(out),
+        "overwrite": True,
+        "resume": False,
+        "dataset": {"path": str(data), "validation_split": 0.0005},
+        "data": {"max_seq_length": 256},
+        "training_parameters": {"batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1},
+        "max_steps": steps,
+        "checkpoint": {"every_steps": 1000},
+    }
+    cfg_path = out.with_suffix(".json")
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(json.dumps(config))
+    log_path = out.with_suffix(".log")
+    started = time.monotonic()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "finetune_worker", "run", str(cfg_path), "--json"],
+            cwd=REPO,
+            env=worker_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the run on {data.name} failed (exit {proc.returncode}); {log_path}:\n{tail}")
+    return usage.ru_maxrss * 1024, seconds  # Linux reports KiB
+
+
+def run(opts: Options) -> list[Row]:
+    from bench.data import bench_model
+
+    model = bench_model(opts.work_dir, quick=True)  # the tiny model: data handling is what is measured
+    small, large = (1_000, 5_000) if opts.quick else (100_000, 2_000_000)
+    steps = 2 if opts.quick else 5
+    opts.log(f"data: writing {small:,} and {large:,} rows of JSONL (once)")
+    files = {n: write_rows(opts.work_dir / "data" / f"rows-{n}.jsonl", n) for n in (small, large)}
+    results: dict[int, list[tuple[int, float]]] = {small: [], large: []}
+    for i, n in enumerate((small, large, small)):
+        opts.log(f"data: run {i + 1}/3 on {n:,} rows")
+        results[n].append(run_once(model, files[n], opts.work_dir / "datamem" / f"run-{i}-{n}", steps))
+    small_rss = max(r for r, _ in results[small])
+    large_rss = results[large][0][0]
+    ratio = large_rss / small_rss
+    size_mib = files[large].stat().st_size / 2**20
+    return [
+        Row(
+            PART,
+            f"peak RSS, training on {small:,} rows",
+            fmt_mib(small_rss),
+            note=f"runs {', '.join(fmt_mib(r) for r, _ in results[small])}; "
+            f"{results[small][0][1]:.0f} s each (tokenizing included), {steps} steps",
+            data={"rows": small, "peak_rss": [r for r, _ in results[small]]},
+        ),
+        Row(
+            PART,
+            f"peak RSS, training on {large:,} rows",
+            fmt_mib(large_rss),
+            compare=f"{ratio:.2f}x the {small:,}-row run",
+            target=f"<= {TARGET}x",
+            met=ratio <= TARGET,
+            note=f"JSONL of {size_mib:.0f} MiB; {results[large][0][1]:.0f} s (tokenizing included)",
+            data={"rows": large, "peak_rss": large_rss, "ratio": ratio, "seconds": results[large][0][1]},
+        ),
+    ]

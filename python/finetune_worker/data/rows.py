@@ -1,0 +1,408 @@
+"""Raw rows -> checked, normalized examples: every row shape users bring.
+
+Shapes: plain text (``text``); Q&A (``question``/``answer``); instruction (Alpaca's
+``instruction``/``input``/``output``); conversations (``messages`` or ``conversations``) whose
+turns are OpenAI/transformers ``role``/``content`` (with ``tool_calls`` on assistant turns,
+``tool`` turns and a row-level ``tools`` list), ShareGPT's ``from``/``value`` (with
+``function_call``/``observation`` turns), or ``input``/``output`` pairs. A turn may carry
+Axolotl's per-turn training flag, ``"weight": 0``/``1`` or ``"train": false``/``true``, which
+the responses-only mask honours.
+
+A row is normalized to an :class:`Example` or refused with a :class:`RowError` that names the
+row, the message, and the keys the row has beside the ones it needed. Nothing here imports
+torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Longest chat-like row, in characters of message content: far beyond any context length (rows
+#: are cut to data.max_seq_length tokens), and a 32 MiB row once made the tokenizer abort the
+#: whole worker. Raw text rows may be longer: they are tokenized in pieces and cut into blocks.
+MAX_CHAT_ROW_CHARS = 1_000_000
+
+ROW_FORMATS = ("auto", "text", "qa", "instruction", "conversations")
+
+#: Column names the pipeline understands; a ``columns`` mapping must rename onto these.
+KNOWN_COLUMNS = frozenset(
+    {
+        "text",
+        "question",
+        "answer",
+        "system",
+        "instruction",
+        "input",
+        "output",
+        "conversations",
+        "messages",
+        "tools",
+    }
+)
+
+ROLE_MAP = {
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "human": "user",  # ShareGPT
+    "gpt": "assistant",
+    "model": "assistant",  # Gemini/Gemma exports
+    "function": "tool",  # OpenAI's older function-calling role
+    "observation": "tool",  # ShareGPT tool results (LLaMA-Factory)
+    "function_call": "assistant",  # ShareGPT tool calls: the value is the call as JSON
+}
+
+REQUIRED = {
+    "text": ("text",),
+    "qa": ("question", "answer"),
+    "instruction": ("instruction", "output"),
+}
+NEEDS = {
+    "text": "a text row needs text",
+    "qa": "a Q&A row needs question and answer",
+    "instruction": "an instruction row needs instruction and output (input is optional)",
+}
+
+
+class RowError(ValueError):
+    """A problem with one row; the message already starts with ``row N``."""
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """How a source's rows are read: the row format, column renames, default system prompt."""
+
+    format: str = "auto"
+    renames: Mapping[str, str] = field(default_factory=dict)
+    system_prompt: str | None = None
+
+
+@dataclass
+class Example:
+    """One validated row: ``text`` for plain text, ``messages`` for everything chat-like.
+
+    ``trained`` holds each message's explicit training flag (None: the default, which is the
+    assistant's turns under ``train_on_responses_only``); it is None when no turn has one.
+    ``tools`` is the row's tool list in the form chat templates take (``tools=``).
+    """
+
+    row: int
+    kind: str  # text | qa | instruction | conversations
+    text: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    trained: list[bool | None] | None = None
+
+    @property
+    def has_tool_use(self) -> bool:
+        return bool(self.tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in self.messages)
+
+
+def rename(row: Any, renames: Mapping[str, str]) -> Any:
+    if not renames or not isinstance(row, dict):
+        return row
+    return {renames.get(k, k): v for k, v in row.items()}
+
+
+def detect_format(row: Mapping[str, Any]) -> str | None:
+    if "messages" in row or "conversations" in row:
+        return "conversations"
+    if "question" in row or "answer" in row:
+        return "qa"
+    if "instruction" in row or "output" in row:
+        return "instruction"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def _keys(row: Mapping[str, Any]) -> str:
+    return ", ".join(sorted(map(str, row))) or "none"
+
+
+def normalize(number: int, row: Any, spec: RowSpec) -> Example:
+    """``row`` (already renamed) as an :class:`Example`, or :class:`RowError`."""
+    where = f"row {number}"
+    if not isinstance(row, dict):
+        raise RowError(f"{where}: expected an object with named fields, got {type_name(row)}")
+    # Columnar files (Parquet, Arrow) give every row every column: a null is an absent value.
+    nulls = sorted(str(k) for k, v in row.items() if v is None)
+    present = {k: v for k, v in row.items() if v is not None}
+    kind = spec.format if spec.format != "auto" else (detect_format(present) or detect_format(row))
+    row = present
+    if kind is None:
+        raise RowError(
+            f"{where}: cannot tell its format from its keys ({_keys(row)}); expected text, question+answer, "
+            "instruction+output, or messages/conversations (data.columns can rename yours)"
+        )
+    if kind == "conversations":
+        messages, trained = _conversation(where, row, spec)
+        tools = _tools(where, row.get("tools"))
+        return _bounded(Example(number, kind, messages=messages, tools=tools, trained=trained))
+    for key in REQUIRED[kind]:
+        if key not in row:
+            if not row:
+                found = f"the row has only nulls ({', '.join(nulls)})" if nulls else "the row has no keys"
+            else:
+                found = f"the row has {_keys(row)}" + (f"; {', '.join(nulls)} null" if nulls else "")
+            raise RowError(f"{where}: missing key {key!r} ({NEEDS[kind]}; {found})")
+        _string(where, row, key, allow_empty=False)
+    if kind == "text":
+        return Example(number, kind, text=row["text"])
+    system = _optional_string(where, row, "system") or spec.system_prompt
+    if kind == "qa":
+        user, answer = row["question"], row["answer"]
+    else:
+        extra = _optional_string(where, row, "input")
+        user = row["instruction"] + (f"\n\n{extra}" if extra else "")
+        answer = row["output"]
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return _bounded(Example(number, kind, messages=messages))
+
+
+def _bounded(example: Example) -> Example:
+    size = sum(len(m["content"]) + len(json.dumps(m.get("tool_calls") or "")) for m in example.messages)
+    if size > MAX_CHAT_ROW_CHARS:
+        raise RowError(
+            f"row {example.row}: its messages hold {size:,} characters, over the {MAX_CHAT_ROW_CHARS:,} a "
+            f"chat row may have (it would be cut to data.max_seq_length tokens anyway); split it, or put "
+            "long documents in text rows"
+        )
+    return example
+
+
+def _conversation(
+    where: str, row: dict[str, Any], spec: RowSpec
+) -> tuple[list[dict[str, Any]], list[bool | None] | None]:
+    key = "messages" if "messages" in row else "conversations"
+    if key not in row:
+        raise RowError(
+            f"{where}: missing key 'messages' (a conversation row needs messages; the row has {_keys(row)})"
+        )
+    turns = row[key]
+    if isinstance(turns, str) and turns.lstrip().startswith("["):
+        try:  # a conversation stored as a JSON string (a CSV cell, a string column)
+            turns = json.loads(turns)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"{where}: key {key!r} holds invalid JSON: {exc.msg}") from None
+    if not isinstance(turns, list):
+        raise RowError(f"{where}: key {key!r} must be a list of messages, got {type_name(turns)}")
+    if not turns:
+        raise RowError(f"{where}: {key!r} is empty")
+    messages: list[dict[str, Any]] = []
+    flags: list[bool | None] = []
+    for i, turn in enumerate(turns, start=1):
+        at = f"{where}: {key}[{i}]"
+        if not isinstance(turn, dict):
+            raise RowError(f"{at}: expected an object, got {type_name(turn)}")
+        turn = {k: v for k, v in turn.items() if v is not None}
+        flag = _flag(at, turn)
+        if "role" not in turn and "from" not in turn and ("input" in turn or "output" in turn):
+            for part, role in (("input", "user"), ("output", "assistant")):
+                if part not in turn:
+                    raise RowError(
+                        f"{at}: missing key {part!r} (an input/output turn needs both; it has {_keys(turn)})"
+                    )
+                _string(at, turn, part, allow_empty=False)
+                messages.append({"role": role, "content": turn[part]})
+                flags.append(flag if role == "assistant" else None)
+            continue
+        messages.append(_message(at, turn, first=i == 1))
+        flags.append(flag)
+    if messages[0]["role"] != "system":
+        system = _optional_string(where, row, "system") or spec.system_prompt
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+            flags.insert(0, None)
+    trains = [
+        (flag is not False and m["role"] == "assistant") or flag is True
+        for m, flag in zip(messages, flags, strict=True)
+    ]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(f"{where}: the conversation has no assistant message, so there is nothing to train on")
+    if not any(trains):
+        raise RowError(
+            f"{where}: every assistant turn is marked not to train (weight 0 / train false), so there is "
+            "nothing to train on"
+        )
+    return messages, (flags if any(f is not None for f in flags) else None)
+
+
+def _flag(at: str, turn: dict[str, Any]) -> bool | None:
+    """The turn's explicit training flag: ``train`` (bool) or Axolotl's ``weight`` (0 or 1)."""
+    if "train" in turn:
+        if not isinstance(turn["train"], bool):
+            raise RowError(f"{at}: 'train' must be true or false, got {type_name(turn['train'])}")
+        return bool(turn["train"])
+    if "weight" in turn:
+        weight = turn["weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+            raise RowError(f"{at}: 'weight' must be 0 or 1 (whether the turn trains), got {weight!r}")
+        return weight == 1
+    return None
+
+
+def _message(at: str, turn: dict[str, Any], *, first: bool) -> dict[str, Any]:
+    if "role" in turn:
+        role_key, content_key = "role", "content"
+    elif "from" in turn:
+        role_key, content_key = "from", "value"
+    else:
+        raise RowError(
+            f"{at}: no role: a message needs role and content (OpenAI), from and value (ShareGPT), or "
+            f"input and output; it has {_keys(turn)}"
+        )
+    raw_role = turn[role_key]
+    role = ROLE_MAP.get(raw_role.lower()) if isinstance(raw_role, str) else None
+    if role is None:
+        raise RowError(
+            f"{at}: unknown role {raw_role!r} (expected system, user, assistant, tool, or ShareGPT's "
+            "human, gpt, function_call, observation)"
+        )
+    if role == "system" and not first:
+        raise RowError(f"{at}: a system message must come first")
+    message: dict[str, Any] = {"role": role}
+    if raw_role == "function_call":  # ShareGPT: the value is the call {"name", "arguments"} (or a list)
+        calls = _json_value(at, content_key, turn.get(content_key))
+        message["content"] = ""
+        message["tool_calls"] = _tool_calls(at, calls if isinstance(calls, list) else [calls])
+        return message
+    calls = turn.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise RowError(f"{at}: only assistant turns make tool calls (this one is {raw_role!r})")
+    if content_key not in turn and not (calls and role == "assistant"):
+        raise RowError(
+            f"{at}: missing key {content_key!r} (a {role} message needs its {content_key}, which may be null "
+            f"only on an assistant turn that calls tools; it has {_keys(turn)})"
+        )
+    message["content"] = _content(at, content_key, turn.get(content_key), tool=role == "tool")
+    if calls is not None:
+        if isinstance(calls, str):
+            calls = _json_value(at, "tool_calls", calls)
+        if not isinstance(calls, list):
+            raise RowError(f"{at}: 'tool_calls' must be a list, got {type_name(calls)}")
+        message["tool_calls"] = _tool_calls(at, calls)
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(turn.get(key), str):
+                message[key] = turn[key]
+    return message
+
+
+def _content(at: str, key: str, value: Any, *, tool: bool) -> str:
+    if value is None:
+        return ""  # an assistant turn that only calls tools
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        # OpenAI's content parts: text parts are joined; any other part cannot be trained on here.
+        texts = []
+        for j, part in enumerate(value, start=1):
+            if part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                raise RowError(
+                    f"{at}: content part {j} is {part.get('type', 'untyped')!r}; only text parts can be "
+                    'trained on (a text part is {"type": "text", "text": ...})'
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    if tool and isinstance(value, (dict, list, int, float, bool)):
+        return json.dumps(value, ensure_ascii=False)  # a tool's structured result, as the model sees it
+    raise RowError(f"{at}: key {key!r} must be a string, got {type_name(value)}")
+
+
+def _json_value(at: str, key: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise RowError(f"{at}: {key!r} holds invalid JSON: {exc.msg}") from None
+
+
+def _tool_calls(at: str, calls: list[Any]) -> list[dict[str, Any]]:
+    """Tool calls in the form chat templates take: ``{"type": "function", "function": {"name",
+    "arguments": {...}}}``; OpenAI's JSON-string arguments become the object they encode."""
+    out = []
+    for j, call in enumerate(calls, start=1):
+        where = f"{at}.tool_calls[{j}]"
+        if not isinstance(call, dict):
+            raise RowError(f"{where}: expected an object, got {type_name(call)}")
+        function = call.get("function", call)  # OpenAI nests it; ShareGPT/glaive rows are flat
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+        ):
+            raise RowError(f"{where}: needs a function name (function.name); it has {_keys(call)}")
+        arguments = function.get("arguments", function.get("parameters", {}))
+        if isinstance(arguments, str):
+            if not arguments.strip():
+                arguments = {}
+            else:
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError as exc:
+                    raise RowError(f"{where}: arguments are not valid JSON ({exc.msg})") from None
+        if not isinstance(arguments, dict):
+            raise RowError(f"{where}: arguments must be an object, got {type_name(arguments)}")
+        entry: dict[str, Any] = {
+            "type": "function",
+            "function": {"name": function["name"], "arguments": arguments},
+        }
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def _tools(where: str, value: Any) -> list[dict[str, Any]] | None:
+    """The row's tool definitions as ``{"type": "function", "function": {...}}`` schemas."""
+    if value is None:
+        return None
+    value = _json_value(where, "tools", value)
+    if not isinstance(value, list):
+        raise RowError(f"{where}: 'tools' must be a list of function schemas, got {type_name(value)}")
+    out = []
+    for j, tool in enumerate(value, start=1):
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+            spec = tool["function"]
+        elif isinstance(tool, dict):
+            spec = tool
+        else:
+            raise RowError(f"{where}: tools[{j}]: expected a function schema object, got {type_name(tool)}")
+        if not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise RowError(f"{where}: tools[{j}]: a tool needs a name; it has {_keys(spec)}")
+        out.append({"type": "function", "function": spec})
+    return out or None
+
+
+def _string(where: str, row: Mapping[str, Any], key: str, *, allow_empty: bool) -> str:
+    value = row[key]
+    if not isinstance(value, str):
+        raise RowError(f"{where}: key {key!r} must be a string, got {type_name(value)}")
+    if not allow_empty and not value.strip():
+        raise RowError(f"{where}: key {key!r} is empty")
+    return value
+
+
+def _optional_string(where: str, row: Mapping[str, Any], key: str) -> str | None:
+    if row.get(key) is None:
+        return None
+    return _string(where, row, key, allow_empty=True)
+
+
+def type_name(value: Any) -> str:
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
+    return "null" if value is None else names.get(type(value), type(value).__name__)
