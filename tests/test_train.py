@@ -11,7 +11,7 @@ import pytest
 from finetune_worker.training.checkpoints import complete_checkpoints, is_complete
 from test_train_helpers import DATA, Run, reload_eval_loss, run_job, tiny_config
 
-PHASES = ["loading_model", "preparing_data", "evaluating", "training", "evaluating", "saving"]
+PHASES = ["preparing_data", "loading_model", "evaluating", "training", "evaluating", "saving"]
 
 
 def test_lora_trains_streams_events_and_saves_a_reloadable_adapter(
@@ -222,7 +222,7 @@ def test_without_a_validation_split_there_is_no_evaluation(tiny_model_dir: Path,
     cfg["dataset"]["validation_split"] = 0
     run = run_job(cfg)
     assert run.terminal.type == "completed", run.terminal.payload
-    assert [p["phase"] for p in run.of("phase")] == ["loading_model", "preparing_data", "training", "saving"]
+    assert [p["phase"] for p in run.of("phase")] == ["preparing_data", "loading_model", "training", "saving"]
     summary = run.terminal.payload["summary"]
     assert summary["base_eval_loss"] is None and summary["final_perplexity"] is None
     assert summary["improvement_pct"] is None and summary["steps"] == 2

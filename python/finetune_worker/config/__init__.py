@@ -262,7 +262,8 @@ def with_lines(issues: list[ConfigIssue], text: str) -> list[ConfigIssue]:
 def _line_of(parts: list[str | int], lines: dict[tuple[str | int, ...], int]) -> int | None:
     """The line of the deepest part of ``parts`` the document has. A level the document leaves
     out is stepped over (``dataset.sources[0]`` of a ``dataset`` written as a list)."""
-    found, prefix, i = None, (), 0
+    found, i = None, 0
+    prefix: tuple[str | int, ...] = ()
     while i < len(parts):
         here = (*prefix, parts[i])
         if here in lines:

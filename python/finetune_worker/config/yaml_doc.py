@@ -99,10 +99,12 @@ def value_lines(text: str, max_nodes: int = MAX_YAML_NODES) -> dict[Path, int]:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 if isinstance(key, yaml.ScalarNode):
-                    out[(*path, key.value)] = key.start_mark.line + 1
-                    stack.append(((*path, key.value), value))
+                    here = (*path, key.value)
+                    out[here] = key.start_mark.line + 1
+                    stack.append((here, value))
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                out[(*path, i)] = item.start_mark.line + 1
-                stack.append(((*path, i), item))
+                at = (*path, i)
+                out[at] = item.start_mark.line + 1
+                stack.append((at, item))
     return out
