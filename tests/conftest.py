@@ -18,6 +18,21 @@ os.environ.setdefault("FINETUNE_WORKER_STRICT_WIRE", "1")
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 DATA = CONFIGS / "data"
+#: validate reads this many rows of each source (data/sources.py PREVIEW_ROWS): a bad row past
+#: them is found while the job runs, and fails the job naming it.
+PAST_PREVIEW = 150
+
+
+def rows_with_bad_row(path: Path, bad: dict, at: int = PAST_PREVIEW, rows: int = 200) -> Path:
+    """``rows`` Q&A rows of configs/data/qa.jsonl (cycled) in ``path``, row ``at`` (1-based)
+    replaced by ``bad``."""
+    import json
+
+    good = (DATA / "qa.jsonl").read_text().splitlines()
+    lines = [good[i % len(good)] for i in range(rows)]
+    lines[at - 1] = json.dumps(bad)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 @pytest.fixture(scope="session")

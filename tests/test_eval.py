@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from conftest import PAST_PREVIEW, rows_with_bad_row
 from finetune_worker.config import parse_job_config
 from finetune_worker.errors import ConfigError
 from test_train_helpers import DATA, Run, run_job, tiny_config
@@ -170,12 +171,15 @@ def test_max_rows_and_csv(tiny_model_dir: Path) -> None:
 
 
 def test_bad_row_fails_naming_the_row(tiny_model_dir: Path, tmp_path: Path) -> None:
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"question": "q", "answer": "a"}\n{"question": "only a question"}\n')
+    early = tmp_path / "early.jsonl"
+    early.write_text('{"question": "q", "answer": "a"}\n{"question": "only a question"}\n')
+    with pytest.raises(ConfigError, match="row 2: missing key 'answer'"):
+        parse_job_config(eval_config(tiny_model_dir, early))  # validate reads the first rows
+    data = rows_with_bad_row(tmp_path / "bad.jsonl", {"question": "only a question"})
     run = run_job(eval_config(tiny_model_dir, data))
     done = run.terminal
     assert done.type == "failed"
-    assert done.payload["error"] == "bad_dataset_row" and "row 2" in done.payload["message"]
+    assert done.payload["error"] == "bad_dataset_row" and f"row {PAST_PREVIEW}" in done.payload["message"]
 
 
 def test_wrong_adapter_fails_with_adapter_mismatch(
@@ -201,7 +205,7 @@ def test_bad_evaluate_configs_report_every_problem(tmp_path: Path) -> None:
         )
     issues = {i.path: i.message for i in err.value.issues}
     assert "no local model" in issues["model_path"]
-    assert "does not exist" in issues["dataset.path"]
+    assert "no dataset file or folder" in issues["dataset.path"]
     assert "neither a model" in issues["compare_model_path"]
 
     with pytest.raises(ConfigError) as err:

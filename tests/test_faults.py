@@ -117,9 +117,9 @@ def test_stdin_closed_while_a_long_step_runs(ignore_cancel: bool) -> None:
 
 @pytest.fixture
 def small_disk(tmpfs):  # type: ignore[no-untyped-def]
-    """A 700k tmpfs: room for one tiny checkpoint (~590 KB with its 4 KiB blocks), not two (grown
-    later with a remount where needed)."""
-    return tmpfs("700k")
+    """A 880k tmpfs: room for the run's data cache (~150 KB) and one tiny checkpoint (~590 KB with
+    its 4 KiB blocks), not two (grown later with a remount where needed)."""
+    return tmpfs("880k")
 
 
 @pytest.mark.slow

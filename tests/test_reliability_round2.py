@@ -25,6 +25,7 @@ from finetune_worker.errors import ConfigError
 from finetune_worker.security import ENV_ROOTS
 from finetune_worker.testing import WorkerHarness
 from finetune_worker.wire import ETFDecodeError, decode
+from conftest import PAST_PREVIEW, rows_with_bad_row
 from test_train_helpers import DATA, run_job, tiny_config
 
 
@@ -292,19 +293,19 @@ def test_a_symlink_swapped_while_queued_cannot_lead_out_of_the_root(
 
 
 def test_an_enormous_chat_row_is_a_named_bad_row(tiny_model_dir: Path, tmp_path: Path) -> None:
-    data = tmp_path / "huge.jsonl"
-    rows = [{"question": "q", "answer": "a"}, {"question": "x" * 2_000_000, "answer": "a"}]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    huge = {"question": "x" * 2_000_000, "answer": "a"}
+    early = rows_with_bad_row(tmp_path / "early.jsonl", huge, at=2, rows=3)
+    with pytest.raises(ConfigError, match=r"row 2: its messages hold 2,000,\d{3} characters"):
+        parse_job_config(tiny_config(tiny_model_dir, tmp_path / "o", dataset={"path": str(early)}))
+    data = rows_with_bad_row(tmp_path / "huge.jsonl", huge)  # past what validate reads
     run = run_job(
         tiny_config(
             tiny_model_dir, tmp_path / "o", dataset={"path": str(data), "validation_split": 0}, max_steps=1
         )
     )
     assert run.terminal.type == "failed" and run.terminal.payload["error"] == "bad_dataset_row"
-    assert (
-        "row 2" in run.terminal.payload["message"]
-        and "2,000,001 characters" in run.terminal.payload["message"]
-    )
+    assert f"row {PAST_PREVIEW}" in run.terminal.payload["message"]
+    assert "characters" in run.terminal.payload["message"]
 
 
 def test_a_long_raw_text_row_is_tokenized_in_pieces(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -422,6 +423,10 @@ def test_malformed_input_gets_config_errors_not_internal_errors(tmp_path: Path) 
         "a 5,000-character path": json.dumps({**base, "model_name": "/" + "m" * 5000}),
         "a NUL byte in a path": json.dumps({**base, "output_dir": "/tmp/a\u0000b"}),
         "a million unknown keys": json.dumps({**base, **{f"k{i}": 1 for i in range(1_000_000)}}),
+        # One per line: the lines of a big multi-line document are looked up within the bound.
+        "18,000 unknown keys, one per line": json.dumps(
+            {**base, **{f"k{i}": 1 for i in range(18_000)}}, indent=1
+        ),
     }
     with WorkerHarness() as w:
         for what, text in cases.items():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import rows_with_bad_row
 from finetune_worker.config import parse_job_config
 from finetune_worker.errors import ConfigError
 from finetune_worker.training.failures import classify_training_exception
@@ -56,16 +57,13 @@ def test_dataset_removed_after_submit(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_bad_dataset_row_names_the_row(tiny_model_dir: Path, tmp_path: Path) -> None:
-    data = tmp_path / "bad.jsonl"
-    rows = [json.loads(line) for line in (DATA / "qa.jsonl").read_text().splitlines()[:20]]
-    rows[6] = {"question": "What is missing?"}  # no answer
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = rows_with_bad_row(tmp_path / "bad.jsonl", {"question": "What is missing?"}, at=107)
     cfg = tiny_config(tiny_model_dir, tmp_path / "o")
     cfg["dataset"]["path"] = str(data)
     cfg["data"] = {"format": "qa"}
     p = fail_after_submit(cfg)
     assert p["error"] == "bad_dataset_row"
-    assert "7" in p["message"] and "answer" in p["message"], p["message"]
+    assert "row 107" in p["message"] and "answer" in p["message"], p["message"]
 
 
 @pytest.mark.parametrize(
@@ -159,9 +157,9 @@ def test_classification_of_library_errors() -> None:
 
 @pytest.fixture
 def small_disk(tmpfs):  # type: ignore[no-untyped-def]
-    """A 700k tmpfs: room for one tiny checkpoint (~590 KB with its 4 KiB blocks), not two (grown
-    later with a remount where needed)."""
-    return tmpfs("700k")
+    """A 880k tmpfs: room for the run's data cache (~150 KB) and one tiny checkpoint (~590 KB with
+    its 4 KiB blocks), not two (grown later with a remount where needed)."""
+    return tmpfs("880k")
 
 
 def test_disk_full_while_checkpointing(tiny_model_dir: Path, small_disk: Path) -> None:

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from conftest import rows_with_bad_row
 from finetune_worker.testing import HarnessEvent, WorkerHarness
 from finetune_worker.training.checkpoints import CHECKPOINT_RE, complete_checkpoints, is_complete
-from test_train_helpers import DATA, tiny_config
+from test_train_helpers import tiny_config
 
 
 def submit(w: WorkerHarness, cfg: dict[str, Any]) -> str:
@@ -123,10 +124,7 @@ def test_failures_leave_the_worker_alive(tiny_model_dir: Path, tmp_path: Path) -
     # weights for one small tensor: loading allocates the rest (~32 TB) and the allocator refuses
     save_file({"model.norm.weight": torch.ones(8192)}, str(huge / "model.safetensors"))
 
-    bad = tmp_path / "bad.jsonl"
-    rows = (DATA / "qa.jsonl").read_text().splitlines()[:30]
-    rows[11] = json.dumps({"question": 3, "answer": "three"})
-    bad.write_text("\n".join(rows) + "\n")
+    bad = rows_with_bad_row(tmp_path / "bad.jsonl", {"question": 3, "answer": "three"}, at=112)
 
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -148,7 +146,7 @@ def test_failures_leave_the_worker_alive(tiny_model_dir: Path, tmp_path: Path) -
             failed[name] = done.payload
             assert_alive(w)
         assert (
-            "12" in failed["bad_dataset_row"]["message"]
+            "row 112" in failed["bad_dataset_row"]["message"]
             and "question" in failed["bad_dataset_row"]["message"]
         )
 

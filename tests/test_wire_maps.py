@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import DATA
+from conftest import DATA, rows_with_bad_row
 from finetune_worker.testing import WorkerHarness
 from finetune_worker.wire import Atom
 from finetune_worker.wire.vocabulary import EVENT_TYPES, RECORD_KEYS, TABLE_KEYS
@@ -124,8 +124,7 @@ def test_every_event_and_reply_follows_the_map_rule(
         "output_dir": str(tmp_path / "linear"),
         "cpu_offload": True,
     }
-    bad_rows = tmp_path / "bad.jsonl"
-    bad_rows.write_text('{"question": "q", "answer": "a"}\n{"question": "no answer"}\n')
+    bad_rows = rows_with_bad_row(tmp_path / "bad.jsonl", {"question": "no answer"})
     failing = {
         **train,
         "dataset": {"path": str(bad_rows)},

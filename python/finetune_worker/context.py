@@ -41,6 +41,14 @@ class JobContext:
         if self.cancel_event.is_set():
             raise JobCancelled(step=step, checkpoint=checkpoint)
 
+    def check_cancelled_alone(self) -> None:
+        """:meth:`check_cancelled` at a point the other ranks of a distributed job do not reach
+        in step (work one rank does while the rest wait for it, such as building the data
+        cache): this process's own view of the cancel, never a collective call."""
+        is_set = getattr(self.cancel_event, "is_set_here", self.cancel_event.is_set)
+        if is_set():
+            raise JobCancelled(step=0)
+
     def emit(self, type: str, **payload: Any) -> None:
         """Send one event of this job (``type`` one of ``wire.vocabulary.EVENT_TYPES``)."""
         raise NotImplementedError

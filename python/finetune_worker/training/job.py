@@ -148,7 +148,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         cache_dir=out / DATA_CACHE,
         warn=warn,
         keep_examples=keep,
-        check_cancelled=ctx.check_cancelled,
+        check_cancelled=ctx.check_cancelled_alone,  # one rank builds while the others wait
     )
     train_rows, eval_rows, stats = data.train, data.eval, data.stats
     has_eval = eval_rows is not None and len(eval_rows) > 0

@@ -16,7 +16,9 @@ Everything else (resume of model, optimizer, scheduler, RNG and data position) i
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -188,6 +190,9 @@ class AtomicCheckpointTrainer(Trainer):
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
+        except RuntimeError as exc:
+            _raise_if_out_of_space(exc, staged.parent)
+            raise
         finally:
             self._staging = False
         # Computed on every rank (it may gather), written by the saving one.
@@ -204,6 +209,31 @@ class AtomicCheckpointTrainer(Trainer):
             best = self.state.best_model_checkpoint
             rotate(out, self._keep, protect=[final, *([Path(best)] if best else [])])
         self.accelerator.wait_for_everyone()
+
+
+#: What torch's zip writer says when a write came up short (it drops the errno): "[enforce fail at
+#: inline_container.cc] unexpected pos", "PytorchStreamWriter failed writing file".
+_SHORT_WRITE = ("inline_container", "pytorchstreamwriter")
+#: Less free space than this on the checkpoint's filesystem after a short write: the disk is full.
+_NEARLY_FULL = 16 * 2**20
+
+
+def _raise_if_out_of_space(exc: RuntimeError, where: Path) -> None:
+    """Turn torch's errno-less short-write error into the ``ENOSPC`` it was, when the filesystem
+    of ``where`` is (nearly) full; anything else is left to propagate as it is."""
+    if not any(marker in str(exc).lower() for marker in _SHORT_WRITE):
+        return
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < _NEARLY_FULL:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device while writing a checkpoint ({free} bytes free)",
+            str(where),
+        ) from exc
 
 
 def training_arguments(cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: bool) -> TrainingArguments:

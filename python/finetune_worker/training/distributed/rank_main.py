@@ -60,6 +60,10 @@ class AgreedStop:
     def set(self) -> None:
         self._local.set()
 
+    def is_set_here(self) -> bool:
+        """This rank's own view, without asking the others (see ``JobContext.check_cancelled_alone``)."""
+        return self._agreed or self._local.is_set() or self._file.exists()
+
     def is_set(self) -> bool:
         if self._agreed:
             return True
