@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from conftest import PAST_PREVIEW
 from finetune_worker.testing import HarnessEvent, WorkerHarness
 from finetune_worker.training.checkpoints import is_complete
 from test_distributed import alive, ddp_config, job_pids
@@ -169,7 +170,8 @@ def test_two_nodes_on_one_machine(tiny_model_dir: Path, tmp_path: Path) -> None:
 def test_a_rank_error_keeps_its_code_and_names_the_rank(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Both ranks hit the same broken row; the first report wins, with its own error code."""
     data = tmp_path / "broken.jsonl"
-    data.write_text('{"text": "fine row"}\n{"text": "also fine"}\n{"text": oops}\n')
+    # Past the rows validate reads (PAST_PREVIEW), so the ranks meet it while preparing the data.
+    data.write_text('{"text": "fine row"}\n' * (PAST_PREVIEW - 1) + '{"text": oops}\n')
     cfg = ddp_config(tiny_model_dir, tmp_path / "run", ranks=2, validation_split=0)
     cfg["dataset"] = {"path": str(data), "validation_split": 0}
     with WorkerHarness() as w:
@@ -179,6 +181,6 @@ def test_a_rank_error_keeps_its_code_and_names_the_rank(tiny_model_dir: Path, tm
     assert end.type == "failed", end.payload
     assert end.payload["error"] == "bad_dataset_row", end.payload
     assert end.payload["message"].startswith(("rank 0: ", "rank 1: ")), end.payload["message"]
-    assert "line 3" in end.payload["message"] or "row 3" in end.payload["message"], end.payload["message"]
+    assert f"row {PAST_PREVIEW}" in end.payload["message"], end.payload["message"]
     assert end.payload["details"]["rank"] in (0, 1)
     assert_all_gone(job_pids(events))

@@ -16,6 +16,7 @@ import torch
 from finetune_worker.config.train import TrainConfig
 from finetune_worker.hf import load_tokenizer
 from finetune_worker.training.data import build_datasets, make_collator
+from finetune_worker.training.data_collate import choose_batching
 from finetune_worker.training.job import save_initial_adapter, save_outputs
 from finetune_worker.training.model import load_model, plan_hardware
 from finetune_worker.training.trainer import build_trainer
@@ -47,9 +48,10 @@ def train_in_memory(raw: dict[str, Any], out: Path) -> tuple[Any, Any, dict[str,
     train_rows, eval_rows, _ = build_datasets(
         cfg.data, tokenizer, cfg.dataset.path, validation_split=cfg.dataset.validation_split, seed=cfg.seed
     )
-    collator = make_collator(
-        tokenizer, cfg.data.packing and cfg.peft.method not in ("prompt_tuning", "prefix_tuning")
+    mode, _ = choose_batching(
+        cfg.data.packing, cfg.attn_implementation, cfg.peft.method in ("prompt_tuning", "prefix_tuning")
     )
+    collator = make_collator(tokenizer, mode)
     trainer = build_trainer(cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [], out)
     trainer.train()
     save_outputs(trainer, tokenizer, out, initial)

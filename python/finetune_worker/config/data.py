@@ -71,8 +71,12 @@ class DataConfig(StrictModel):
     train_on_responses_only: bool = Field(
         True, description="Loss on assistant tokens only for chat-like rows (text rows train fully)."
     )
-    packing: bool = Field(
-        True, description="Padding-free batches (flattened rows + position_ids): no compute on padding."
+    packing: Literal["auto", "flatten", "group", "pad"] | bool = Field(
+        "auto",
+        description="How rows become batches: 'flatten' (rows back to back, position_ids restarting: "
+        "varlen packing, fast with flash_attention_2/3), 'group' (padded rows of similar length, fast with "
+        "any attention), 'pad' (padded rows in random order), 'auto' (flatten with a varlen attention "
+        "kernel, else group). true means auto, false pad.",
     )
     text_block_size: int | None = Field(
         None, gt=0, description="Tokens per block for plain text; default (and cap) max_seq_length."

@@ -73,7 +73,7 @@ CHUNK_ROWS = 512
 #: Rows per Arrow record batch written.
 WRITE_ROWS = 1024
 #: Bumped when what the cache holds changes meaning (so old caches are rebuilt, not misread).
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 #: Raw text is tokenized in pieces of at most this many characters (see ChatEncoder._tokenize_texts).
 TEXT_PIECE_CHARS = 1_000_000
 
@@ -135,7 +135,7 @@ def _multiplicity(count: int, target: int, seed: int, index: int) -> np.ndarray:
 class PreparedData:
     """What :func:`prepare_data` gives the job."""
 
-    train: Any  # a datasets.Dataset of {"input_ids", "labels"[, "loss_weight"]}
+    train: Any  # a datasets.Dataset of {"input_ids", "labels", "length"[, "loss_weight"]}
     eval: Any  # the same for the held-out rows, or None
     stats: dict[str, Any]
     #: The first held-out and training examples (``keep_examples`` of each), for the evaluator.
@@ -273,7 +273,11 @@ class _ArrowSink:
     def __init__(self, target: Path | None, weighted: bool):
         import pyarrow as pa
 
-        fields = [pa.field("input_ids", pa.list_(pa.int32())), pa.field("labels", pa.list_(pa.int32()))]
+        fields = [
+            pa.field("input_ids", pa.list_(pa.int32())),
+            pa.field("labels", pa.list_(pa.int32())),
+            pa.field("length", pa.int32()),  # for length-grouped batches, read without the rows
+        ]
         if weighted:
             fields.append(pa.field("loss_weight", pa.float32()))
         self.schema = pa.schema(fields)
@@ -287,8 +291,9 @@ class _ArrowSink:
     def add(self, row: Row, weight: float) -> None:
         self._columns[0].append(row["input_ids"])
         self._columns[1].append(row["labels"])
+        self._columns[2].append(len(row["input_ids"]))
         if self._weighted:
-            self._columns[2].append(weight)
+            self._columns[3].append(weight)
         self.rows += 1
         if len(self._columns[0]) >= WRITE_ROWS:
             self._flush()
@@ -525,7 +530,7 @@ def _cache_key(
     parts: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "version": __version__,
-        "data": data_cfg.model_dump(mode="json"),
+        "data": data_cfg.model_dump(mode="json", exclude={"packing"}),  # batching is not in the rows
         "template": template,
         "seed": seed,
         "keep": keep_examples,

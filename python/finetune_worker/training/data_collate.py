@@ -1,13 +1,24 @@
-"""Batch collators: padding-free (flattened rows + position_ids) or padded.
+"""How rows become batches: flattened (varlen packing), length-grouped padded rows, or padded rows.
 
-Padding-free is transformers' ``DataCollatorWithFlattening``: a batch becomes one row of all
-examples back to back, ``position_ids`` restart at 0 for each, and the first label of each is
--100 so no example learns to predict across the seam. Attention then stays within each
-example (the model derives per-example masks from the restarting positions), with no compute
-spent on padding. The padded collator is the fallback for models or methods that need rows
-(prefix/prompt tuning prepend virtual tokens per row).
+``data.packing`` picks one of three modes (:func:`choose_batching`):
 
-Rows of a source with a ``loss_weight`` carry it as a column; :class:`LossWeights` turns it into
+- ``flatten``: transformers' ``DataCollatorWithFlattening``: a batch becomes one row of all
+  examples back to back, ``position_ids`` restart at 0 for each, and the first label of each is
+  -100 so no example learns to predict across the seam. With a varlen attention kernel
+  (``flash_attention_2``/``_3``) attention then costs the sum of each row's length squared and no
+  compute goes to padding. With any other kernel (``sdpa``, ``eager``) transformers builds a dense
+  block-diagonal mask over the whole flattened batch, so attention costs (sum of lengths)^2 and,
+  on a GPU, as much memory: slower than plain padding on long rows (issue 15 measured 0.71x).
+- ``group``: padded rows, but each batch holds rows of similar length (:class:`LengthGroupedBatches`),
+  so little compute goes to padding and attention stays per row with any kernel. Never slower
+  than ``pad``: the same batches up to order, less padding.
+- ``pad``: each batch right-padded to its longest row, in the Trainer's random order.
+
+``auto`` (the default) is ``flatten`` where the model's attention is a varlen kernel and ``group``
+otherwise. Methods with virtual tokens (prompt/prefix tuning) need one row per example, so
+``flatten`` becomes ``group`` for them.
+
+Rows of a source with a ``loss_weight`` carry it as a column; :class:`RowCollator` turns it into
 ``token_weights`` laid out as the batch's tokens are, which the Trainer's loss multiplies in.
 """
 
@@ -49,19 +60,62 @@ class PaddedCollator:
         }
 
 
+#: Attention kernels that take a flattened batch as separate sequences (cu_seqlens from the
+#: restarting position_ids), with no mask over the whole batch.
+VARLEN_KERNELS = frozenset({"flash_attention_2", "flash_attention_3"})
+#: Columns of the prepared rows that are not model inputs (the collator drops them).
+_ROW_COLUMNS = ("loss_weight", "length")
+
+
+def choose_batching(requested: str | bool, attn_implementation: str, virtual_tokens: bool) -> tuple[str, str]:
+    """``(mode, why)``: the batching a ``data.packing`` value resolves to for this model."""
+    mode = (
+        {True: "auto", False: "pad"}.get(requested, requested) if isinstance(requested, bool) else requested
+    )
+    varlen = attn_implementation in VARLEN_KERNELS
+    if mode == "auto":
+        if varlen and not virtual_tokens:
+            return (
+                "flatten",
+                f"packing auto: {attn_implementation} takes flattened rows as separate sequences",
+            )
+        why = (
+            "virtual tokens need one row per example"
+            if virtual_tokens
+            else f"{attn_implementation} attention would need a dense mask over a flattened batch"
+        )
+        return "group", f"packing auto: length-grouped padded rows ({why})"
+    if mode == "flatten" and virtual_tokens:
+        return (
+            "group",
+            "packing flatten is not possible with virtual tokens (one row per example): length-grouped rows",
+        )
+    if mode == "flatten" and not varlen:
+        return "flatten", (
+            f"packing flatten with {attn_implementation} attention: a dense mask over each flattened batch, "
+            'attention costs (sum of lengths)^2; "auto" would group rows by length instead'
+        )
+    return str(mode), f"packing {mode}"
+
+
 @dataclass
-class LossWeights:
-    """Wraps a collator: rows' ``loss_weight`` become a ``token_weights`` tensor shaped like the
-    batch's ``input_ids`` (one flattened row when packing, padded rows otherwise, 0 on padding).
-    Batches whose rows carry no weight are the inner collator's, unchanged."""
+class RowCollator:
+    """Wraps the mode's collator: drops the row columns that are not model inputs, and turns rows'
+    ``loss_weight`` into a ``token_weights`` tensor shaped like the batch's ``input_ids`` (one
+    flattened row when flattening, padded rows otherwise, 0 on padding). Batches whose rows carry
+    no weight are the inner collator's, unchanged."""
 
     inner: Any
-    packing: bool
+    mode: str
+
+    @property
+    def groups_by_length(self) -> bool:
+        return self.mode == "group"
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         weights = [f.get("loss_weight") for f in features]
         batch: dict[str, Any] = self.inner(
-            [{k: v for k, v in f.items() if k != "loss_weight"} for f in features]
+            [{k: v for k, v in f.items() if k not in _ROW_COLUMNS} for f in features]
         )
         if all(w is None for w in weights):
             return batch
@@ -69,7 +123,7 @@ class LossWeights:
 
         lengths = [len(_as_list(f["input_ids"])) for f in features]
         per_row = [[1.0 if w is None else float(w)] * n for w, n in zip(weights, lengths, strict=True)]
-        if self.packing:
+        if self.mode == "flatten":
             grid = [[w for row in per_row for w in row]]
         else:
             width = batch["input_ids"].shape[1]
@@ -78,10 +132,15 @@ class LossWeights:
         return batch
 
 
-def make_collator(tokenizer: Any, packing: bool) -> Any:
-    """The collator for ``data.packing``: padding-free when True, padded otherwise."""
+def make_collator(tokenizer: Any, mode: str | bool) -> RowCollator:
+    """The collator for a batching mode (``flatten``, ``group``, ``pad``; ``True`` is ``flatten``
+    and ``False`` ``pad``, for scripts that only choose packed or not)."""
+    if isinstance(mode, bool):
+        mode = "flatten" if mode else "pad"
+    if mode not in ("flatten", "group", "pad"):
+        raise ValueError(f"unknown batching mode {mode!r}")
     inner: Any
-    if packing:
+    if mode == "flatten":
         from transformers import DataCollatorWithFlattening
 
         inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
@@ -91,7 +150,66 @@ def make_collator(tokenizer: Any, packing: bool) -> Any:
             # Padded positions are masked out of attention and loss, so any id works; eos always exists.
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         inner = PaddedCollator(pad_token_id=int(pad))
-    return LossWeights(inner, packing)
+    return RowCollator(inner, mode)
+
+
+class LengthGroupedBatches:
+    """A sampler whose every run of ``batch_size`` indices holds rows of similar length.
+
+    Seeded by ``(seed, epoch)``: the rows are permuted, cut into mega-batches of ``mega_batches``
+    batches, each mega-batch sorted by length and cut into batches, and the batches of each
+    mega-batch shuffled. ``batch_size`` is the global batch (per device x devices x accumulation),
+    so the rows of one optimizer step are the same whether one process or several take them
+    (accelerate deals each rank its run of the global batch). Written here rather than using
+    transformers' ``LengthGroupedSampler``: that one groups per device batch and leaves each
+    mega-batch's batches in descending length (a length curriculum every 50 steps), and reads
+    lengths as a Python list; this one takes the prepared rows' ``length`` column as numpy.
+    """
+
+    def __init__(self, lengths: Any, batch_size: int, seed: int, mega_batches: int = 50):
+        import numpy as np
+
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size = max(1, int(batch_size))
+        self.seed = int(seed)
+        self.mega = max(1, min(mega_batches, len(self.lengths) // (self.batch_size * 4)))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def order(self) -> Any:
+        import numpy as np
+
+        rng = np.random.default_rng([self.seed, self.epoch])
+        perm = rng.permutation(len(self.lengths))
+        size = self.mega * self.batch_size
+        out = []
+        for start in range(0, len(perm), size):
+            chunk = perm[start : start + size]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            # The short last batch of the last mega-batch stays last (it is the epoch's remainder).
+            last = batches.pop() if start + size >= len(perm) and len(batches[-1]) < self.batch_size else None
+            out.extend(batches[i] for i in rng.permutation(len(batches)))
+            if last is not None:
+                out.append(last)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def __iter__(self) -> Any:
+        return iter(self.order().tolist())
+
+
+def row_lengths(dataset: Any) -> Any:
+    """The token count of each prepared row: its ``length`` column when it has one (read from
+    Arrow without touching the rows), else counted."""
+    names = getattr(dataset, "column_names", None) or []
+    if "length" in names:
+        return dataset.data.column("length").to_numpy()
+    return [len(_as_list(row["input_ids"])) for row in dataset]
 
 
 def _as_list(value: Any) -> list[int]:

@@ -126,7 +126,8 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
 
     from finetune_worker.hf import check_causal_lm, load_tokenizer
     from finetune_worker.training.callbacks import EventCallback
-    from finetune_worker.training.data import make_collator, prepare_data
+    from finetune_worker.training.data import prepare_data
+    from finetune_worker.training.data_collate import choose_batching, make_collator
     from finetune_worker.training.model import load_model, plan_hardware, trainable_parameters
     from finetune_worker.training.tracking import finish_tracking, tracking_callbacks, tracking_summary
     from finetune_worker.training.trainer import build_trainer, read_run_state
@@ -177,12 +178,11 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     )
     ctx.check_cancelled()
 
-    packing = bool(getattr(cfg.data, "packing", False))
-    if packing and cfg.peft.method in VIRTUAL_TOKEN_METHODS:
-        # Virtual tokens are prepended per row; a flattened batch has a single row to prepend to.
-        warn(f"data.packing is off for {cfg.peft.method}: virtual tokens need one row per example")
-        packing = False
-    collator = make_collator(tokenizer, packing)
+    attn = str(getattr(model.config, "_attn_implementation", None) or cfg.attn_implementation)
+    batching, why = choose_batching(cfg.data.packing, attn, cfg.peft.method in VIRTUAL_TOKEN_METHODS)
+    (warn if "dense mask" in why or "not possible" in why else ctx.log)(f"batches: {why}")
+    stats["batching"] = batching
+    collator = make_collator(tokenizer, batching)
 
     callback = EventCallback(ctx.emit, ctx.cancel_event, out)
     trackers.extend(tracking_callbacks(cfg.tracking, ctx, out, resuming=resume_from is not None))

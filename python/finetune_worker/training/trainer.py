@@ -29,6 +29,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traini
 from finetune_worker.config.train import DEFAULT_DECAY_FRACTION, TrainConfig, scheduler_kwargs
 from finetune_worker.errors import JobFailed
 from finetune_worker.training.checkpoints import publish, rotate, staging_dir
+from finetune_worker.training.data_collate import LengthGroupedBatches, row_lengths
 from finetune_worker.training.model import Plan
 
 #: Our state inside each checkpoint: ``{"loss_sum", "global_step"}`` of the whole run so far.
@@ -59,6 +60,7 @@ class AtomicCheckpointTrainer(Trainer):
     def __init__(self, *args: Any, keep: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._keep = keep
+        self._group_by_length = bool(getattr(self.data_collator, "groups_by_length", False))
         self._staging = False
         #: Loss summed over the steps before this train() call (from the resumed checkpoint).
         self.prior_loss_sum = 0.0
@@ -77,6 +79,25 @@ class AtomicCheckpointTrainer(Trainer):
         if not bool(torch.isfinite(loss).all()):
             raise diverged(f"the training loss became {float(loss):g} at step {self.state.global_step + 1}")
         return loss
+
+    # ---- length-grouped batches (data.packing "group") -------------------------------------------
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self._group_by_length or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        args = self.args
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return LengthGroupedBatches(row_lengths(dataset), global_batch, seed)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        if not self._group_by_length or eval_dataset is None or self.args.world_size > 1:
+            return super()._get_eval_sampler(eval_dataset)
+        # Shortest first: little padding, and the loss is a token-weighted sum (order-free).
+        import numpy as np
+
+        return np.argsort(np.asarray(row_lengths(eval_dataset)), kind="stable").tolist()
 
     def check_finite_weights(self) -> None:
         """Refuse to save weights that are no longer numbers (an update can overflow while the loss

@@ -92,7 +92,7 @@ RECORD_KEYS: frozenset[str] = frozenset(
         "train_examples", "runtime_s", "resumed_from", "data", "config", "evaluation", "tracking",
         "best_step", "best_metric", "best_checkpoint", "already_complete",
         # train summary: data
-        "rows", "dropped", "eval_rows", "format_counts", "mask_method", "max_seq_length",
+        "rows", "dropped", "eval_rows", "format_counts", "mask_method", "batching", "max_seq_length",
         "train_rows", "train_tokens", "trained_tokens", "truncated", "warnings",
         # train summary: data, per source
         "sources", "sequences", "weight", "repeat", "loss_weight", "share",
