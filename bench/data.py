@@ -71,17 +71,23 @@ def build_dataset(
     lo: int = MIN_TOKENS,
     hi: int = MAX_TOKENS,
     seed: int = 0,
+    spread: str = "log",
 ) -> DatasetInfo:
-    """Write ``n`` instruction rows of ``lo``..``hi`` tokens each to ``path`` (JSONL); same inputs, same file."""
+    """Write ``n`` instruction rows of ``lo``..``hi`` tokens each to ``path`` (JSONL); same inputs,
+    same file. Lengths are drawn log-uniformly (``spread="log"``: many short rows, a long tail)
+    or uniformly (``"uniform"``: long chat exports, the median half way)."""
     rng = random.Random(seed)
     sentences = [s.strip() for s in _corpus().splitlines() if s.strip()]
-    targets = [round(math.exp(rng.uniform(math.log(lo), math.log(hi)))) for _ in range(n)]
+    if spread == "log":
+        targets = [round(math.exp(rng.uniform(math.log(lo), math.log(hi)))) for _ in range(n)]
+    else:
+        targets = [round(rng.uniform(lo, hi)) for _ in range(n)]
     rows: list[dict[str, str]] = []
     words: list[list[str]] = []
     for _ in range(n):
         start = rng.randrange(len(sentences))
         # Enough running text for the longest answer; the fit below cuts it to length.
-        text = " ".join(sentences[(start + k) % len(sentences)] for k in range(80)).split()
+        text = " ".join(sentences[(start + k) % len(sentences)] for k in range(max(80, hi // 4))).split()
         words.append(text)
         rows.append({"instruction": rng.choice(_ASKS), "input": "", "output": ""})
     counts = [max(1, round(t / 1.2) - 10) for t in targets]

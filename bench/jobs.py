@@ -22,12 +22,13 @@ def train_config(
     output_dir: Path,
     *,
     steps: int,
-    packing: bool = True,
+    packing: bool | str = True,
     method: str = "lora",
     bits: int | None = None,
     batch_size: int = 8,
     learning_rate: float = 1e-3,
     seed: int = 42,
+    max_seq_length: int = 512,
 ) -> dict[str, Any]:
     """A train job matching the plain script's settings (``bench.hf_baseline``), step for step."""
     config: dict[str, Any] = {
@@ -38,7 +39,7 @@ def train_config(
         "data": {
             "format": "instruction",
             "train_on_responses_only": True,
-            "max_seq_length": 512,  # above the longest row: nothing is truncated
+            "max_seq_length": max_seq_length,  # above the longest row: nothing is truncated
             "packing": packing,
         },
         "peft": {"method": "full"}
@@ -87,11 +88,14 @@ class JobRun:
         return self.events[-1]
 
 
-def spawn(*, test_jobs: bool = False) -> Any:
-    """A fresh worker process (one per measured job, so its peak RSS is that job's)."""
+def spawn(*, test_jobs: bool = False, warm: bool = False) -> Any:
+    """A fresh worker process (one per measured job, so its peak RSS is that job's). The warm-up
+    import is off unless asked for: a measured job must not share the cores with it."""
     from finetune_worker.testing import WorkerHarness
 
-    return WorkerHarness(env=worker_env(test_jobs), cwd=REPO, test_jobs=test_jobs)
+    env = worker_env(test_jobs)
+    env["FINETUNE_WORKER_WARM"] = "1" if warm else "0"
+    return WorkerHarness(env=env, cwd=REPO, test_jobs=test_jobs)
 
 
 def submit(harness: Any, config: dict[str, Any]) -> JobRun:

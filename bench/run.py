@@ -27,6 +27,7 @@ PARTS: dict[str, str] = {
     "latency": "bench.latency",
     "events": "bench.events",
     "train": "bench.train",
+    "batching": "bench.batching",
     "data": "bench.datamem",
     "gpu": "bench.gpu",
 }

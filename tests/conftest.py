@@ -14,6 +14,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # A record key the wire vocabulary lacks (events.RECORD_KEYS) raises instead of being dropped with
 # a log line, in every worker the tests start: a new summary field must be declared.
 os.environ.setdefault("FINETUNE_WORKER_STRICT_WIRE", "1")
+# Workers the tests spawn import the training stack only when a job needs it: most never train,
+# and dozens of background imports would share the 2 cores with the tests. test_warmup.py turns
+# the warm-up (the default for users) on.
+os.environ.setdefault("FINETUNE_WORKER_WARM", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -41,7 +41,9 @@ EXPECTED = {
     ],
     "startup": [
         "spawn -> first info reply",
-        "submit -> first progress, tiny model, fresh worker",
+        "submit -> first progress, tiny model, fresh worker, --no-warm",
+        "warm-up on, submitted right after the first info",
+        "warm-up on, submitted once info says ready",
         "same worker",
     ],
     "latency": ["status round trip, worker idle", "status round trip, while training"],
@@ -58,6 +60,13 @@ EXPECTED = {
         "full fine-tuning, C",
         "4-bit QLoRA (NF4, double quant), A",
         "4-bit QLoRA (NF4, double quant), C",
+    ],
+    "batching": [
+        "measured fp32 matmul peak",
+        "long chat: A plain HF Trainer",
+        "long chat: W worker, packing auto",
+        "long chat: W/A speed",
+        "short Q&A: W/A speed",
     ],
     "data": ["peak RSS, training on 1,000 rows", "peak RSS, training on 5,000 rows"],
     "gpu": ["lora, A plain script", "lora, B worker runner", "lora, C worker runner", "full, C", "qlora, C"],
@@ -81,7 +90,7 @@ def run_bench(part: str, work_dir: Path, out: Path, record: Path) -> dict:
 # The gpu part's CPU dry run trains seven toy runs, and the train part trains A/B/C twice: each
 # takes minutes on 2 cores, and the training tests cover the same code, so they wait for
 # `make test-slow`.
-SLOW_PARTS = {"gpu", "train"}
+SLOW_PARTS = {"gpu", "train", "batching"}
 PARTS = [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PARTS else p for p in EXPECTED]
 
 

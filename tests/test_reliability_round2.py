@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
+from conftest import PAST_PREVIEW, rows_with_bad_row
 from finetune_worker.config import parse_job_config
 from finetune_worker.errors import ConfigError
 from finetune_worker.security import ENV_ROOTS
 from finetune_worker.testing import WorkerHarness
 from finetune_worker.wire import ETFDecodeError, decode
-from conftest import PAST_PREVIEW, rows_with_bad_row
 from test_train_helpers import DATA, run_job, tiny_config
 
 

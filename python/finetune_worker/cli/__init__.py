@@ -71,6 +71,21 @@ def _add_port_options(p: argparse.ArgumentParser) -> None:
         default=_default_grace(),
         help="seconds a cancelled job gets to save at shutdown (env FINETUNE_WORKER_GRACE, default 10)",
     )
+    warm = p.add_mutually_exclusive_group()
+    warm.add_argument(
+        "--warm",
+        dest="warm",
+        action="store_true",
+        default=None,
+        help="import torch/transformers in the background at start, so the first job starts sooner "
+        "(the default; env FINETUNE_WORKER_WARM=0 turns it off)",
+    )
+    warm.add_argument(
+        "--no-warm",
+        dest="warm",
+        action="store_false",
+        help="import the training stack only when a job needs it (a worker that may never train)",
+    )
 
 
 def _add_allowed_root(p: argparse.ArgumentParser) -> None:
@@ -197,7 +212,9 @@ def cmd_port(args: argparse.Namespace) -> int:
         args.packet,
         os.getpid(),
     )
-    return serve(port, grace_s=args.grace)
+    from finetune_worker.server.warmup import enabled_by_env
+
+    return serve(port, grace_s=args.grace, warm=enabled_by_env() if args.warm is None else args.warm)
 
 
 def _load(path: str) -> tuple[str, Any]:

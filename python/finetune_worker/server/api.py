@@ -27,6 +27,7 @@ from typing import Any
 import finetune_worker
 from finetune_worker.errors import CallError, ConfigError, ConfigIssue, brief
 from finetune_worker.server.jobs import JobManager
+from finetune_worker.server.warmup import Warmup
 from finetune_worker.wire import Atom, Pid
 from finetune_worker.wire.vocabulary import payload_term
 
@@ -45,6 +46,7 @@ class Runtime:
     """What the API functions act on: the job manager and the worker's shutdown flag."""
 
     manager: JobManager
+    warmup: Warmup = field(default_factory=lambda: Warmup(False))
     started_at: float = field(default_factory=time.time)
     shutdown_requested: threading.Event = field(default_factory=threading.Event)
 
@@ -69,6 +71,7 @@ def info(rt: Runtime) -> Any:
             "running": rt.manager.running(),
             "pid": os.getpid(),
             "uptime_s": round(time.time() - rt.started_at, 3),
+            "warm": rt.warmup.state,
         }
     )
 

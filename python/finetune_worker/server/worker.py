@@ -53,6 +53,7 @@ from finetune_worker.errors import (
 )
 from finetune_worker.server import api
 from finetune_worker.server.jobs import JobManager, JobRecord
+from finetune_worker.server.warmup import Warmup
 from finetune_worker.wire import (
     DEFAULT_MAX_DEPTH,
     Atom,
@@ -80,6 +81,8 @@ OPAQUE_LANGUAGE = "erlang"
 
 #: Seconds the watchdog allows beyond the grace period (the process must be gone by grace + 2 s).
 EXIT_SLACK_S = 1.5
+#: The warm-up starts after the first reply, or this long after start when no call comes first.
+WARM_AFTER_S = 0.5
 
 
 class _Terminate(BaseException):
@@ -89,12 +92,14 @@ class _Terminate(BaseException):
 class Worker:
     """One port, one job manager, one dispatch loop. Call :meth:`serve` on the main thread."""
 
-    def __init__(self, port: Port, *, grace_s: float = 10.0, max_depth: int = DEFAULT_MAX_DEPTH):
+    def __init__(
+        self, port: Port, *, grace_s: float = 10.0, max_depth: int = DEFAULT_MAX_DEPTH, warm: bool = False
+    ):
         self.port = port
         self.grace_s = grace_s
         self.max_depth = max_depth
         self.manager = JobManager(self._deliver)
-        self.runtime = api.Runtime(manager=self.manager)
+        self.runtime = api.Runtime(manager=self.manager, warmup=Warmup(warm))
         self._terminating = False
         self._reading = False
         self._watchdog: threading.Timer | None = None
@@ -123,6 +128,10 @@ class Worker:
             signal.signal(signal.SIGINT, previous_int if previous_int is not None else signal.SIG_DFL)
 
     def _loop(self) -> str:
+        # Or half a second after start when no call comes: a worker started ahead of its jobs.
+        timer = threading.Timer(WARM_AFTER_S, self.runtime.warmup.start)
+        timer.daemon = True
+        timer.start()
         while not self._terminating:
             try:
                 self._reading = True
@@ -149,6 +158,8 @@ class Worker:
                 self.handle_frame(frame, offset)
             except (PortClosed, BrokenPipeError) as exc:
                 return f"output closed ({exc})"
+            # After the first reply (the BEAM's readiness `info`), so the import never delays it.
+            self.runtime.warmup.start()
             if self.runtime.shutdown_requested.is_set():
                 return "shutdown() call"
         return "SIGTERM"
@@ -346,9 +357,10 @@ def _hard_exit(grace_s: float) -> None:
     os._exit(0)
 
 
-def serve(port: Port, *, grace_s: float = 10.0) -> int:
-    """Run a worker on ``port`` until shutdown; the process exits right after (see module doc)."""
-    worker = Worker(port, grace_s=grace_s)
+def serve(port: Port, *, grace_s: float = 10.0, warm: bool = False) -> int:
+    """Run a worker on ``port`` until shutdown; the process exits right after (see module doc).
+    ``warm``: import the training stack in the background (:mod:`finetune_worker.server.warmup`)."""
+    worker = Worker(port, grace_s=grace_s, warm=warm)
     code = worker.serve()
     if worker.runner_alive:
         logging.shutdown()

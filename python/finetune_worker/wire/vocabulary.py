@@ -110,7 +110,7 @@ RECORD_KEYS: frozenset[str] = frozenset(
         # replies: validate / status / jobs / info
         "value", "job_id", "state", "submitted_at", "started_at", "finished_at",
         "version", "python", "torch", "transformers", "peft", "devices", "queue_length", "running",
-        "name", "memory_bytes", "type", "protocol", "uptime_s", "cores",
+        "name", "memory_bytes", "type", "protocol", "uptime_s", "warm", "cores",
     }
 )  # fmt: skip
 

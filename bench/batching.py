@@ -1,0 +1,212 @@
+"""Batching: the worker's default (``packing: auto``) against a plain HF script, on the lengths users have.
+
+Issue 15 found the worker 0.71x as fast as a plain padded ``Trainer`` on long chat data: it
+flattened every batch, and with ``sdpa`` transformers then masks the whole flattened batch
+densely. This part measures, on two length distributions,
+
+- **long chat**: 66 to 814 tokens, uniform (median ~440; ~40% of padded slots are padding),
+  like ShareGPT exports;
+- **short Q&A**: 20 to 120 tokens, log-uniform;
+
+the plain script (A, ``bench.hf_baseline``: padded, random order) against the worker with its
+default (W: ``auto``, which picks length-grouped padded batches on CPU), interleaved A W W A, and
+once each the worker's explicit ``flatten`` (F) and ``pad`` (P) modes. Each run is its own
+process. Reported per run: real tokens/s over ``trainer.train()``, the whole process's wall time
+(spawn to exit: imports, model load, data, training, saving), peak RSS, and MFU: the model's
+FLOPs per real token (4N for LoRA, 6N for full, plus attention) times tokens/s over the
+machine's own measured matmul peak (a 2048^3 fp32 ``torch.mm`` timed in this run).
+Target: W/A >= 1.0 on both distributions, whole process and ``train()`` alike.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import jobs
+from bench.common import REPO, Options, Row, fmt_mib, median, worker_env
+
+PART = "batching"
+TARGET = 1.0
+DISTRIBUTIONS = {
+    "long chat": {"lo": 66, "hi": 814, "spread": "uniform"},
+    "short Q&A": {"lo": 20, "hi": 120, "spread": "log"},
+}
+
+
+@dataclass
+class Run:
+    variant: str
+    tokens: int
+    train_s: float
+    wall_s: float
+    peak_rss: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_s
+
+
+def matmul_peak(n: int = 2048, repeat: int = 5) -> float:
+    """FLOP/s of an ``n``^3 fp32 matmul on this machine, best of ``repeat`` (torch's own threads)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm up
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best
+
+
+def model_flops_per_token(model: Path, mean_len: float, full: bool = False) -> float:
+    """Training FLOPs per token: (6 full | 4 LoRA) x the matmul weights, plus attention scores."""
+    cfg = json.loads((model / "config.json").read_text())
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = h * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter
+    n_matmul = layers * per_layer + h * cfg["vocab_size"]
+    return (6 if full else 4) * n_matmul + 12 * layers * h * mean_len
+
+
+def run_plain(model: Path, data: Path, out: Path, steps: int) -> Run:
+    from bench.hf_baseline import RESULT_PREFIX
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "bench.hf_baseline", "--model", str(model), "--data", str(data)]
+    cmd += ["--output", str(out), "--steps", str(steps)]
+    started = time.monotonic()
+    with out.with_suffix(".log").open("w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=log, text=True)
+    wall = time.monotonic() - started
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"the plain script failed (exit {proc.returncode}); see {out.with_suffix('.log')}")
+    r = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    return Run("A", int(r["tokens_seen"]), float(r["train_seconds"]), wall, int(r["peak_rss_bytes"]))
+
+
+def run_worker(model: Path, data: Path, out: Path, steps: int, packing: str, variant: str) -> Run:
+    config = jobs.train_config(model, data, out, steps=steps, packing=packing, max_seq_length=1024)
+    started = time.monotonic()
+    harness = jobs.spawn()
+    try:
+        run = jobs.follow(harness, jobs.submit(harness, config))
+        rss = jobs.worker_peak_rss(harness)
+    finally:
+        jobs.stop(harness, timeout=60)
+    wall = time.monotonic() - started
+    if run.terminal.type != "completed":
+        raise RuntimeError(
+            f"worker run {variant} on {data.name} ended {run.terminal.type}: {run.terminal.payload}"
+        )
+    begin, end = run.first("phase", phase="training"), run.first("phase", phase="saving")
+    assert begin is not None and end is not None
+    summary = run.terminal.payload.get("summary") or {}
+    chosen = (summary.get("data") or {}).get("batching")
+    if packing != "auto" and chosen != packing:
+        raise RuntimeError(f"asked for {packing}, the worker batched {chosen}")
+    return Run(variant, int(summary["tokens_seen"]), end.at - begin.at, wall, rss)
+
+
+def run(opts: Options) -> list[Row]:
+    from transformers import AutoTokenizer
+
+    from bench.data import bench_model, build_dataset, padding_share
+
+    model = bench_model(opts.work_dir, opts.quick)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    steps = 2 if opts.quick else 40
+    n = 64 if opts.quick else 1200
+    peak = matmul_peak(512 if opts.quick else 2048)
+    opts.log(f"batching: matmul peak {peak / 1e9:.1f} GFLOP/s")
+    rows = [
+        Row(
+            PART,
+            "measured fp32 matmul peak (2048^3 torch.mm, best of 5)",
+            f"{peak / 1e9:.1f} GFLOP/s",
+            data={"flops": peak},
+        )
+    ]
+    for name, shape in DISTRIBUTIONS.items():
+        slug = name.replace(" ", "-").replace("&", "")
+        dataset = build_dataset(
+            opts.work_dir / "data" / f"batching-{slug}-{n}-{model.name}.jsonl", tokenizer, n=n, **shape
+        )
+        share = padding_share(dataset.lengths, 8)
+        mean_len = dataset.total_tokens / len(dataset.lengths)
+        opts.log(f"batching: {name}: {n} rows, mean {mean_len:.0f} tokens, {share:.0%} padding in file order")
+        work = opts.work_dir / "batching" / slug
+        runs: dict[str, list[Run]] = {"A": [], "W": [], "F": [], "P": []}
+        plan = ["A", "W", "W", "A", "F", "P"] if not opts.quick else ["A", "W"]
+        for i, variant in enumerate(plan):
+            out = work / f"{variant.lower()}-{i}"
+            if variant == "A":
+                result = run_plain(model, dataset.path, out, steps)
+            else:
+                mode = {"W": "auto", "F": "flatten", "P": "pad"}[variant]
+                result = run_worker(model, dataset.path, out, steps, mode, variant)
+            runs[variant].append(result)
+            opts.log(
+                f"batching: {name} {variant}: {result.tokens_per_s:,.0f} tok/s in train(), "
+                f"{result.wall_s:.1f} s whole process, peak RSS {fmt_mib(result.peak_rss)}"
+            )
+        flops = model_flops_per_token(model, mean_len)
+        labels = {
+            "A": "A plain HF Trainer + peft, padded",
+            "W": "W worker, packing auto",
+            "F": "F worker, packing flatten",
+            "P": "P worker, packing pad",
+        }
+        for variant, results in runs.items():
+            if not results:
+                continue
+            rate = median([r.tokens_per_s for r in results])
+            rows.append(
+                Row(
+                    PART,
+                    f"{name}: {labels[variant]}",
+                    f"{rate:,.0f} tok/s",
+                    f"whole process {median([r.wall_s for r in results]):.1f} s; "
+                    f"peak RSS {fmt_mib(median([r.peak_rss for r in results]))}",
+                    note=f"MFU {rate * flops / peak:.1%}"
+                    + (
+                        f"; {share:.0%} padding in file order, mean {mean_len:.0f} tokens"
+                        if variant == "A"
+                        else ""
+                    ),
+                    data={
+                        "tokens_per_s": [r.tokens_per_s for r in results],
+                        "wall_s": [r.wall_s for r in results],
+                    },
+                )
+            )
+        # A W W A: each W against its neighbouring A.
+        pairs = (
+            list(zip(runs["A"], runs["W"], strict=False))
+            if opts.quick
+            else [
+                (runs["A"][0], runs["W"][0]),
+                (runs["A"][1], runs["W"][1]),
+            ]
+        )
+        train_ratio = median([w.tokens_per_s / a.tokens_per_s for a, w in pairs])
+        wall_ratio = median([(a.wall_s / a.tokens) / (w.wall_s / w.tokens) for a, w in pairs])
+        rows.append(
+            Row(
+                PART,
+                f"{name}: W/A speed, train() and whole process",
+                f"{train_ratio:.2f}x / {wall_ratio:.2f}x",
+                "A W W A",
+                target=f">= {TARGET}x both",
+                met=train_ratio >= TARGET and wall_ratio >= TARGET,
+                data={"train_ratio": train_ratio, "wall_ratio": wall_ratio},
+            )
+        )
+    return rows

@@ -1,0 +1,86 @@
+"""Import the training stack in the background as soon as the worker is up.
+
+A fresh worker's first job used to wait about 7 s from ``submit`` to its first ``progress`` event
+on a 2-core machine: its runner thread imported torch, transformers, peft, datasets and
+accelerate first (the second job in the same worker waits about 1 s). The warm-up thread imports
+them right after the worker starts serving, so a job submitted a few seconds later finds them
+loaded, and one submitted sooner waits only for what is left (Python's per-module import locks
+make the runner wait for a module the warm-up is importing, never import it twice).
+
+What it costs, and who turns it off: the modules stay loaded, about 400 MiB of resident memory
+that the process cannot give back (``make bench``, part ``startup``, measures it), and a few
+seconds of one core at start-up. ``info`` is answered meanwhile, the import thread holding the
+GIL only in short stretches; nothing touches a GPU (importing torch does not initialize CUDA).
+A worker that will never train (one that only validates, a pool's spare) starts with
+``--no-warm`` or ``FINETUNE_WORKER_WARM=0`` (from Elixir: ``args: ["--no-warm"]``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+#: What a training job imports before its first step, heaviest first (each brings its own deps).
+MODULES = (
+    "torch",
+    "transformers",
+    "peft",
+    "datasets",
+    "accelerate",
+    "transformers.trainer",
+    "transformers.models.auto.modeling_auto",
+    "finetune_worker.training.job",
+    "finetune_worker.training.trainer",
+    "finetune_worker.training.model",
+    "finetune_worker.training.data",
+)
+ENV = "FINETUNE_WORKER_WARM"
+
+
+def enabled_by_env(default: bool = True) -> bool:
+    """``FINETUNE_WORKER_WARM``: ``0``/``false``/``no``/``off`` turn the warm-up off."""
+    value = os.environ.get(ENV)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+class Warmup:
+    """The warm-up's state, for ``info``: ``off``, ``warming``, ``ready`` or ``failed``."""
+
+    def __init__(self, enabled: bool):
+        self.state = "warming" if enabled else "off"
+        self.seconds: float | None = None
+        self._enabled = enabled
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if not self._enabled or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="finetune-warmup", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the warm-up has finished (or was never on)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.state != "warming"
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        try:
+            for name in MODULES:
+                importlib.import_module(name)
+        except BaseException as exc:  # a broken install: the job that needs it will say what is wrong
+            self.state = "failed"
+            log.warning("warm-up import failed (%s: %s); jobs import on their own", type(exc).__name__, exc)
+            return
+        finally:
+            self.seconds = round(time.monotonic() - started, 3)
+        self.state = "ready"
+        log.info("warm-up: training stack imported in %.1f s", self.seconds)
