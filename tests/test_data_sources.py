@@ -754,3 +754,27 @@ def test_evaluation_sets_read_every_format_too(every_format: dict[str, Path]) ->
     assert len(load_examples(cfg.source(bad, "dataset"), limit=3)) == 3  # the bad row is past the limit
     with pytest.raises(JobFailed, match="row 4: missing key 'answer'"):
         load_examples(cfg.source(bad, "dataset"))
+
+
+def test_tokenizing_many_rows_reports_progress(tok: Any, tmp_path: Path) -> None:
+    from finetune_worker.training.data import PROGRESS_ROWS
+
+    cfg = DataConfig(max_seq_length=64)
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(PROGRESS_ROWS)))
+    calls: list[tuple[int, int]] = []
+    prepare_data(
+        cfg,
+        tok,
+        [cfg.source(big, "dataset", validation_split=0.01)],
+        seed=0,
+        progress=lambda d, t: calls.append((d, t)),
+    )
+    assert calls and calls[-1] == (PROGRESS_ROWS, PROGRESS_ROWS), calls
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+    small = tmp_path / "small.jsonl"
+    small.write_text(jsonl(QA))
+    quiet: list[tuple[int, int]] = []
+    prepare_data(cfg, tok, [cfg.source(small, "dataset")], seed=0, progress=lambda d, t: quiet.append((d, t)))
+    assert quiet == []  # ready before a progress bar would matter

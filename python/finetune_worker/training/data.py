@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,8 @@ log = logging.getLogger(__name__)
 Row = dict[str, list[int]]
 #: Examples tokenized together (text rows go through the tokenizer as one batch).
 CHUNK_ROWS = 512
+#: Datasets of at least this many rows report their tokenizing as progress events (unit rows).
+PROGRESS_ROWS = 20_000
 #: Rows per Arrow record batch written.
 WRITE_ROWS = 1024
 #: Bumped when what the cache holds changes meaning (so old caches are rebuilt, not misread).
@@ -160,8 +163,12 @@ def prepare_data(
     warn: Callable[[str], None] | None = None,
     keep_examples: int = 0,
     check_cancelled: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PreparedData:
     """Read, check, split, mix and tokenize ``sources`` (see the module doc).
+
+    ``progress(rows_done, rows)`` is called about once a second while the rows are tokenized,
+    when there are at least PROGRESS_ROWS of them (a small dataset is ready before it matters).
 
     With ``cache_dir`` the token rows are Arrow files there (reused when the data, settings and
     tokenizer are the same); without, they are built in memory. When chat rows were rendered,
@@ -183,8 +190,10 @@ def prepare_data(
 
     def build(folder: Path | None) -> PreparedData:
         counts = _scan(sources, files, label_files, check_cancelled)
+        total = sum(c.rows for c in counts)
+        ticker = _Ticker(progress, total) if progress is not None and total >= PROGRESS_ROWS else None
         return _build(
-            encoder, sources, files, counts, seed, folder, label_files, keep_examples, check_cancelled
+            encoder, sources, files, counts, seed, folder, label_files, keep_examples, check_cancelled, ticker
         )
 
     result = _cached_or_built(cache_dir, key, build)
@@ -318,6 +327,21 @@ class _ArrowSink:
         return None
 
 
+class _Ticker:
+    """Calls ``progress(done, total)`` at most once a second (and once at the end)."""
+
+    def __init__(self, progress: Callable[[int, int], None], total: int):
+        self.progress, self.total, self.done = progress, total, 0
+        self._last = time.monotonic()
+
+    def at(self, done: int, force: bool = False) -> None:
+        self.done = min(self.total, done)
+        now = time.monotonic()
+        if force or now - self._last >= 1.0:
+            self._last = now
+            self.progress(self.done, self.total)
+
+
 class _ChunkWriter:
     """Tokenizes one source's examples a chunk at a time into the train and eval sinks."""
 
@@ -369,6 +393,7 @@ def _build(
     label_files: bool,
     keep_examples: int,
     check_cancelled: Callable[[], None] | None,
+    ticker: _Ticker | None = None,
 ) -> PreparedData:
     """Pass 2: split, mix, tokenize and write (see the module doc)."""
     weighted = any(s.loss_weight != 1.0 for s in sources)
@@ -383,6 +408,7 @@ def _build(
     per_source: list[dict[str, Any]] = []
     held_examples: list[Example] = []
     train_examples: list[Example] = []
+    ticker_base = 0  # rows of the sources before this one
     for source, source_files, count, mask, n_train, target in zip(
         sources, files, counts, held_masks, train_counts, targets, strict=True
     ):
@@ -410,11 +436,16 @@ def _build(
                 i += 1
                 if len(chunk) >= CHUNK_ROWS:
                     flush()
+                    if ticker is not None:
+                        ticker.at(ticker_base + i)
         except SourceProblem as exc:
             raise source_failure(source, exc) from None
         if i != len(mask):
             raise _changed(source)
         flush()
+        ticker_base += i
+        if ticker is not None:
+            ticker.at(ticker_base, force=source is sources[-1])
         per_source.append(
             {
                 "name": source.name,

@@ -141,6 +141,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     check_causal_lm(cfg.paths.model, "model_name")  # once: load_model trusts it
     tokenizer = load_tokenizer(cfg.paths.model, "model_name")
     keep = cfg.evaluation.max_rows if cfg.evaluation is not None and cfg.evaluation.dataset is None else 0
+    data_started = time.monotonic()
     data = prepare_data(
         cfg.data,
         tokenizer,
@@ -150,6 +151,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         warn=warn,
         keep_examples=keep,
         check_cancelled=ctx.check_cancelled_alone,  # one rank builds while the others wait
+        progress=lambda done, total: ctx.progress(done, total, unit="rows", started=data_started),
     )
     train_rows, eval_rows, stats = data.train, data.eval, data.stats
     has_eval = eval_rows is not None and len(eval_rows) > 0
