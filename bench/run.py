@@ -28,6 +28,7 @@ PARTS: dict[str, str] = {
     "events": "bench.events",
     "train": "bench.train",
     "batching": "bench.batching",
+    "peers": "bench.peers",
     "data": "bench.datamem",
     "gpu": "bench.gpu",
 }

@@ -110,3 +110,25 @@ def test_the_trainer_batches_rows_of_similar_length(tiny_model_dir: Path, tmp_pa
     group_share, grouped = epoch("group")
     assert sorted(map(tuple, grouped)) == sorted(map(tuple, padded))  # the same rows, each once
     assert group_share < pad_share / 3, (group_share, pad_share)
+
+
+def test_evaluation_keeps_no_logits(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The held-out loss is a per-token sum; the Trainer must not also keep every batch's logits
+    (rows x length x vocab floats: memory that grows with the held-out split)."""
+    from finetune_worker.config import parse_job_config
+    from finetune_worker.hf import load_tokenizer
+    from finetune_worker.training.data import build_datasets, make_collator
+    from finetune_worker.training.model import load_model, plan_hardware
+    from finetune_worker.training.trainer import build_trainer
+
+    _, cfg = parse_job_config(json.dumps(tiny_config(tiny_model_dir, tmp_path / "o")))
+    plan = plan_hardware(cfg, lambda m: None)
+    tokenizer = load_tokenizer(tiny_model_dir, "model_name")
+    model = load_model(cfg, plan, lambda m: None)
+    train, held, _ = build_datasets(cfg.data, tokenizer, cfg.dataset.path, validation_split=0.2, seed=1)
+    trainer = build_trainer(
+        cfg, plan, model, tokenizer, train, held, make_collator(tokenizer, "group"), [], tmp_path
+    )
+    out = trainer.evaluation_loop(trainer.get_eval_dataloader(), "eval")
+    assert out.predictions is None and out.label_ids is None
+    assert out.metrics["eval_loss"] > 0

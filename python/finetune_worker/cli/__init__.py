@@ -133,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny-model", help="build the tiny offline test model into DIR")
     tiny.add_argument("dir")
     tiny.add_argument(
-        "--size", choices=["tiny", "small"], default="tiny", help="tiny: tests and demo; small: benchmarks"
+        "--size",
+        choices=["tiny", "small", "medium"],
+        default="tiny",
+        help="tiny: tests and demo; small: benchmarks; medium: 58M parameters, a 32k-token head",
     )
     tiny.add_argument(
         "--seed", type=int, default=0, help="initial weights seed (two seeds give two mergeable models)"

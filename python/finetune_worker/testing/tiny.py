@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from finetune_worker.hf import CHATML_TEMPLATE
 
-Size = Literal["tiny", "small"]
+Size = Literal["tiny", "small", "medium"]
 
 BOS = "<|endoftext|>"
 EOS = "<|im_end|>"  # end of turn: generation stops there, and training teaches it
@@ -44,6 +44,9 @@ class TinySpec:
     num_key_value_heads: int
     intermediate_size: int
     max_position_embeddings: int = 2048
+    #: The model's vocabulary when larger than the tokenizer's (rows past it are never looked up,
+    #: but the LM head computes them: a real model's cost for benchmarks).
+    model_vocab: int | None = None
 
 
 SIZES: dict[str, TinySpec] = {
@@ -51,6 +54,8 @@ SIZES: dict[str, TinySpec] = {
     "tiny": TinySpec(1024, 128, 2, 4, 2, 384),
     # ~4.5M parameters (FACTS.md measured its ~5M cousin): for benchmarks where compute should dominate overhead.
     "small": TinySpec(1024, 256, 4, 8, 4, 1024),
+    # ~58M parameters, a 32k-row LM head: for benchmarks where matrix multiplies dominate.
+    "medium": TinySpec(1024, 512, 8, 8, 4, 1536, model_vocab=32_000),
 }
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MARKER)
@@ -67,7 +72,9 @@ def build_tiny_model(
     if size not in SIZES:
         raise ValueError(f"unknown tiny model size {size!r}; choose one of {', '.join(SIZES)}")
     out = Path(out_dir).expanduser().resolve()
-    marker = {"format_version": FORMAT_VERSION, "size": size, "seed": seed, **asdict(SIZES[size])}
+    # model_vocab only where set: the markers of the sizes that predate it stay as they were.
+    spec = {k: v for k, v in asdict(SIZES[size]).items() if v is not None}
+    marker = {"format_version": FORMAT_VERSION, "size": size, "seed": seed, **spec}
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a directory")
@@ -136,7 +143,7 @@ def _build_into(path: Path, spec: TinySpec, seed: int) -> int:
     tokenizer = _train_tokenizer(spec.vocab_size)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     config = LlamaConfig(  # type: ignore[call-arg]  # rope_theta goes through **kwargs in transformers 5
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), spec.model_vocab or 0),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,

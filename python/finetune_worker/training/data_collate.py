@@ -200,7 +200,8 @@ class LengthGroupedBatches:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def __iter__(self) -> Any:
-        return iter(self.order().tolist())
+        # One index at a time: a list of millions of Python ints would cost ~36 bytes a row.
+        return (int(i) for i in self.order())
 
 
 def row_lengths(dataset: Any) -> Any:

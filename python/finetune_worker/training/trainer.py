@@ -301,6 +301,10 @@ def training_arguments(cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval:
         disable_tqdm=True,
         remove_unused_columns=False,  # our rows are already model inputs; the collator needs them all
         include_num_input_tokens_seen="non_padding",
+        # The eval loss is all an evaluation needs (compute_loss sums it per token); without this
+        # the Trainer keeps every held-out batch's logits, rows x length x vocab floats, in memory
+        # (a 1,000-row split at 256 tokens and a 1k vocab: ~1 GiB; a 32k vocab: 32 times that).
+        prediction_loss_only=True,
         dataloader_num_workers=0,
         # Inside a torchrun rank (distributed.rank_main): the strategy's own arguments.
         **(cfg.distributed.trainer_arguments() if cfg.distributed is not None else {}),
