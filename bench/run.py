@@ -29,6 +29,7 @@ PARTS: dict[str, str] = {
     "train": "bench.train",
     "batching": "bench.batching",
     "peers": "bench.peers",
+    "memory": "bench.memory",
     "data": "bench.datamem",
     "gpu": "bench.gpu",
 }

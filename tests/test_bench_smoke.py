@@ -68,6 +68,7 @@ EXPECTED = {
         "long chat: W/A speed",
         "short Q&A: W/A speed",
     ],
+    "memory": ["LoRA r=8, chunked loss off: peak RSS", "full fine-tuning: memory the chunked loss saves"],
     "data": ["peak RSS, training on 1,000 rows", "peak RSS, training on 5,000 rows"],
     "gpu": ["lora, A plain script", "lora, B worker runner", "lora, C worker runner", "full, C", "qlora, C"],
 }
@@ -90,7 +91,7 @@ def run_bench(part: str, work_dir: Path, out: Path, record: Path) -> dict:
 # The gpu part's CPU dry run trains seven toy runs, and the train part trains A/B/C twice: each
 # takes minutes on 2 cores, and the training tests cover the same code, so they wait for
 # `make test-slow`.
-SLOW_PARTS = {"gpu", "train", "batching"}
+SLOW_PARTS = {"gpu", "train", "batching", "memory", "peers"}
 PARTS = [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PARTS else p for p in EXPECTED]
 
 

@@ -94,7 +94,10 @@ def test_demo_files_load_and_detect(tok: Any, name: str, kind: str) -> None:
     assert len(train) == stats["train_rows"] and len(held) == stats["eval_rows"] > 0
     assert stats["tokens"] == sum(len(r["input_ids"]) for r in train + held)
     for row in train + held:
-        assert set(row) == {"input_ids", "labels"} and len(row["input_ids"]) == len(row["labels"]) >= 2
+        assert (
+            set(row) == {"input_ids", "labels", "length"} and len(row["input_ids"]) == len(row["labels"]) >= 2
+        )
+        assert row["length"] == len(row["input_ids"])
     if kind == "text":
         assert all(r["labels"] == r["input_ids"] for r in train)
     else:
@@ -386,7 +389,7 @@ def test_text_blocks(tok: Any, tmp_path: Path) -> None:
 
 
 def test_padded_collator_shapes(tok: Any) -> None:
-    collator = make_collator(tok, packing=False)
+    collator = make_collator(tok, "pad")
     assert isinstance(collator.inner, PaddedCollator) and collator.inner.pad_token_id == tok.pad_token_id
     batch = collator([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, tok.pad_token_id, tok.pad_token_id]]
@@ -409,14 +412,14 @@ def test_packed_per_example_losses_equal_padded(tiny_model_dir: Path, tok: Any) 
         return ce, (labels[:, 1:] != IGNORE_INDEX).float()
 
     with torch.no_grad():
-        padded = make_collator(tok, packing=False)(rows)
+        padded = make_collator(tok, "pad")(rows)
         ce, mask = token_losses(
             model(**{k: padded[k] for k in ("input_ids", "attention_mask")}, use_cache=False).logits,
             padded["labels"],
         )
         padded_losses = (ce * mask).sum(1) / mask.sum(1)
 
-        packed = make_collator(tok, packing=True)(rows)
+        packed = make_collator(tok, "flatten")(rows)
         assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
         bounds = list(itertools.accumulate([0] + [len(r["input_ids"]) for r in rows]))
 

@@ -508,7 +508,7 @@ def test_loss_weight_scales_each_sources_tokens_in_the_loss(
 
     cfg = mixture(tmp_path, {"loss_weight": 2.0}, {"loss_weight": 0.0})
     data = prepare_data(cfg.data, tok, cfg.sources, seed=cfg.seed)
-    assert data.train.column_names == ["input_ids", "labels", "loss_weight"]
+    assert data.train.column_names == ["input_ids", "labels", "length", "loss_weight"]
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     trainer = AtomicCheckpointTrainer(
         model=model,

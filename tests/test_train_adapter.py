@@ -56,7 +56,7 @@ def train_in_memory(raw: dict[str, Any], out: Path) -> tuple[Any, Any, dict[str,
     trainer.train()
     save_outputs(trainer, tokenizer, out, initial)
     # A fixed padded batch of held-out rows (padded so every method, virtual tokens included, takes it).
-    batch = make_collator(tokenizer, packing=False)(list(eval_rows.select(range(4))))
+    batch = make_collator(tokenizer, "pad")(list(eval_rows.select(range(4))))
     batch.pop("labels")
     return cfg, trainer.model, batch
 

@@ -103,6 +103,12 @@ class TrainingParameters(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
+    chunked_loss: Literal["auto"] | bool = Field(
+        "auto",
+        description="Compute the LM head and cross-entropy only for trained tokens, a chunk at a time, "
+        "recomputed in backward: no batch x length x vocab logits in memory. auto: when a batch's "
+        "logits would take more than 64 MiB (large vocabularies, long rows).",
+    )
     logging_steps: int = Field(10, gt=0, description="Send a metrics event every N optimizer steps.")
 
 

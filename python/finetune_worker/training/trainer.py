@@ -57,9 +57,10 @@ def diverged(what: str) -> JobFailed:
 class AtomicCheckpointTrainer(Trainer):
     """A Trainer whose checkpoints appear on disk all at once or not at all (see the module doc)."""
 
-    def __init__(self, *args: Any, keep: int, **kwargs: Any):
+    def __init__(self, *args: Any, keep: int, chunked_loss: str | bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._keep = keep
+        self._chunked_loss = chunked_loss
         self._group_by_length = bool(getattr(self.data_collator, "groups_by_length", False))
         self._staging = False
         #: Loss summed over the steps before this train() call (from the resumed checkpoint).
@@ -113,6 +114,11 @@ class AtomicCheckpointTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         weights = inputs.pop("token_weights", None)
+        head = self._chunked_head(model, inputs)
+        if head is not None:
+            return self._chunked_head_loss(
+                model, head, inputs, weights if model.training else None, *args, **kwargs
+            )
         if weights is not None and model.training:
             return self._weighted_loss(model, inputs, weights, *args, **kwargs)
         count = None
@@ -157,6 +163,63 @@ class AtomicCheckpointTrainer(Trainer):
         loss = total / (num_items_in_batch if scaled else valid.sum().clamp(min=1))
         if scaled and self.args.average_tokens_across_devices:
             # As Trainer.compute_loss: the count was summed over the processes.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- chunked LM head + cross-entropy (training_parameters.chunked_loss) ----------------------
+
+    def _chunked_head(self, model: Any, inputs: Any) -> tuple[Any, str] | None:
+        """``(the CausalLM that owns the head, the head's attribute name)`` when this batch's loss
+        should go through :func:`chunked_head_loss`, else None (the model's own loss)."""
+        mode = self._chunked_loss
+        if mode is False or "labels" not in inputs or self.args.world_size > 1:
+            return None  # under DDP the head must run inside the wrapped forward
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        config = getattr(base, "config", None)
+        if head is None or getattr(base, "lm_head", None) is not head or config is None:
+            return None
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            return None  # the logits are transformed after the head: leave them to the model
+        if mode == "auto":
+            vocab = int(getattr(config, "vocab_size", 0) or 0)
+            if inputs["labels"].numel() * vocab * 4 < CHUNKED_LOSS_AUTO_BYTES:
+                return None
+        return base, "lm_head"
+
+    def _chunked_head_loss(
+        self,
+        model: Any,
+        owner: tuple[Any, str],
+        inputs: Any,
+        weights: torch.Tensor | None,
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """The causal-LM loss with the head run on the trained tokens only, a chunk at a time
+        (see :func:`chunked_head_loss`); normalized as the model's own loss is."""
+        base, name = owner
+        head = getattr(base, name)
+        labels = inputs.pop("labels")
+        capture = _HiddenCapture()
+        setattr(base, name, capture)
+        try:
+            outputs = model(**inputs)
+        finally:
+            setattr(base, name, head)
+        hidden = capture.hidden
+        if hidden is None:
+            raise RuntimeError("the model did not call its LM head")
+        if hidden.shape[1] > labels.shape[1]:  # prompt tuning prepends virtual tokens
+            hidden = hidden[:, -labels.shape[1] :]
+        total, valid = chunked_head_loss(head, hidden, labels, weights)
+        if self._eval_sums is not None and not model.training:
+            self._eval_sums[0] += total.detach().float()
+            self._eval_sums[1] += valid
+        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None and model.training
+        loss = total / (num_items_in_batch if scaled else valid.clamp(min=1))
+        if scaled and self.args.average_tokens_across_devices:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, outputs) if return_outputs else loss
 
@@ -230,6 +293,65 @@ class AtomicCheckpointTrainer(Trainer):
             best = self.state.best_model_checkpoint
             rotate(out, self._keep, protect=[final, *([Path(best)] if best else [])])
         self.accelerator.wait_for_everyone()
+
+
+#: chunked_loss "auto" takes over when a batch's fp32 logits would be at least this large.
+CHUNKED_LOSS_AUTO_BYTES = 64 * 2**20
+#: Trained tokens per chunk of the chunked head: 4,096 x a 128k vocab is 2 GiB of fp32 logits
+#: at most at a time, 4,096 x 32k is 512 MiB.
+CHUNK_TOKENS = 4096
+
+
+class _HiddenCapture(torch.nn.Module):
+    """Stands in for the LM head for one forward: keeps its input, returns zero-width logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.hidden = hidden
+        return hidden.new_zeros((*hidden.shape[:-1], 0))
+
+
+def _chunk_loss(
+    head: Any, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    logits = head(hidden).float()
+    token_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    return (token_loss * weights).sum()
+
+
+def chunked_head_loss(
+    head: Any, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of the trained tokens' cross-entropy x weight, their count)`` for a causal LM.
+
+    Only positions whose next label is trained go through ``head`` (with responses-only labels,
+    the prompt's share of the head's matmul is saved too), CHUNK_TOKENS of them at a time under
+    activation checkpointing: each chunk's logits exist only while its loss (and, in backward,
+    its gradient) is computed. Written here because the fused kernels that do this (Liger's
+    fused linear cross-entropy, cut-cross-entropy) are Triton, GPU-only; this is plain torch.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    targets = labels[:, 1:].reshape(-1)
+    keep = (targets != -100).nonzero().squeeze(-1)
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    picked = targets.index_select(0, keep)
+    if weights is not None:
+        w = weights[:, 1:].reshape(-1).index_select(0, keep).to(torch.float32)
+    else:
+        w = torch.ones(picked.shape, dtype=torch.float32, device=picked.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], CHUNK_TOKENS):
+        end = start + CHUNK_TOKENS
+        total = total + checkpoint(
+            _chunk_loss, head, flat[start:end], picked[start:end], w[start:end], use_reentrant=False
+        )
+    if flat.shape[0] == 0:
+        total = total + hidden.sum() * 0.0  # keep the graph connected on a batch with nothing to train
+    return total, torch.tensor(int(keep.numel()), device=hidden.device)
 
 
 #: What torch's zip writer says when a write came up short (it drops the errno): "[enforce fail at
@@ -341,6 +463,7 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=all_callbacks,
         keep=cfg.checkpoint.keep,
+        chunked_loss=cfg.training_parameters.chunked_loss,
     )
     # With tqdm off the Trainer prints every log dict; our events already carry them.
     trainer.remove_callback(PrinterCallback)
