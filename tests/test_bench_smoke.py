@@ -69,7 +69,7 @@ EXPECTED = {
         "short Q&A: W/A speed",
     ],
     "memory": ["LoRA r=8, chunked loss off: peak RSS", "full fine-tuning: memory the chunked loss saves"],
-    "data": ["peak RSS, training on 1,000 rows", "peak RSS, training on 5,000 rows"],
+    "data": ["peak anonymous RSS, training on 1,000 rows", "peak anonymous RSS, training on 5,000 rows"],
     "gpu": ["lora, A plain script", "lora, B worker runner", "lora, C worker runner", "full, C", "qlora, C"],
 }
 

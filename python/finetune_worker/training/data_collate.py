@@ -169,7 +169,7 @@ class LengthGroupedBatches:
     def __init__(self, lengths: Any, batch_size: int, seed: int, mega_batches: int = 50):
         import numpy as np
 
-        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.lengths = np.asarray(lengths)  # int32 from the Arrow column: 4 bytes a row
         self.batch_size = max(1, int(batch_size))
         self.seed = int(seed)
         self.mega = max(1, min(mega_batches, len(self.lengths) // (self.batch_size * 4)))
@@ -185,19 +185,22 @@ class LengthGroupedBatches:
         import numpy as np
 
         rng = np.random.default_rng([self.seed, self.epoch])
-        perm = rng.permutation(len(self.lengths))
-        size = self.mega * self.batch_size
-        out: list[Any] = []
-        for start in range(0, len(perm), size):
+        n, batch = len(self.lengths), self.batch_size
+        perm = rng.permutation(n)
+        size = self.mega * batch
+        out = np.empty(n, dtype=np.int64)
+        pos = 0
+        for start in range(0, n, size):  # vectorized per mega-batch: no Python object per batch
             chunk = perm[start : start + size]
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            full = len(chunk) // batch * batch
+            blocks = chunk[:full].reshape(-1, batch)[rng.permutation(full // batch)]
+            out[pos : pos + full] = blocks.reshape(-1)
             # The short last batch of the last mega-batch stays last (it is the epoch's remainder).
-            last = batches.pop() if start + size >= len(perm) and len(batches[-1]) < self.batch_size else None
-            out.extend(batches[i] for i in rng.permutation(len(batches)))
-            if last is not None:
-                out.append(last)
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+            rest = chunk[full:]
+            out[pos + full : pos + len(chunk)] = rest
+            pos += len(chunk)
+        return out
 
     def __iter__(self) -> Any:
         # One index at a time: a list of millions of Python ints would cost ~36 bytes a row.
