@@ -25,7 +25,7 @@ PART = "memory"
 
 
 def run_once(
-    model: Path, data: Path, out: Path, method: str, chunked: bool, steps: int
+    model: Path, data: Path, out: Path, method: str, chunked: bool, steps: int, batch: int = 8
 ) -> tuple[int, float, int]:
     """``(peak RSS bytes, seconds, real tokens)`` of one run."""
     peft = {"method": "full"} if method == "full" else {"method": "lora", "r": 8, "alpha": 16}
@@ -38,7 +38,7 @@ def run_once(
         "data": {"format": "instruction", "max_seq_length": 1024, "packing": "pad"},
         "peft": peft,
         "training_parameters": {
-            "batch_size": 8,
+            "batch_size": batch,
             "learning_rate": 1e-4,
             "logging_steps": 1,
             "chunked_loss": chunked,
