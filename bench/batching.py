@@ -95,12 +95,7 @@ def run_plain(model: Path, data: Path, out: Path, steps: int) -> Run:
 def run_worker(model: Path, data: Path, out: Path, steps: int, packing: str, variant: str) -> Run:
     config = jobs.train_config(model, data, out, steps=steps, packing=packing, max_seq_length=1024)
     started = time.monotonic()
-    harness = jobs.spawn()
-    try:
-        run = jobs.follow(harness, jobs.submit(harness, config))
-        rss = jobs.worker_peak_rss(harness)
-    finally:
-        jobs.stop(harness, timeout=60)
+    run, rss = jobs.run_in_fresh_worker(config)
     wall = time.monotonic() - started
     if run.terminal.type != "completed":
         raise RuntimeError(

@@ -128,3 +128,58 @@ def worker_env(test_jobs: bool = False) -> dict[str, str]:
     if test_jobs:
         env["FINETUNE_WORKER_TEST_JOBS"] = "1"
     return env
+
+
+@dataclass
+class CliRun:
+    """One ``finetune-worker run CONFIG --json`` in its own process."""
+
+    peak_anon: int  # the largest RssAnon sampled (every 50 ms): memory the process owns
+    peak_rss: int  # ru_maxrss from wait4: also the file pages it mapped (clean, reclaimable)
+    seconds: float
+
+
+def run_cli_job(config: dict[str, Any], out: Path) -> CliRun:
+    """Write ``config`` beside ``out``, run it through the CLI and measure its memory; the log
+    goes to ``out.log``. Raises with the log's tail when the run fails."""
+    import json
+    import subprocess
+    import sys
+
+    cfg_path = out.with_suffix(".json")
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(json.dumps(config))
+    log_path = out.with_suffix(".log")
+    started = time.monotonic()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "finetune_worker", "run", str(cfg_path), "--json"],
+            cwd=REPO,
+            env=worker_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        anon = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            anon = max(anon, _rss_anon(proc.pid))
+            time.sleep(0.05)
+    seconds = time.monotonic() - started
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{cfg_path.name} failed (exit {code}); {log_path}:\n{tail}")
+    return CliRun(anon, usage.ru_maxrss * 1024, seconds)  # Linux reports ru_maxrss in KiB
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

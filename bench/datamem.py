@@ -20,12 +20,9 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bench.common import REPO, Options, Row, fmt_mib, worker_env
+from bench.common import Options, Row, fmt_mib, run_cli_job
 
 PART = "data"
 #: Peak RSS of the 2M-row run over the 100k-row run's: 20 times the rows, at most 1.25 times the memory.
@@ -110,44 +107,8 @@ def run_once(model: Path, data: Path, out: Path, steps: int) -> tuple[int, int, 
         "max_steps": steps,
         "checkpoint": {"every_steps": 1000},
     }
-    cfg_path = out.with_suffix(".json")
-    cfg_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(json.dumps(config))
-    log_path = out.with_suffix(".log")
-    started = time.monotonic()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "finetune_worker", "run", str(cfg_path), "--json"],
-            cwd=REPO,
-            env=worker_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        anon = 0
-        while True:  # sample the anonymous share while it runs; wait4 gives the total peak at the end
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            anon = max(anon, _rss_anon(proc.pid))
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.monotonic() - started
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the run on {data.name} failed (exit {proc.returncode}); {log_path}:\n{tail}")
-    return anon, usage.ru_maxrss * 1024, seconds  # Linux reports ru_maxrss in KiB
-
-
-def _rss_anon(pid: int) -> int:
-    """``RssAnon`` of ``pid`` in bytes (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    run = run_cli_job(config, out)
+    return run.peak_anon, run.peak_rss, run.seconds
 
 
 def run(opts: Options) -> list[Row]:

@@ -136,3 +136,14 @@ def stop(harness: Any, timeout: float = 30) -> None:
         harness.wait(timeout)
     finally:
         harness.__exit__(None, None, None)  # kills it if it did not exit, removes the stderr log
+
+
+def run_in_fresh_worker(config: dict[str, Any]) -> tuple[JobRun, int]:
+    """``config`` run to its end in a worker spawned for it: ``(its events, the worker's peak RSS)``."""
+    harness = spawn()
+    try:
+        run = follow(harness, submit(harness, config))
+        rss = worker_peak_rss(harness)
+    finally:
+        stop(harness, timeout=60)
+    return run, rss

@@ -13,13 +13,9 @@ with it on at batch 8; the saving is the difference of the two peaks.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from bench.common import REPO, Options, Row, fmt_mib, worker_env
+from bench.common import Options, Row, fmt_mib, run_cli_job
 
 PART = "memory"
 
@@ -48,25 +44,9 @@ def run_once(
     }
     if method == "qlora":
         config["quantization"] = {"bits": 4}
-    cfg_path = out.with_suffix(".json")
-    cfg_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(json.dumps(config))
-    started = time.monotonic()
-    with out.with_suffix(".log").open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "finetune_worker", "run", str(cfg_path), "--json"],
-            cwd=REPO,
-            env=worker_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.monotonic() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        tail = out.with_suffix(".log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the {method} run failed:\n{tail}")
+    run = run_cli_job(config, out)
     summary = json.loads((out / "summary.json").read_text())
-    return usage.ru_maxrss * 1024, seconds, int(summary["tokens_seen"])
+    return run.peak_rss, run.seconds, int(summary["tokens_seen"])
 
 
 def run(opts: Options) -> list[Row]:

@@ -96,12 +96,7 @@ def run_worker(
 ) -> Result:
     """Variants B and C: the same job through a freshly spawned worker."""
     config = jobs.train_config(model, data, out, steps=steps, packing=packing, method=method, bits=bits)
-    harness = jobs.spawn()
-    try:
-        run = jobs.follow(harness, jobs.submit(harness, config))
-        rss = jobs.worker_peak_rss(harness)
-    finally:
-        jobs.stop(harness, timeout=60)
+    run, rss = jobs.run_in_fresh_worker(config)
     begin, end = run.first("phase", phase="training"), run.first("phase", phase="saving")
     if begin is None or end is None:
         raise RuntimeError(

@@ -137,10 +137,15 @@ def load_examples(source: Source, limit: int | None = None) -> list[Example]:
             errors, count, [str(source.path)], f" (columns map {renames})" if renames else ""
         )
     if not examples:
-        raise JobFailed(
-            "bad_dataset_row",
-            f"{source.where}.path: {source.path} has no rows (it is empty)",
-            hint="add rows, or point the path at your data",
-            details={"path": str(source.path)},
-        )
+        raise empty_source_failure(source)
     return examples
+
+
+def empty_source_failure(source: Source) -> JobFailed:
+    """The failure of a source with no rows."""
+    return JobFailed(
+        "bad_dataset_row",
+        f"{source.where}.path: {source.path} has no rows (it is empty)",
+        hint="add rows, or point the path at your data",
+        details={"path": str(source.path)},
+    )

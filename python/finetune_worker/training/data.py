@@ -46,6 +46,7 @@ from finetune_worker.data.sources import (
     MAX_REPORTED,
     Source,
     bad_rows_failure,
+    empty_source_failure,
     iter_examples,
     source_failure,
 )
@@ -267,12 +268,7 @@ def _scan(
         )
     for source, count in zip(sources, counts, strict=True):
         if count.rows == 0:
-            raise JobFailed(
-                "bad_dataset_row",
-                f"{source.where}.path: {source.path} has no rows (it is empty)",
-                hint="add rows, or point the path at your data",
-                details={"path": str(source.path)},
-            )
+            raise empty_source_failure(source)
     return counts
 
 
