@@ -1,8 +1,9 @@
 """Peers side by side: LLaMA-Factory 0.9.5 (and, where CUDA is present, the GPU-only peers) against the worker.
 
 LLaMA-Factory pins transformers <= 5.6 and peft 0.18, so it gets its own virtualenv under the
-bench's work dir (built once: ``pip install torch==2.13.0 llamafactory==0.9.5``, then torch put
-back to the worker's 2.13.0 so both sides run the same kernels). It trains through its own
+bench's work dir, built once with ``pip install llamafactory==0.9.5`` as a user would. Its
+resolver picks its own torch (2.14.1 here: its torchaudio 2.11.1 does not load against the
+worker's torch 2.13.0, so the two cannot share one); the row names the versions. It trains through its own
 ``llamafactory-cli train`` with a YAML made for the run: the same model (the small tiny Llama),
 the same long-chat rows (alpaca columns, ChatML, loss on the answers only), LoRA r=8 alpha 16
 dropout 0.05 on all linear layers, batch 8, the same learning rate, schedule and step count,
@@ -28,7 +29,6 @@ from bench.common import Options, Row, fmt_mib, median, worker_env
 
 PART = "peers"
 LLAMAFACTORY = "llamafactory==0.9.5"
-TORCH = "torch==2.13.0"
 
 
 def llamafactory_venv(work_dir: Path, log: Callable[[str], None]) -> Path:
@@ -42,9 +42,7 @@ def llamafactory_venv(work_dir: Path, log: Callable[[str], None]) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, TORCH], check=True)  # the local CPU wheel, before anything pulls another
     subprocess.run([*pip, LLAMAFACTORY], check=True)
-    subprocess.run([*pip, TORCH], check=True)  # llamafactory's resolver may have moved it
     stamp.write_text(LLAMAFACTORY + "\n")
     return cli
 
@@ -92,7 +90,7 @@ def llamafactory_config(model: Path, data: Path, out: Path, steps: int) -> dict[
         "optim": "adamw_torch",
         "seed": 42,
         "disable_tqdm": True,
-        "include_num_input_tokens_seen": True,
+        "include_num_input_tokens_seen": "non_padding",  # real tokens, as the worker counts them
     }
 
 
