@@ -96,7 +96,8 @@ def held_out_mask(n: int, fraction: float, seed: int, index: int = 0) -> np.ndar
     mask = np.zeros(n, dtype=bool)
     k = held_out_count(n, fraction)
     if k:
-        mask[np.random.default_rng([seed, index]).permutation(n)[:k]] = True
+        # A sample of k, not a permutation of n: memory in proportion to the held-out rows only.
+        mask[np.random.default_rng([seed, index]).choice(n, k, replace=False)] = True
     return mask
 
 

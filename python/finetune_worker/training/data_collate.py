@@ -186,9 +186,10 @@ class LengthGroupedBatches:
 
         rng = np.random.default_rng([self.seed, self.epoch])
         n, batch = len(self.lengths), self.batch_size
-        perm = rng.permutation(n)
+        # int32 indices: 4 bytes a row for each array alive at once (datasets hold < 2**31 rows).
+        perm = rng.permutation(n).astype(np.int32)
         size = self.mega * batch
-        out = np.empty(n, dtype=np.int64)
+        out = np.empty(n, dtype=np.int32)
         pos = 0
         for start in range(0, n, size):  # vectorized per mega-batch: no Python object per batch
             chunk = perm[start : start + size]
