@@ -64,6 +64,8 @@ def llamafactory_config(model: Path, data: Path, out: Path, steps: int) -> dict[
         "stage": "sft",
         "do_train": True,
         "finetuning_type": "lora",
+        # Its default turns gradient checkpointing on; the worker's is off: compare like with like.
+        "disable_gradient_checkpointing": True,
         "lora_rank": 8,
         "lora_alpha": 16,
         "lora_dropout": 0.05,
