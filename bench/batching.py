@@ -51,6 +51,16 @@ class Run:
         return self.tokens / self.train_s
 
 
+def speed_ratios(base: list[Run], worker: list[Run]) -> tuple[float, float]:
+    """``(train() ratio, whole-process ratio)`` of ``worker`` over ``base``, median over the pairs
+    of an X W W X order (each W against its neighbouring X); whole process per real token, since
+    two orders of the same rows train different tokens in the same steps."""
+    pairs = list(zip(base, worker, strict=False))
+    train_ratio = median([w.tokens_per_s / b.tokens_per_s for b, w in pairs])
+    wall_ratio = median([(b.wall_s / b.tokens) / (w.wall_s / w.tokens) for b, w in pairs])
+    return train_ratio, wall_ratio
+
+
 def matmul_peak(n: int = 2048, repeat: int = 5) -> float:
     """FLOP/s of an ``n``^3 fp32 matmul on this machine, best of ``repeat`` (torch's own threads)."""
     import torch
@@ -182,17 +192,7 @@ def run(opts: Options) -> list[Row]:
                     },
                 )
             )
-        # A W W A: each W against its neighbouring A.
-        pairs = (
-            list(zip(runs["A"], runs["W"], strict=False))
-            if opts.quick
-            else [
-                (runs["A"][0], runs["W"][0]),
-                (runs["A"][1], runs["W"][1]),
-            ]
-        )
-        train_ratio = median([w.tokens_per_s / a.tokens_per_s for a, w in pairs])
-        wall_ratio = median([(a.wall_s / a.tokens) / (w.wall_s / w.tokens) for a, w in pairs])
+        train_ratio, wall_ratio = speed_ratios(runs["A"], runs["W"])
         rows.append(
             Row(
                 PART,

@@ -178,16 +178,7 @@ def run(opts: Options) -> list[Row]:
                 },
             )
         )
-    pairs = (
-        list(zip(runs["L"], runs["W"], strict=False))
-        if opts.quick
-        else [
-            (runs["L"][0], runs["W"][0]),
-            (runs["L"][1], runs["W"][1]),
-        ]
-    )
-    train_ratio = median([w.tokens_per_s / p.tokens_per_s for p, w in pairs])
-    wall_ratio = median([(p.wall_s / p.tokens) / (w.wall_s / w.tokens) for p, w in pairs])
+    train_ratio, wall_ratio = batching.speed_ratios(runs["L"], runs["W"])
     rows.append(
         Row(
             PART,
