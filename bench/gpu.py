@@ -131,7 +131,7 @@ def run_in_process(config: dict[str, Any], cuda: bool, timeout: float = 3600) ->
     first = next((e for _, e in events if e.type == "metrics" and e.payload.get("step") == 1), None)
     summary = last.payload["summary"]
     return Result(
-        variant="C" if config["data"]["packing"] else "B",
+        variant="B" if config["data"]["packing"] == "pad" else "C",
         tokens=int(summary["tokens_seen"]),
         seconds=phase["saving"] - phase["training"],
         peak_rss=0,

@@ -40,7 +40,12 @@ def train_config(
             "format": "instruction",
             "train_on_responses_only": True,
             "max_seq_length": max_seq_length,  # above the longest row: nothing is truncated
-            "packing": packing,
+            # True/False: flattened (same rows, same order as the padded script) or padded; a
+            # string is a data.packing value as users write it ("auto" groups rows by length
+            # on CPU, which reorders them).
+            "packing": {True: "flatten", False: "pad"}.get(packing, packing)
+            if isinstance(packing, bool)
+            else packing,
         },
         "peft": {"method": "full"}
         if method == "full"
