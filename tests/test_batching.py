@@ -32,8 +32,10 @@ from test_train_helpers import tiny_config
 def test_what_each_packing_value_resolves_to(
     requested: str | bool, attn: str, virtual: bool, mode: str, says: str
 ) -> None:
-    got, why = choose_batching(requested, attn, virtual)
+    got, why, warn = choose_batching(requested, attn, virtual)
     assert got == mode and says in why, (got, why)
+    # The user is warned exactly when what they asked for is slow here or not possible.
+    assert warn == (requested == "flatten" and (virtual or attn != "flash_attention_2")), (got, why)
 
 
 def _lengths(n: int = 2000, seed: int = 0) -> np.ndarray:

@@ -48,9 +48,9 @@ def train_in_memory(raw: dict[str, Any], out: Path) -> tuple[Any, Any, dict[str,
     train_rows, eval_rows, _ = build_datasets(
         cfg.data, tokenizer, cfg.dataset.path, validation_split=cfg.dataset.validation_split, seed=cfg.seed
     )
-    mode, _ = choose_batching(
+    mode = choose_batching(
         cfg.data.packing, cfg.attn_implementation, cfg.peft.method in ("prompt_tuning", "prefix_tuning")
-    )
+    ).mode
     collator = make_collator(tokenizer, mode)
     trainer = build_trainer(cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [], out)
     trainer.train()

@@ -25,7 +25,7 @@ Rows of a source with a ``loss_weight`` carry it as a column; :class:`RowCollato
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 IGNORE_INDEX = -100
 
@@ -67,35 +67,46 @@ VARLEN_KERNELS = frozenset({"flash_attention_2", "flash_attention_3"})
 _ROW_COLUMNS = ("loss_weight", "length")
 
 
-def choose_batching(requested: str | bool, attn_implementation: str, virtual_tokens: bool) -> tuple[str, str]:
-    """``(mode, why)``: the batching a ``data.packing`` value resolves to for this model."""
+class Batching(NamedTuple):
+    """What a ``data.packing`` value resolves to: the mode, why, and whether the user should be
+    warned (the batching asked for is slow with this model, or not possible)."""
+
+    mode: str
+    why: str
+    warn: bool = False
+
+
+def choose_batching(requested: str | bool, attn_implementation: str, virtual_tokens: bool) -> Batching:
+    """The batching a ``data.packing`` value resolves to for this model."""
     mode = (
         {True: "auto", False: "pad"}.get(requested, requested) if isinstance(requested, bool) else requested
     )
     varlen = attn_implementation in VARLEN_KERNELS
     if mode == "auto":
         if varlen and not virtual_tokens:
-            return (
-                "flatten",
-                f"packing auto: {attn_implementation} takes flattened rows as separate sequences",
+            return Batching(
+                "flatten", f"packing auto: {attn_implementation} takes flattened rows as separate sequences"
             )
         why = (
             "virtual tokens need one row per example"
             if virtual_tokens
             else f"{attn_implementation} attention would need a dense mask over a flattened batch"
         )
-        return "group", f"packing auto: length-grouped padded rows ({why})"
+        return Batching("group", f"packing auto: length-grouped padded rows ({why})")
     if mode == "flatten" and virtual_tokens:
-        return (
+        return Batching(
             "group",
             "packing flatten is not possible with virtual tokens (one row per example): length-grouped rows",
+            warn=True,
         )
     if mode == "flatten" and not varlen:
-        return "flatten", (
+        return Batching(
+            "flatten",
             f"packing flatten with {attn_implementation} attention: a dense mask over each flattened batch, "
-            'attention costs (sum of lengths)^2; "auto" would group rows by length instead'
+            'attention costs (sum of lengths)^2; "auto" would group rows by length instead',
+            warn=True,
         )
-    return str(mode), f"packing {mode}"
+    return Batching(str(mode), f"packing {mode}")
 
 
 @dataclass

@@ -181,8 +181,8 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     ctx.check_cancelled()
 
     attn = str(getattr(model.config, "_attn_implementation", None) or cfg.attn_implementation)
-    batching, why = choose_batching(cfg.data.packing, attn, cfg.peft.method in VIRTUAL_TOKEN_METHODS)
-    (warn if "dense mask" in why or "not possible" in why else ctx.log)(f"batches: {why}")
+    batching, why, slow = choose_batching(cfg.data.packing, attn, cfg.peft.method in VIRTUAL_TOKEN_METHODS)
+    (warn if slow else ctx.log)(f"batches: {why}")
     stats["batching"] = batching
     collator = make_collator(tokenizer, batching)
 
