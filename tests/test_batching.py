@@ -65,6 +65,20 @@ def test_grouped_order_is_a_seeded_permutation_with_little_padding() -> None:
     assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
 
 
+def test_the_batch_with_the_longest_row_goes_first() -> None:
+    """A batch too big for memory fails at step 1, and the first step shows a run's peak."""
+    lengths = _lengths(3001)  # a short last batch too
+    longest = int(lengths.max())
+    for seed in range(5):
+        for epoch in range(2):
+            sampler = LengthGroupedBatches(lengths, batch_size=8, seed=seed)
+            sampler.set_epoch(epoch)
+            order = sampler.order()
+            assert int(lengths[order[:8]].max()) == longest, (seed, epoch)
+            assert sorted(order.tolist()) == list(range(len(lengths)))
+            assert len(order) % 8 == 1 and 0 < int(lengths[order[-1]])  # the remainder stays last
+
+
 def test_a_global_batch_holds_the_same_rows_however_it_is_dealt() -> None:
     """One process x batch 8 and two ranks x 4 (accelerate deals each rank its run of 4): the
     sampler groups by the global batch, so each optimizer step sees the same 8 rows."""

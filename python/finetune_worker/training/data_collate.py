@@ -174,7 +174,8 @@ class LengthGroupedBatches:
     (accelerate deals each rank its run of the global batch). Written here rather than using
     transformers' ``LengthGroupedSampler``: that one groups per device batch and leaves each
     mega-batch's batches in descending length (a length curriculum every 50 steps), and reads
-    lengths as a Python list; this one takes the prepared rows' ``length`` column as numpy.
+    lengths as a Python list; this one takes the prepared rows' ``length`` column as numpy. Like
+    transformers' sampler, it puts the batch with the longest row first.
     """
 
     def __init__(self, lengths: Any, batch_size: int, seed: int, mega_batches: int = 50):
@@ -212,6 +213,15 @@ class LengthGroupedBatches:
             rest = chunk[full:]
             out[pos + full : pos + len(chunk)] = rest
             pos += len(chunk)
+        # The batch holding the longest row goes first: a batch too big for memory then fails at
+        # step 1, not hours in, and a run's peak memory shows in its first step.
+        full = n // batch * batch
+        if full > batch:
+            widest = int(self.lengths[out[:full]].reshape(-1, batch).max(axis=1).argmax())
+            if widest:
+                first = out[:batch].copy()
+                out[:batch] = out[widest * batch : (widest + 1) * batch]
+                out[widest * batch : (widest + 1) * batch] = first
         return out
 
     def __iter__(self) -> Any:
