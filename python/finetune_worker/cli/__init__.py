@@ -100,9 +100,30 @@ def _add_allowed_root(p: argparse.ArgumentParser) -> None:
     )
 
 
+EXAMPLES = """\
+examples:
+  finetune-worker run configs/tiny-lora.json           train with a live display
+  finetune-worker run configs/tiny-mixture.yaml --set training_parameters.learning_rate=1e-4
+  finetune-worker validate my-job.yaml                 every problem, with its line, before any model loads
+  finetune-worker run job.json --json | jq .type       events as JSON lines
+  finetune-worker port --packet 4                      what an Elixir Port or ErlPort starts
+  finetune-worker schema > job.schema.json             JSON Schema for editors and validators
+
+docs: docs/configs.md (every key), docs/protocol.md (the port's messages)
+"""
+
+SET_HELP = (
+    "override a config key, KEY a dotted path (training_parameters.learning_rate, "
+    "dataset.sources[1].weight), VALUE read as YAML (3, 1e-4, true, [q_proj, v_proj]); repeatable"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="finetune-worker", description="LLM fine-tuning worker for the BEAM (ErlPort-compatible port)."
+        prog="finetune-worker",
+        description="LLM fine-tuning worker for the BEAM (ErlPort-compatible port).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--version", action="version", version=f"finetune-worker {finetune_worker.__version__}"
@@ -113,14 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_port_options(port)
     _add_allowed_root(port)
 
-    run = sub.add_parser("run", help="run one job in this terminal with live progress")
-    run.add_argument("config", help="job config (JSON file)")
+    run = sub.add_parser(
+        "run",
+        help="run one job in this terminal with live progress",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("config", help="job config (JSON or YAML file)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     run.add_argument("--json", action="store_true", help="print events as JSON lines instead")
     run.add_argument("--grace", type=float, default=_default_grace(), help="seconds to save after a cancel")
     _add_allowed_root(run)
 
     val = sub.add_parser("validate", help="check a job config and print every problem")
-    val.add_argument("config", help="job config (JSON file)")
+    val.add_argument("config", help="job config (JSON or YAML file)")
+    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     _add_allowed_root(val)
 
     sub.add_parser("schema", help="print the JSON schema of job configs")
@@ -220,17 +248,17 @@ def cmd_port(args: argparse.Namespace) -> int:
     return serve(port, grace_s=args.grace, warm=enabled_by_env() if args.warm is None else args.warm)
 
 
-def _load(path: str) -> tuple[str, Any]:
+def _load(path: str, overrides: list[str] | None = None) -> tuple[str, Any]:
     from finetune_worker.config import parse_job_config
 
-    return parse_job_config(("file", path))
+    return parse_job_config(("file", path), overrides or ())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from finetune_worker.errors import ConfigError
 
     try:
-        kind, _ = _load(args.config)
+        kind, _ = _load(args.config, args.set)
     except ConfigError as exc:
         print(f"{args.config}: {len(exc.issues)} problem(s)")
         for issue in exc.issues:
@@ -286,7 +314,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from finetune_worker.server.jobs import JobManager
 
     try:
-        kind, model = _load(args.config)
+        kind, model = _load(args.config, args.set)
     except ConfigError as exc:
         print(f"{args.config}: {len(exc.issues)} problem(s)", file=sys.stderr)
         for issue in exc.issues:

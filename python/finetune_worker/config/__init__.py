@@ -11,10 +11,12 @@ and are reported together with them, before anything heavy loads.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +163,10 @@ def model_class(kind: str) -> type[BaseModel]:
     return cls
 
 
-def issues_from_validation(exc: ValidationError) -> list[ConfigIssue]:
+def issues_from_validation(exc: ValidationError, cls: type[BaseModel] | None = None) -> list[ConfigIssue]:
+    """One issue per pydantic error; an unknown key of ``cls``'s config gets a "did you mean"."""
+    from finetune_worker.config.suggest import suggestion
+
     out: list[ConfigIssue] = []
     for err in exc.errors():
         path = json_path(err.get("loc", ()))
@@ -170,7 +175,12 @@ def issues_from_validation(exc: ValidationError) -> list[ConfigIssue]:
         for prefix in ("Value error, ", "Assertion failed, "):
             message = message.removeprefix(prefix)
         if err.get("type") == "extra_forbidden":
-            message = "unknown key (not part of this job's config; see `finetune-worker schema`)"
+            meant = suggestion(cls, tuple(err.get("loc", ()))) if cls is not None else None
+            message = (
+                f"unknown key (did you mean {meant}?)"
+                if meant
+                else "unknown key (not part of this job's config; see `finetune-worker schema`)"
+            )
         value = err.get("input") if err.get("type") != "missing" else None
         if isinstance(value, dict):
             value = None  # don't echo whole sub-documents back
@@ -236,16 +246,32 @@ def _bounded(issues: list[ConfigIssue]) -> list[ConfigIssue]:
     return [*issues[: MAX_ISSUES - 1], ConfigIssue("", f"and {rest} more problem(s)")]
 
 
-def parse_job_config(raw: Any) -> tuple[str, BaseModel]:
+def parse_job_config(raw: Any, overrides: Sequence[str] = ()) -> tuple[str, BaseModel]:
     """Parse and fully validate a job config; raise ConfigError with every problem at once
-    (each issue with its line when the config came as text or a file)."""
+    (each issue with its line when the config came as text or a file). ``overrides`` are
+    ``KEY=VALUE`` strings applied first (``--set``, :mod:`finetune_worker.config.overrides`)."""
     data, text = load_document(raw)
+    overridden: set[str] = set()
+    if overrides:
+        from finetune_worker.config.overrides import apply_overrides
+
+        data = copy.deepcopy(data)  # the caller's nested dicts stay as they were
+        overridden = apply_overrides(data, overrides)
     try:
         return _validate(data)
     except ConfigError as exc:
-        if text is None:
+        if text is None and not overridden:
             raise
-        raise ConfigError(with_lines(exc.issues, text)) from None
+        issues = with_lines(exc.issues, text) if text is not None else exc.issues
+        # A key set on the command line has no line in the file: say where it came from instead.
+        raise ConfigError(
+            [
+                dataclasses.replace(i, line=None, message=i.message + " (set with --set)")
+                if any(i.path == p or i.path.startswith((p + ".", p + "[")) for p in overridden)
+                else i
+                for i in issues
+            ]
+        ) from None
 
 
 def with_lines(issues: list[ConfigIssue], text: str) -> list[ConfigIssue]:
@@ -297,7 +323,7 @@ def _validate(data: dict[str, Any]) -> tuple[str, BaseModel]:
     try:
         model = cls.model_validate(data)
     except ValidationError as exc:
-        issues = redact_issues(issues_from_validation(exc))
+        issues = redact_issues(issues_from_validation(exc, cls))
         raise ConfigError(_bounded(issues + _partial_issues(cls, data))) from None
     # Confinement first: no other check may probe (and report on) a path outside the roots.
     outside = confinement_issues(model)
@@ -359,9 +385,36 @@ def _yaml_model_issues(path: Path) -> list[ConfigIssue]:
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON schema of every production job kind (``finetune-worker schema``)."""
+    """The JSON Schema (2020-12) of every production job kind (``finetune-worker schema``).
+
+    One ``$defs`` at the root for all kinds (pydantic's ``models_json_schema``), so every ``$ref``
+    resolves in a standard validator and editors can complete keys. Numbers may be written as
+    strings (``"learning_rate": "2e-4"``, and YAML reads ``1e-4`` as a string), as the configs'
+    validation accepts them."""
+    from pydantic.json_schema import GenerateJsonSchema, models_json_schema
+
+    class Schema(GenerateJsonSchema):
+        def float_schema(self, schema: Any) -> dict[str, Any]:
+            number = super().float_schema(schema)
+            return {"anyOf": [number, {"type": "string", "pattern": NUMBER_STRING}]}
+
+        def int_schema(self, schema: Any) -> dict[str, Any]:
+            number = super().int_schema(schema)
+            return {"anyOf": [number, {"type": "string", "pattern": INTEGER_STRING}]}
+
+    models = [k.config for k in kinds.production_kinds().values()]
+    refs, defs = models_json_schema(
+        [(m, "validation") for m in models], ref_template="#/$defs/{model}", schema_generator=Schema
+    )
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "finetune-worker job config",
-        "oneOf": [k.config.model_json_schema() for k in kinds.production_kinds().values()],
+        "oneOf": [refs[(m, "validation")] for m in models],
+        **defs,
     }
+
+
+#: An integer written as a string, as the configs' (lax) validation reads it.
+INTEGER_STRING = r"^\s*[+-]?\d+\s*$"
+#: A number written as a string, as Python's float() reads it (no inf/nan: the configs refuse them).
+NUMBER_STRING = r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -23,3 +25,17 @@ class StrictModel(BaseModel):
         """The one path resolver of configs: ``~`` expanded, relative paths against the worker's
         working directory (symlinks are left alone; confinement follows them separately)."""
         return Path(os.path.abspath(os.path.expanduser(value)))
+
+
+def schema_also(*alternatives: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A field's ``json_schema_extra``: its JSON Schema also accepts ``alternatives``, for the
+    shapes a ``mode="before"`` validator turns into the field's type (the schema pydantic derives
+    knows only the type)."""
+
+    def extend(schema: dict[str, Any]) -> None:
+        described = {k: schema.pop(k) for k in ("description", "default", "title") if k in schema}
+        branches = schema.pop("anyOf", None) or [dict(schema)]
+        schema.clear()
+        schema.update(anyOf=[*branches, *alternatives], **described)
+
+    return extend

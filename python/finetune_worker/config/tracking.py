@@ -12,7 +12,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from finetune_worker.config.base import StrictModel
+from finetune_worker.config.base import StrictModel, schema_also
+
+_BOOL = {"type": "boolean"}
 
 
 class _Section(StrictModel):
@@ -56,11 +58,19 @@ class TrackingConfig(_Section):
         min_length=1,
         description="Run name in every backend; default: output_dir's name plus the run fingerprint (stable on resume).",
     )
-    mlflow: MlflowSection | None = Field(None, description="Log to MLflow; true for the defaults.")
-    tensorboard: TensorboardSection | None = Field(
-        None, description="Write TensorBoard event files; true for the defaults."
+    mlflow: MlflowSection | None = Field(
+        None, description="Log to MLflow; true for the defaults.", json_schema_extra=schema_also(_BOOL)
     )
-    wandb: WandbSection | None = Field(None, description="Log to Weights & Biases; true for the defaults.")
+    tensorboard: TensorboardSection | None = Field(
+        None,
+        description="Write TensorBoard event files; true for the defaults.",
+        json_schema_extra=schema_also(_BOOL),
+    )
+    wandb: WandbSection | None = Field(
+        None,
+        description="Log to Weights & Biases; true for the defaults.",
+        json_schema_extra=schema_also(_BOOL),
+    )
 
     @field_validator("mlflow", "tensorboard", "wandb", mode="before")
     @classmethod

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError
 
-from finetune_worker.config.base import MAX_SEED, StrictModel
+from finetune_worker.config.base import MAX_SEED, StrictModel, schema_also
 from finetune_worker.config.data import DataConfig, DatasetSection, column_renames
 from finetune_worker.config.distributed import DistributedConfig
 from finetune_worker.config.generation import TrainingEvaluation
@@ -302,7 +302,11 @@ class TrainConfig(_Section):
         default_factory=TrainingParameters, description="Optimization settings."
     )
     dataset: DatasetSection = Field(
-        ..., description="Training data: one source ({path}) or a mixture (a list, or {sources: [...]})."
+        ...,
+        description="Training data: one source ({path}) or a mixture (a list, or {sources: [...]}).",
+        json_schema_extra=schema_also(
+            {"type": "array", "items": {"$ref": "#/$defs/DatasetSource"}, "minItems": 1, "maxItems": 256}
+        ),
     )
     data: DataConfig = Field(default_factory=DataConfig, description="How rows become token sequences.")
     quantization: Quantization | None = Field(
