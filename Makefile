@@ -8,6 +8,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FW := $(VENV)/bin/finetune-worker
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+#: What the tests, benchmarks and lint need on top of the demo's install (see pyproject.toml).
+DEV_EXTRAS := test,dev,bench,tracking,merge,qlora
 TINY := .tiny/model
 PYTEST_ARGS ?=
 export PYTHONUNBUFFERED := 1
@@ -16,9 +19,11 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export MIX_ENV ?= test
 
-.PHONY: setup elixir run test test-python test-elixir test-slow bench lint format clean
+.PHONY: setup setup-dev elixir run test test-python test-elixir test-slow bench lint format clean
 
+# setup: what the demo needs and nothing more; setup-dev: the extras tests, bench and lint use.
 setup: $(STAMP)
+setup-dev: $(DEV_STAMP)
 
 # torch goes in first and pinned: where pip offers the local CPU wheel of 2.13.0 it takes that
 # in seconds instead of resolving a multi-GB CUDA build as a dependency of transformers.
@@ -26,8 +31,12 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
-	$(PY) -m pip install -q -e '.[test,dev,bench,tracking]'
+	$(PY) -m pip install -q -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[$(DEV_EXTRAS)]'
+	touch $(DEV_STAMP)
 
 # Erlang/Elixir from the distribution (hex.pm is not needed: the bridge has no hex deps).
 elixir:
@@ -41,27 +50,28 @@ run: setup $(TINY)/config.json
 
 test: test-python test-elixir
 
-test-python: setup
+# Erlang/Elixir first: without them the Erlang-backed Python tests would skip.
+test-python: setup-dev elixir
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-elixir: setup elixir
+test-elixir: setup-dev elixir
 	mix test
 
 # pytest exits 5 when no test is marked slow: that is not a failure.
-test-slow: setup
+test-slow: setup-dev elixir
 	$(PY) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-bench: setup $(TINY)/config.json
+bench: setup-dev $(TINY)/config.json
 	$(PY) -m bench.run
 
-lint: setup elixir
+lint: setup-dev elixir
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
 	$(VENV)/bin/mypy
 	mix format --check-formatted
 	mix compile --warnings-as-errors --force
 
-format: setup
+format: setup-dev
 	$(VENV)/bin/ruff check --fix python tests bench
 	$(VENV)/bin/ruff format python tests bench
 	mix format

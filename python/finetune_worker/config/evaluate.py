@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from finetune_worker.config.data import DataConfig
 from finetune_worker.config.generation import EvalDataset, Message, Prompt, Sampling, StrictSection
-from finetune_worker.config.train import Quantization
+from finetune_worker.config.train import Quantization, quantization_issues
 from finetune_worker.data.sources import Source, preview_issues
 from finetune_worker.errors import ConfigIssue
 from finetune_worker.kinds import JobKind
@@ -40,7 +40,7 @@ class ModelSource(StrictSection):
     def model_issues(self, prefix: str = "") -> list[ConfigIssue]:
         return _model_issues(
             self, f"{prefix}model_path", self.model_path, f"{prefix}adapter_path", self.adapter_path
-        )
+        ) + quantization_issues(self.quantization, f"{prefix}quantization")
 
     def output_issues(self, output_dir: str | None) -> list[ConfigIssue]:
         if output_dir is None:

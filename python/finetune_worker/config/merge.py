@@ -128,8 +128,12 @@ class MergeKitConfig(_MergeBase):
 
     def environment_issues(self) -> list[ConfigIssue]:
         from finetune_worker.config.mergekit_yaml import check_merge_yaml
+        from finetune_worker.extras import missing_extra
 
         issues: list[ConfigIssue] = []
+        missing = missing_extra("mergekit")
+        if missing is not None:
+            issues.append(ConfigIssue("job", missing))
         path = self.resolved(self.yaml_config_path)
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"

@@ -193,6 +193,14 @@ def scheduler_kwargs(name: str, kwargs: Mapping[str, object]) -> dict[str, objec
     return out
 
 
+def quantization_issues(quantization: Quantization | None, key: str = "quantization") -> list[ConfigIssue]:
+    """A quantized load needs bitsandbytes, an optional extra."""
+    from finetune_worker.extras import missing_extra
+
+    missing = missing_extra("bitsandbytes") if quantization is not None else None
+    return [ConfigIssue(key, missing)] if missing else []
+
+
 class Quantization(_Section):
     """bitsandbytes loading of the base model (QLoRA when combined with a LoRA method)."""
 
@@ -573,7 +581,7 @@ class TrainConfig(_Section):
 
     def environment_issues(self) -> list[ConfigIssue]:
         """Problems a glance at the file system reveals; run at submit, before anything heavy."""
-        issues = self.semantic_issues()
+        issues = self.semantic_issues() + quantization_issues(self.quantization)
         model = self.resolved(self.model_name)
         missing = _missing_model(self.model_name)
         if missing is not None:
