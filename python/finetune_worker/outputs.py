@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import struct
 import tempfile
 import time
@@ -36,6 +37,33 @@ from typing import Any
 from finetune_worker.errors import JobFailed
 
 _STAGING = ".merging-"
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it, which would let another
+    thread create files meanwhile with a mask of 0)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def share_files(root: Path) -> None:
+    """Give the private files under ``root`` (safetensors and ``tempfile`` write 0600) the mode any
+    other file gets here (0644 under the usual umask): a model or adapter is meant to be read by
+    the group, a serving process, a copy job. Files someone opened up or locked down otherwise
+    are left as they are."""
+    mode = 0o666 & ~current_umask()
+    for file in root.rglob("*") if root.is_dir() else [root]:
+        try:
+            info = file.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and mode != 0o600:
+            file.chmod(mode)
 
 
 class StagedOutput:
@@ -74,20 +102,14 @@ class StagedOutput:
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
         # mkdtemp makes a private directory; a model directory should be as readable as any other.
-        umask = os.umask(0)
-        os.umask(umask)
-        self.path.chmod(0o777 & ~umask)
+        self.path.chmod(0o777 & ~current_umask())
         return self
 
     def publish(self) -> Path:
         """Rename the complete staging directory onto the destination (replacing it if allowed)."""
         assert self.path is not None
         self._check_dest()
-        umask = os.umask(0)
-        os.umask(umask)
-        for file in self.path.rglob("*"):
-            if file.is_file():  # safetensors writes 0600 files; a model should be readable like the rest
-                file.chmod(0o666 & ~umask)
+        share_files(self.path)
         old: Path | None = None
         if self.dest.exists():
             old = self.dest.with_name(f".{self.dest.name}.replaced-{os.getpid()}")

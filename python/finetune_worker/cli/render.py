@@ -139,6 +139,25 @@ class Renderer:
         evaluation = (p.get("summary") or {}).get("evaluation")
         if isinstance(evaluation, dict):
             self._print_evaluation(evaluation)
+        self._print_next_steps(p.get("outputs") or {})
+
+    def _print_next_steps(self, outputs: dict[str, Any]) -> None:
+        """A training run's next steps, with the commands (the configs are in its ``next/``)."""
+        out = outputs.get("output_dir")
+        key = next((k for k in ("adapter_path", "model_path") if k in outputs), None)
+        if not isinstance(out, str) or key is None:
+            return
+        from pathlib import Path
+
+        from finetune_worker.training.run_card import CARD, next_steps
+
+        self.console.print("[bold]next steps[/]")
+        for what, command in next_steps(Path(out), key):
+            self.console.print(f"  {what}:", highlight=False)
+            self.console.print(f"    {command}", markup=False, highlight=False, soft_wrap=True)
+        card = Path(out) / CARD
+        if card.is_file():
+            self.console.print(f"  the model card: {card}", markup=False, highlight=False, soft_wrap=True)
 
     def _print_evaluation(self, evaluation: dict[str, Any]) -> None:
         """Before/after scores and sample answers of a training job's ``evaluation`` block."""

@@ -28,6 +28,7 @@ from finetune_worker.outputs import (
     read_marker,
     resume_checkpoint_issue,
     run_folder_issue,
+    share_files,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def clear_data_cache(output_dir: Path) -> None:
 
 def publish(staged: Path, output_dir: Path) -> Path:
     """Flush ``staged`` to disk and rename it into ``output_dir`` in one step."""
+    share_files(staged)
     _fsync_tree(staged)
     final = output_dir / staged.name
     old: Path | None = None

@@ -23,10 +23,11 @@ from typing import Any
 from finetune_worker.config.train import VIRTUAL_TOKEN_METHODS, TrainConfig
 from finetune_worker.context import JobContext
 from finetune_worker.errors import JobCancelled, JobFailed
-from finetune_worker.outputs import DATA_CACHE, write_text_atomic
+from finetune_worker.outputs import DATA_CACHE, share_files, write_text_atomic
 from finetune_worker.security import redact
 from finetune_worker.training import checkpoints as ckpt
 from finetune_worker.training.failures import classify_training_exception
+from finetune_worker.training.run_card import write_card, write_next_configs
 
 # OpenMP threads that spin while they wait collapse CPU training 20-40x as soon as another
 # process competes for the cores (measured here: a 45-row eval went from 0.24 s to 22 s).
@@ -263,11 +264,14 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         summary["tracking"] = tracking_summary(trackers)
     summary_path = out / SUMMARY
     write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=False, default=str))
+    weights_key = "model_path" if cfg.peft.method == "full" else "adapter_path"
+    write_next_configs(cfg, out)
+    write_card(cfg, out, summary, weights_key)
     finish_tracking(trackers, out)  # uploads the saved adapter/model and summary.json
     trackers.clear()
     ckpt.clear_staging(out)
     ckpt.clear_data_cache(out)
-    weights_key = "model_path" if cfg.peft.method == "full" else "adapter_path"
+    share_files(out)  # the adapter/model as readable as the rest of the folder
     return {
         "outputs": {"output_dir": str(out), weights_key: str(out), "summary_path": str(summary_path)},
         "summary": summary,
