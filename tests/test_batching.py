@@ -38,6 +38,16 @@ def test_what_each_packing_value_resolves_to(
     assert warn == (requested == "flatten" and (virtual or attn != "flash_attention_2")), (got, why)
 
 
+def test_auto_flattens_short_rows_whatever_the_kernel() -> None:
+    """A flattened batch of short rows is short: its dense mask costs little, and flattening wastes
+    no compute on padding (issue 15 measured it faster than grouping on 20-120-token rows)."""
+    short = choose_batching("auto", "sdpa", False, flat_batch_tokens=8 * 110)
+    assert short.mode == "flatten" and "short rows" in short.why and not short.warn
+    assert choose_batching("auto", "sdpa", False, flat_batch_tokens=8 * 700).mode == "group"
+    assert choose_batching("auto", "sdpa", True, flat_batch_tokens=100).mode == "group"  # virtual tokens
+    assert choose_batching("group", "sdpa", False, flat_batch_tokens=100).mode == "group"  # asked for
+
+
 def _lengths(n: int = 2000, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.exp(rng.uniform(np.log(30), np.log(800), n)).astype(int)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from finetune_worker.config import parse_job_config
 
@@ -27,14 +30,16 @@ def _fw(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProc
     )
 
 
-def test_a_run_leaves_a_model_card_shareable_files_and_next_steps(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A tiny LoRA run through ``finetune-worker run`` (the live display, piped): its folder and output."""
+    tmp_path = tmp_path_factory.mktemp("finished")
     config = json.loads((REPO / "configs" / "tiny-lora.json").read_text())
     config.pop("evaluation", None)
     config.update(model_name=str(tiny_model_dir), output_dir=str(tmp_path / "run"), max_steps=4)
     config["dataset"]["path"] = str(REPO / config["dataset"]["path"])
-    config["checkpoint"] = {"every_steps": 2, "keep": 2}
+    config["checkpoint"] = {"every_steps": 2, "keep": 1}
+    config["training_parameters"]["logging_steps"] = 1
     path = tmp_path / "job.json"
     path.write_text(json.dumps(config))
     old = os.umask(0o022)
@@ -43,14 +48,21 @@ def test_a_run_leaves_a_model_card_shareable_files_and_next_steps(
     finally:
         os.umask(old)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = tmp_path / "run"
+    return tmp_path / "run", done.stdout
+
+
+def test_a_run_leaves_a_model_card_shareable_files_and_next_steps(
+    finished: tuple[Path, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out, stdout = finished
 
     # The terminal ends with what to do next, as commands that name this run's files.
-    tail = done.stdout[done.stdout.index("next steps") :]
+    tail = stdout[stdout.index("next steps") :]
     assert f"AutoPeftModelForCausalLM.from_pretrained('{out}')" in tail
     for name in ("generate", "evaluate", "merge"):
         assert f"finetune-worker run {out / 'next' / (name + '.json')}" in tail
     assert f"the model card: {out / 'README.md'}" in tail
+    assert f"the run report (open it in a browser): {out / 'report.html'}" in tail
 
     # Every file is readable by the group and others, the safetensors (written 0600) included.
     private = [
@@ -70,6 +82,16 @@ def test_a_run_leaves_a_model_card_shareable_files_and_next_steps(
     assert f"| eval loss | {summary['base_eval_loss']:.4g} | {summary['final_eval_loss']:.4g} |" in card
     assert "| `conversations.jsonl` | 270 |" in card
 
+    # The loss history outlives the checkpoints that rotate away (keep 1: checkpoint-2 is gone).
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = {r["stage"]: r for r in rows if r["kind"] == "eval"}
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in train)
+    assert not (out / "checkpoint-2").exists()
+    assert evals["before_training"]["eval_loss"] == summary["base_eval_loss"]
+    assert evals["after_training"]["eval_loss"] == summary["final_eval_loss"]
+    assert set(evals) == {"before_training", "after_training"}
+
     # The next-step configs are valid jobs of their kind, and generating with the run works.
     kinds = {
         name: parse_job_config(("file", str(out / "next" / f"{name}.json")))[0]
@@ -80,3 +102,124 @@ def test_a_run_leaves_a_model_card_shareable_files_and_next_steps(
     assert generated.returncode == 0, generated.stderr[-3000:]
     last = json.loads(generated.stdout.splitlines()[-1])
     assert last["type"] == "completed"
+
+
+def test_a_resumed_history_drops_the_steps_trained_again(tmp_path: Path) -> None:
+    from finetune_worker.training.callbacks import MetricsHistory
+
+    history = MetricsHistory(tmp_path / "metrics.jsonl")
+    for row in (
+        {"kind": "eval", "step": 0, "stage": "before_training", "eval_loss": 5.0},
+        *({"kind": "train", "step": s, "loss": 4.0 - s / 10} for s in (1, 2, 3, 4, 5)),
+        {"kind": "eval", "step": 4, "stage": "training", "eval_loss": 3.0},
+    ):
+        history.append(row)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "st')  # a row torn by the kill
+    # The resumed session evaluates the base again, then resumes from checkpoint-4.
+    history.append({"kind": "eval", "step": 0, "stage": "before_training", "eval_loss": 5.5})
+    history.resume_at(4)
+    kept = [(r["kind"], r["step"], r.get("eval_loss")) for r in history.rows()]
+    assert kept == [
+        ("train", 1, None),
+        ("train", 2, None),
+        ("train", 3, None),
+        ("train", 4, None),
+        ("eval", 4, 3.0),
+        ("eval", 0, 5.5),
+    ]
+
+
+CHROMIUM = next(
+    (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+)
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian's chromium package; CI installs it)")
+def test_the_report_renders_its_curves_and_the_metrics_file_numbers(
+    finished: tuple[Path, str], tmp_path: Path
+) -> None:
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    from finetune_worker.training.report import EVAL_COLOUR, TRAIN_COLOUR, fmt
+
+    out, _ = finished
+    report = out / "report.html"
+    text = report.read_text()
+    assert "http://" not in text and "https://" not in text and "<script" not in text  # opens offline
+
+    # The page as the browser built it: the history table holds the metrics file's numbers.
+    dom = _chromium("--dump-dom", report.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+
+    class Tables(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tables: dict[str, list[list[str]]] = {}
+            self._table: str | None = None
+            self._cell: list[str] | None = None
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            if tag == "table":
+                self._table = dict(attrs).get("id") or ""
+                self.tables[self._table] = []
+            elif tag == "tr" and self._table is not None:
+                self.tables[self._table].append([])
+            elif tag == "td":
+                self._cell = []
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag == "td" and self._cell is not None and self._table is not None:
+                self.tables[self._table][-1].append("".join(self._cell))
+                self._cell = None
+            elif tag == "table":
+                self._table = None
+
+        def handle_data(self, data: str) -> None:
+            if self._cell is not None:
+                self._cell.append(data)
+
+    parser = Tables()
+    parser.feed(dom.stdout)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shown = [r for r in parser.tables["history"] if r]
+    keys = (
+        "kind",
+        "step",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "eval_loss",
+        "perplexity",
+        "stage",
+    )
+    assert shown == [[fmt(r.get(k)) for k in keys] for r in rows]
+    summary = json.loads((out / "summary.json").read_text())
+    comparison = {r[0]: r[1:] for r in parser.tables["comparison"] if r}
+    assert comparison["eval loss"] == [fmt(summary["base_eval_loss"]), fmt(summary["final_eval_loss"])]
+
+    # The screenshot shows the curves: the train series' colour draws lines, the eval's dots.
+    shot = tmp_path / "report.png"
+    done = _chromium(f"--screenshot={shot}", "--window-size=1400,1600", report.as_uri())
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    image = Image.open(shot).convert("RGB")
+
+    def pixels(colour: str) -> int:
+        want = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+        return sum(1 for p in image.getdata() if all(abs(a - b) <= 24 for a, b in zip(p, want, strict=True)))
+
+    assert pixels(TRAIN_COLOUR) > 1500, pixels(TRAIN_COLOUR)  # four line charts of 4 points each
+    assert pixels(EVAL_COLOUR) > 80, pixels(EVAL_COLOUR)  # two eval points and a legend swatch

@@ -108,7 +108,9 @@ class Renderer:
             self.progress.update(self.task, stats="  ".join(f"{k} {v}" for k, v in self.stats.items()))
 
     def _on_eval(self, job_id: str, p: dict[str, Any]) -> None:
-        label = p.get("model") or (f"step {p['step']}" if p.get("step") is not None else "")
+        step = f"step {p['step']}" if p.get("step") is not None else ""
+        model = {"base": "base model", "fine_tuned": "fine-tuned"}.get(str(p.get("model")), p.get("model"))
+        label = f"{model}, {step}" if model and step else (model or step)
         parts = [f"{k} {v:.4f}" for k, v in (p.get("metrics") or {}).items() if isinstance(v, float)]
         self._line(f"[blue]eval[/] {label + ': ' if label else ''}{'  '.join(parts)}")
 
@@ -149,15 +151,18 @@ class Renderer:
             return
         from pathlib import Path
 
+        from finetune_worker.training.report import REPORT
         from finetune_worker.training.run_card import CARD, next_steps
 
         self.console.print("[bold]next steps[/]")
         for what, command in next_steps(Path(out), key):
             self.console.print(f"  {what}:", highlight=False)
             self.console.print(f"    {command}", markup=False, highlight=False, soft_wrap=True)
-        card = Path(out) / CARD
-        if card.is_file():
-            self.console.print(f"  the model card: {card}", markup=False, highlight=False, soft_wrap=True)
+        for label, name in (("the model card", CARD), ("the run report (open it in a browser)", REPORT)):
+            if (Path(out) / name).is_file():
+                self.console.print(
+                    f"  {label}: {Path(out) / name}", markup=False, highlight=False, soft_wrap=True
+                )
 
     def _print_evaluation(self, evaluation: dict[str, Any]) -> None:
         """Before/after scores and sample answers of a training job's ``evaluation`` block."""

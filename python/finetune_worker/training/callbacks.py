@@ -3,10 +3,15 @@
 ``progress`` every step, ``metrics`` at logging steps, ``eval`` after each evaluation and
 ``checkpoint`` from ``on_save``, which the Trainer calls only after ``_save_checkpoint``
 returned, i.e. after our trainer published the checkpoint with its atomic rename.
+
+The same numbers go to the run's ``metrics.jsonl`` (:class:`MetricsHistory`): one JSON object
+per logged step and per evaluation, kept across resumes, so the loss history outlives the
+checkpoints that rotate away (the report and any plotting script read it).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -17,10 +22,70 @@ from transformers import TrainerCallback
 from finetune_worker.context import CancelFlag
 from finetune_worker.outputs import is_complete
 
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsHistory:
+    """``metrics.jsonl`` in the run folder: rows ``{"kind": "train"|"eval", "step", ...}``.
+
+    A resumed run first drops the rows past its checkpoint's step (the interrupted session's
+    steps are trained again) and all but the newest ``before_training`` evaluation; then it
+    appends. Rows are written and flushed one at a time: a kill loses at most the row in flight,
+    and a torn last line is dropped on the next read.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def rows(self) -> list[dict[str, Any]]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return []
+        out = []
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill
+            if isinstance(row, dict):
+                out.append(row)
+        return out
+
+    def resume_at(self, step: int) -> None:
+        """Keep the history up to ``step`` (the step training continues from)."""
+        from finetune_worker.outputs import write_text_atomic
+
+        rows = self.rows()
+        before = [r for r in rows if r.get("stage") == "before_training"]
+        kept = [
+            r
+            for r in rows
+            if (r.get("stage") != "before_training" or r is (before[-1] if before else None))
+            and isinstance(r.get("step"), int)
+            and r["step"] <= step
+        ]
+        if kept != rows:
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a+b") as f:
+            line = json.dumps({**row, "time": round(time.time(), 3)}) + "\n"
+            if f.tell() > 0:
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    line = "\n" + line  # after a line torn by a kill: start a fresh one
+            f.write(line.encode("utf-8"))
+            f.flush()
+
 
 class EventCallback(TrainerCallback):
-    def __init__(self, emit: Any, cancel_event: CancelFlag, output_dir: Path):
+    def __init__(
+        self, emit: Any, cancel_event: CancelFlag, output_dir: Path, history: MetricsHistory | None = None
+    ):
         self._emit = emit
+        self._history = history
+        self._stage = "before_training"
         self._cancel = cancel_event
         self._output_dir = output_dir
         self._t0 = time.monotonic()
@@ -37,6 +102,12 @@ class EventCallback(TrainerCallback):
         self._t0 = self._last_log_t = time.monotonic()
         self._start_step = state.global_step
         self._last_log_tokens = state.num_input_tokens_seen
+        self._stage = "training"
+        if self._history is not None and args.should_save:
+            self._history.resume_at(state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._stage = "after_training"
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step, total = state.global_step, state.max_steps
@@ -77,6 +148,13 @@ class EventCallback(TrainerCallback):
             "tokens_seen": tokens,
         }
         self._emit("metrics", step=state.global_step, epoch=_num(logs.get("epoch")), metrics=values)
+        self._record(
+            args, {"kind": "train", "step": state.global_step, "epoch": _num(logs.get("epoch")), **values}
+        )
+
+    def _record(self, args: Any, row: dict[str, Any]) -> None:
+        if self._history is not None and args.should_save:  # rank 0 only
+            self._history.append(row)
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any
@@ -87,7 +165,18 @@ class EventCallback(TrainerCallback):
             return
         self.last_eval = {"eval_loss": loss, "perplexity": perplexity(loss)}
         self.last_eval_step = state.global_step
-        self._emit("eval", step=state.global_step, metrics=dict(self.last_eval))
+        # Which model the numbers are of: the base before training, the fine-tuned one after it
+        # (an eval during training is the step's).
+        model = {"before_training": "base", "after_training": "fine_tuned"}.get(self._stage)
+        self._emit(
+            "eval",
+            step=state.global_step,
+            metrics=dict(self.last_eval),
+            **({"model": model} if model else {}),
+        )
+        self._record(
+            args, {"kind": "eval", "step": state.global_step, "stage": self._stage, **self.last_eval}
+        )
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         path = self._output_dir / f"checkpoint-{state.global_step}"

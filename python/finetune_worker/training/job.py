@@ -27,6 +27,7 @@ from finetune_worker.outputs import DATA_CACHE, share_files, write_text_atomic
 from finetune_worker.security import redact
 from finetune_worker.training import checkpoints as ckpt
 from finetune_worker.training.failures import classify_training_exception
+from finetune_worker.training.report import write_report
 from finetune_worker.training.run_card import write_card, write_next_configs
 
 # OpenMP threads that spin while they wait collapse CPU training 20-40x as soon as another
@@ -126,9 +127,9 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     from transformers import set_seed
 
     from finetune_worker.hf import check_causal_lm, load_tokenizer
-    from finetune_worker.training.callbacks import EventCallback
+    from finetune_worker.training.callbacks import METRICS_FILE, EventCallback, MetricsHistory
     from finetune_worker.training.data import prepare_data
-    from finetune_worker.training.data_collate import choose_batching, make_collator
+    from finetune_worker.training.data_collate import choose_batching, flat_batch_tokens, make_collator
     from finetune_worker.training.model import load_model, plan_hardware, trainable_parameters
     from finetune_worker.training.tracking import finish_tracking, tracking_callbacks, tracking_summary
     from finetune_worker.training.trainer import build_trainer, read_run_state
@@ -182,12 +183,18 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     ctx.check_cancelled()
 
     attn = str(getattr(model.config, "_attn_implementation", None) or cfg.attn_implementation)
-    batching, why, slow = choose_batching(cfg.data.packing, attn, cfg.peft.method in VIRTUAL_TOKEN_METHODS)
+    batching, why, slow = choose_batching(
+        cfg.data.packing,
+        attn,
+        cfg.peft.method in VIRTUAL_TOKEN_METHODS,
+        flat_batch_tokens(train_rows, cfg.training_parameters.batch_size),
+    )
     (warn if slow else ctx.log)(f"batches: {why}")
     stats["batching"] = batching
     collator = make_collator(tokenizer, batching)
 
-    callback = EventCallback(ctx.emit, ctx.cancel_event, out)
+    history = MetricsHistory(out / METRICS_FILE)
+    callback = EventCallback(ctx.emit, ctx.cancel_event, out, history)
     trackers.extend(tracking_callbacks(cfg.tracking, ctx, out, resuming=resume_from is not None))
     trainer = build_trainer(
         cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [callback, *trackers], out
@@ -267,6 +274,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     weights_key = "model_path" if cfg.peft.method == "full" else "adapter_path"
     write_next_configs(cfg, out)
     write_card(cfg, out, summary, weights_key)
+    write_report(out, summary, history.rows(), out.name)
     finish_tracking(trackers, out)  # uploads the saved adapter/model and summary.json
     trackers.clear()
     ckpt.clear_staging(out)

@@ -178,6 +178,7 @@ def write_card(cfg: TrainConfig, out: Path, summary: dict[str, Any], weights_key
     lines += ["", f"Training loss over the run: {_num(summary.get('train_loss'))}.", "", "## Use", ""]
     for what, command in next_steps(out, weights_key):
         lines += [f"- {what}:", "", "  ```sh", f"  {command}", "  ```", ""]
+    lines += ["Curves, sample answers and the resolved config: `report.html` in this folder.", ""]
     path = out / CARD
     write_text_atomic(path, "\n".join(front + lines))
     return path
