@@ -102,6 +102,36 @@ def test_an_unknown_key_says_what_was_meant(where: tuple[str, ...], key: str, me
     assert _problems(doc) == [f"{shown}: unknown key (did you mean {meant}?) (got 1)"]
 
 
+def test_another_tools_name_counts_only_where_the_setting_lives() -> None:
+    from pydantic import BaseModel
+
+    from finetune_worker.config.suggest import _nested_model
+
+    class Inner(BaseModel):
+        x: int = 0
+
+    # Python 3.10 counts list[int] as a type: no issubclass() on it.
+    assert _nested_model(list[int]) is None and _nested_model(list[Inner] | None) is Inner
+    doc = _tiny_lora()
+    doc["peft"]["lora_alpha"] = 8  # peft's own name, in the peft section
+    assert _problems(doc) == ["peft.lora_alpha: unknown key (did you mean peft.alpha?) (got 8)"]
+    doc = _tiny_lora()
+    doc["checkpoint"]["rank"] = 1  # not peft's r: nothing near in the checkpoint section
+    assert "did you mean peft.r" not in _problems(doc)[0]
+
+
+def test_set_values_stay_the_text_typed_unless_they_are_plain_scalars() -> None:
+    from finetune_worker.config.overrides import apply_overrides, parse_override
+
+    assert parse_override("a=3")[1] == 3 and parse_override("a=1e-4")[1] == "1e-4"
+    assert parse_override("a=true")[1] is True and parse_override("a=null")[1] is None
+    for typed in ("no", "0123", "1:30", "#42", "Answer in C #fast", "~"):
+        assert parse_override(f"a={typed}")[1] == typed, typed
+    doc: dict = {"dataset": [{"path": "a.jsonl"}, {"path": "b.jsonl"}]}  # the list form
+    apply_overrides(doc, ["dataset.sources[1].weight=2"])
+    assert doc["dataset"] == {"sources": [{"path": "a.jsonl"}, {"path": "b.jsonl", "weight": 2}]}
+
+
 def test_keys_of_a_mixture_source_and_of_other_jobs() -> None:
     doc = _tiny_lora()
     doc["dataset"] = [{"path": "configs/data/qa.jsonl", "wieght": 2}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -58,7 +59,12 @@ def test_a_run_leaves_a_model_card_shareable_files_and_next_steps(
 
     # The terminal ends with what to do next, as commands that name this run's files.
     tail = stdout[stdout.index("next steps") :]
-    assert f"AutoPeftModelForCausalLM.from_pretrained('{out}')" in tail
+    load = next(line.strip() for line in tail.splitlines() if line.strip().startswith("python -c"))
+    assert shlex.split(load) == [
+        "python",
+        "-c",
+        f"from peft import AutoPeftModelForCausalLM; m = AutoPeftModelForCausalLM.from_pretrained({json.dumps(str(out))})",
+    ]
     for name in ("generate", "evaluate", "merge"):
         assert f"finetune-worker run {out / 'next' / (name + '.json')}" in tail
     assert f"the model card: {out / 'README.md'}" in tail
@@ -102,6 +108,16 @@ def test_a_run_leaves_a_model_card_shareable_files_and_next_steps(
     assert generated.returncode == 0, generated.stderr[-3000:]
     last = json.loads(generated.stdout.splitlines()[-1])
     assert last["type"] == "completed"
+
+
+def test_overwrite_removes_the_previous_runs_history_and_pages(tmp_path: Path) -> None:
+    from finetune_worker.training.checkpoints import wipe_run
+
+    for name in ("metrics.jsonl", "report.html", "next/merge.json", "checkpoint-3/x", "mine.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("old")
+    wipe_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]  # the user's own file stays
 
 
 def test_a_resumed_history_drops_the_steps_trained_again(tmp_path: Path) -> None:

@@ -48,22 +48,30 @@ def current_umask() -> int:
                 return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    return 0o022
+    umask = os.umask(0o077)  # no /proc: the round trip, with a mask that creates nothing looser meanwhile
+    os.umask(umask)
+    return umask
 
 
-def share_files(root: Path) -> None:
-    """Give the private files under ``root`` (safetensors and ``tempfile`` write 0600) the mode any
+def share_files(root: Path, recursive: bool = True) -> None:
+    """Give the private files in ``root`` (safetensors and ``tempfile`` write 0600) the mode any
     other file gets here (0644 under the usual umask): a model or adapter is meant to be read by
-    the group, a serving process, a copy job. Files someone opened up or locked down otherwise
-    are left as they are."""
+    the group, a serving process, a copy job. Only files of this user; a file that cannot be
+    changed is left as it is (the weights are saved either way)."""
     mode = 0o666 & ~current_umask()
-    for file in root.rglob("*") if root.is_dir() else [root]:
+    if mode == 0o600 or not root.is_dir():
+        return
+    for file in root.rglob("*") if recursive else root.iterdir():
         try:
             info = file.lstat()
+            if (
+                stat.S_ISREG(info.st_mode)
+                and stat.S_IMODE(info.st_mode) == 0o600
+                and info.st_uid == os.geteuid()
+            ):
+                file.chmod(mode)
         except OSError:
             continue
-        if stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and mode != 0o600:
-            file.chmod(mode)
 
 
 class StagedOutput:

@@ -76,7 +76,7 @@ class DataConfig(StrictModel):
         description="How rows become batches: 'flatten' (rows back to back, position_ids restarting: "
         "varlen packing, fast with flash_attention_2/3), 'group' (padded rows of similar length, fast with "
         "any attention), 'pad' (padded rows in random order), 'auto' (flatten with a varlen attention "
-        "kernel, else group). true means auto, false pad.",
+        "kernel or short rows, else group). true means auto, false pad.",
     )
     text_block_size: int | None = Field(
         None, gt=0, description="Tokens per block for plain text; default (and cap) max_seq_length."

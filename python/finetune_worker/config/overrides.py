@@ -14,6 +14,9 @@ from typing import Any
 
 from finetune_worker.errors import ConfigError, ConfigIssue
 
+_PLAIN_SCALAR = re.compile(
+    r"^(true|false|null|[+-]?(0|[1-9]\d*)(\.\d*)?([eE][+-]?\d+)?|[+-]?\.\d+([eE][+-]?\d+)?)$"
+)
 _KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*|\[\d+\])*$")
 
 
@@ -33,10 +36,18 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
                 )
             ]
         )
+    text_value = raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw) if text_value else ""
     except yaml.YAMLError:
         value = raw  # not a YAML value: the text itself
+    # YAML 1.1 reads some plain text as other things: "no" as false, "0123" as octal, "1:30" as
+    # 90, "# x" as a comment. A scalar counts as a number, boolean or null only when it is written
+    # as one in JSON's spelling (plus YAML's 1e-4); anything else stays the text typed.
+    if (not isinstance(value, (list, dict, str)) and not _PLAIN_SCALAR.match(text_value)) or (
+        text_value.startswith("#") or " #" in text_value
+    ):
+        value = text_value
     return split_path(key), value
 
 
@@ -47,6 +58,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[str]:
     done: set[str] = set()
     for text in overrides:
         parts, value = parse_override(text)
+        if parts[:2] == ["dataset", "sources"] and isinstance(data.get("dataset"), list):
+            data["dataset"] = {"sources": data["dataset"]}  # the list form, as validation reads it
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             nxt = parts[i + 1]

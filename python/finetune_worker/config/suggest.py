@@ -70,8 +70,11 @@ def suggestion(cls: type[BaseModel], loc: Sequence[str | int]) -> str | None:
     key = loc[-1]
     here = _walk(cls, loc[:-1])
     paths = _all_paths(cls)
+    where = _dotted([p for p in loc[:-1] if isinstance(p, str) and p in _fields_on_the_way(cls, loc[:-1])])
     for target in PEER_KEYS.get(key.lower(), ()):
-        if target in paths:
+        # Another tool's name counts at the top level and in the section the setting lives in
+        # (distributed.rank is not peft.r).
+        if target in paths and (not where or target.rpartition(".")[0] == where):
             return target
     if here is not None:
         close = difflib.get_close_matches(key, sorted(_fields(here)), n=1, cutoff=0.75)
@@ -94,9 +97,10 @@ def _fields(model: type[BaseModel]) -> set[str]:
 
 def _nested_model(annotation: Any) -> type[BaseModel] | None:
     """The model a field's value is (or holds, in a list, dict value or union), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
     origin = typing.get_origin(annotation)
+    # Python 3.10 counts list[int] as a type, and issubclass() then raises: look at the origin first.
+    if origin is None and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
     if origin is None and not isinstance(annotation, types.UnionType):
         return None
     for arg in typing.get_args(annotation):
@@ -116,6 +120,20 @@ def _walk(cls: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | N
             continue
         model = _nested_model(model.model_fields[part].annotation)
     return model
+
+
+def _fields_on_the_way(cls: type[BaseModel], loc: Sequence[str | int]) -> set[str]:
+    """The field names ``loc`` passes through (not list indices or union branch tags)."""
+    names: set[str] = set()
+    model: type[BaseModel] | None = cls
+    for part in loc:
+        if model is None:
+            break
+        if isinstance(part, int) or part not in model.model_fields:
+            continue
+        names.add(part)
+        model = _nested_model(model.model_fields[part].annotation)
+    return names
 
 
 def _dotted(loc: Sequence[str | int]) -> str:

@@ -107,6 +107,11 @@ class EventCallback(TrainerCallback):
             self._history.resume_at(state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.training_done()
+
+    def training_done(self) -> None:
+        """Evaluations from now on are the fine-tuned model's (also when no training ran: a
+        finished checkpoint restored)."""
         self._stage = "after_training"
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

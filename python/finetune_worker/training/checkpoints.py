@@ -170,6 +170,14 @@ def wipe_run(output_dir: Path) -> None:
         if CHECKPOINT_RE.match(child.name):
             shutil.rmtree(child, ignore_errors=True)
     (output_dir / RUN_MARKER).unlink(missing_ok=True)
+    # The previous run's history and pages: a fresh run must not inherit its curves.
+    from finetune_worker.training.callbacks import METRICS_FILE
+    from finetune_worker.training.report import REPORT
+    from finetune_worker.training.run_card import NEXT_DIR
+
+    for name in (METRICS_FILE, REPORT):
+        (output_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(output_dir / NEXT_DIR, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -241,12 +241,17 @@ class LengthGroupedBatches:
         # The batch holding the longest row goes first: a batch too big for memory then fails at
         # step 1, not hours in, and a run's peak memory shows in its first step.
         full = n // batch * batch
-        if full > batch:
+        if full >= batch:
             widest = int(self.lengths[out[:full]].reshape(-1, batch).max(axis=1).argmax())
             if widest:
                 first = out[:batch].copy()
                 out[:batch] = out[widest * batch : (widest + 1) * batch]
                 out[widest * batch : (widest + 1) * batch] = first
+            if full < n:  # the short remainder may hold the longest row: trade it for the shortest
+                tail = full + int(self.lengths[out[full:]].argmax())
+                head = int(self.lengths[out[:batch]].argmin())
+                if self.lengths[out[tail]] > self.lengths[out[:batch]].max():
+                    out[head], out[tail] = out[tail], out[head]
         return out
 
     def __iter__(self) -> Any:

@@ -236,6 +236,8 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     ctx.phase("training")
     if finished and resume_from is not None:
         result = _restore_final_checkpoint(trainer, resume_from)
+        history.resume_at(ckpt.checkpoint_step(resume_from))
+        callback.training_done()
     else:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     step = trainer.state.global_step
@@ -272,14 +274,17 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     summary_path = out / SUMMARY
     write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=False, default=str))
     weights_key = "model_path" if cfg.peft.method == "full" else "adapter_path"
-    write_next_configs(cfg, out)
-    write_card(cfg, out, summary, weights_key)
-    write_report(out, summary, history.rows(), out.name)
+    try:
+        write_next_configs(cfg, out)
+        write_card(cfg, out, summary, weights_key)
+        write_report(out, summary, history.rows(), out.name)
+    except (OSError, ValueError, TypeError) as exc:  # the weights are saved: a missing page is a warning
+        warn(f"could not write the model card, report or next-step configs: {exc}")
     finish_tracking(trackers, out)  # uploads the saved adapter/model and summary.json
     trackers.clear()
     ckpt.clear_staging(out)
     ckpt.clear_data_cache(out)
-    share_files(out)  # the adapter/model as readable as the rest of the folder
+    share_files(out, recursive=False)  # the adapter/model (checkpoints were shared as published)
     return {
         "outputs": {"output_dir": str(out), weights_key: str(out), "summary_path": str(summary_path)},
         "summary": summary,

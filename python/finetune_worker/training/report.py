@@ -188,7 +188,7 @@ def _chart(ident: str, title: str, series: list[tuple[str, str, list[tuple[float
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
     pad = (y1 - y0) * 0.05 or abs(y1) * 0.05 or 1.0
-    y0, y1 = y0 - pad, y1 + pad
+    y0, y1 = (y0 - pad if y0 - pad >= 0 or y0 < 0 else 0.0), y1 + pad  # a non-negative series stays above 0
     iw, ih = _W - _M["left"] - _M["right"], _H - _M["top"] - _M["bottom"]
 
     def sx(x: float) -> float:

@@ -6,6 +6,7 @@ model card and the terminal's "next steps" both point at."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,15 @@ def next_configs(cfg: TrainConfig, out: Path) -> dict[str, dict[str, Any]]:
     """The job configs for this run's next steps, keyed by file stem."""
     base = str(cfg.paths.model)
     adapter = cfg.peft.method != "full"
-    model_key = {"model_path": base, "adapter_path": str(out)} if adapter else {"model_path": str(out)}
+    model_key: dict[str, Any] = (
+        {"model_path": base, "adapter_path": str(out)} if adapter else {"model_path": str(out)}
+    )
+    if cfg.quantization is not None and adapter:  # a QLoRA run's base loads quantized again
+        model_key["quantization"] = cfg.quantization.model_dump(mode="json")
     source = cfg.sources[0]
     held = cfg.evaluation.dataset if cfg.evaluation is not None else None
     dataset: dict[str, Any] = (
-        held.model_dump(mode="json", exclude_none=True)
+        {**held.model_dump(mode="json", exclude_none=True), "path": str(cfg.resolved(held.path))}
         if held is not None
         else {
             "path": str(source.path),
@@ -76,22 +81,13 @@ def write_next_configs(cfg: TrainConfig, out: Path) -> dict[str, Path]:
 def next_steps(out: Path, weights_key: str) -> list[tuple[str, str]]:
     """``(what, command)`` for a finished run in ``out`` (what its ``next/`` folder holds)."""
     steps: list[tuple[str, str]] = []
-    if weights_key == "adapter_path":
-        steps.append(
-            (
-                "load it with peft",
-                f'python -c "from peft import AutoPeftModelForCausalLM; '
-                f"m = AutoPeftModelForCausalLM.from_pretrained('{out}')\"",
-            )
-        )
-    else:
-        steps.append(
-            (
-                "load it with transformers",
-                f'python -c "from transformers import AutoModelForCausalLM; '
-                f"m = AutoModelForCausalLM.from_pretrained('{out}')\"",
-            )
-        )
+    loader = (
+        ("load it with peft", "peft", "AutoPeftModelForCausalLM")
+        if weights_key == "adapter_path"
+        else ("load it with transformers", "transformers", "AutoModelForCausalLM")
+    )
+    code = f"from {loader[1]} import {loader[2]}; m = {loader[2]}.from_pretrained({json.dumps(str(out))})"
+    steps.append((loader[0], f"python -c {shlex.quote(code)}"))
     labels = {
         "generate": "generate with it",
         "evaluate": "evaluate it against the base model",
@@ -100,7 +96,7 @@ def next_steps(out: Path, weights_key: str) -> list[tuple[str, str]]:
     for name, label in labels.items():
         path = out / NEXT_DIR / f"{name}.json"
         if path.is_file():
-            steps.append((label, f"finetune-worker run {path}"))
+            steps.append((label, f"finetune-worker run {shlex.quote(str(path))}"))
     return steps
 
 
