@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "python" / "finetune_worker"
 #: never import it, nor it them (the server runs them by name, through ``kinds``).
 LAYERS: dict[str, int] = {
     "": 0, "errors": 0,  # the package itself holds only its version
-    "wire": 1, "files": 1, "security": 1, "context": 1, "failures": 1, "kinds": 1,
+    "wire": 1, "files": 1, "security": 1, "context": 1, "failures": 1, "kinds": 1, "extras": 1,
     "outputs": 2, "data": 2,
     "config": 3, "hf": 3,
     "server": 4, "training": 4, "merging": 4, "evaluation": 4,

@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune_worker import kinds
 from finetune_worker.config.mergekit_yaml import model_references
+from finetune_worker.config.paths import json_path, split_path
 from finetune_worker.config.yaml_doc import YamlProblem, load_bounded_yaml, value_lines
 from finetune_worker.errors import ConfigError, ConfigIssue
 from finetune_worker.files import UnreadableFile, read_regular_file
@@ -188,16 +188,6 @@ def issues_from_validation(exc: ValidationError, cls: type[BaseModel] | None = N
     return out
 
 
-def json_path(loc: Any) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts)
-
-
 #: A job config is a few hundred values; past this many the document is refused before the
 #: schema sees it (10^6 unknown keys took pydantic two minutes on the main thread).
 MAX_CONFIG_NODES = 100_000
@@ -304,14 +294,6 @@ def _line_of(parts: list[str | int], lines: dict[tuple[str | int, ...], int]) ->
         else:
             break
     return found
-
-
-def split_path(path: str) -> list[str | int]:
-    """``"a.b[2].c"`` -> ``["a", "b", 2, "c"]`` (the inverse of :func:`json_path`)."""
-    parts: list[str | int] = []
-    for token in re.findall(r"[^.\[\]]+|\[\d+\]", path):
-        parts.append(int(token[1:-1]) if token.startswith("[") else token)
-    return parts
 
 
 def _validate(data: dict[str, Any]) -> tuple[str, BaseModel]:

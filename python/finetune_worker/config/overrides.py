@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from finetune_worker.config.paths import json_path, split_path
 from finetune_worker.errors import ConfigError, ConfigIssue
 
 _PLAIN_SCALAR = re.compile(
@@ -23,8 +24,6 @@ _KEY = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*|\[\d+\])*$")
 def parse_override(text: str) -> tuple[list[str | int], Any]:
     """``"a.b[0].c=value"`` -> ``(["a", "b", 0, "c"], value)``; a ConfigError names a bad one."""
     import yaml
-
-    from finetune_worker.config import split_path
 
     key, sep, raw = text.partition("=")
     key = key.strip()
@@ -53,8 +52,6 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[str]:
     """Apply ``overrides`` to ``data`` in place; the dotted paths set (for telling issues apart)."""
-    from finetune_worker.config import json_path
-
     done: set[str] = set()
     for text in overrides:
         parts, value = parse_override(text)
@@ -90,8 +87,6 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> set[str]:
 
 
 def _bad(text: str, parts: list[str | int], why: str) -> ConfigError:
-    from finetune_worker.config import json_path
-
     return ConfigError(
         [ConfigIssue(json_path(parts), f"--set {text!r}: {json_path(parts) or 'the config'} {why}")]
     )

@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from finetune_worker.config.paths import json_path
+
 #: Keys of Hugging Face TrainingArguments, Axolotl, LLaMA-Factory and peft configs -> where the
 #: same setting lives here (each target is used only where the job's config has it).
 PEER_KEYS: dict[str, tuple[str, ...]] = {
@@ -70,7 +72,7 @@ def suggestion(cls: type[BaseModel], loc: Sequence[str | int]) -> str | None:
     key = loc[-1]
     here = _walk(cls, loc[:-1])
     paths = _all_paths(cls)
-    where = _dotted([p for p in loc[:-1] if isinstance(p, str) and p in _fields_on_the_way(cls, loc[:-1])])
+    where = json_path([p for p in loc[:-1] if isinstance(p, str) and p in _fields_on_the_way(cls, loc[:-1])])
     for target in PEER_KEYS.get(key.lower(), ()):
         # Another tool's name counts at the top level and in the section the setting lives in
         # (distributed.rank is not peft.r).
@@ -79,7 +81,7 @@ def suggestion(cls: type[BaseModel], loc: Sequence[str | int]) -> str | None:
     if here is not None:
         close = difflib.get_close_matches(key, sorted(_fields(here)), n=1, cutoff=0.75)
         if close:
-            return _dotted([*loc[:-1], close[0]])
+            return json_path([*loc[:-1], close[0]])
     by_leaf: dict[str, list[str]] = {}
     for path in sorted(paths, key=lambda p: (p.count("."), p)):
         by_leaf.setdefault(path.rsplit(".", 1)[-1], []).append(path)
@@ -134,14 +136,6 @@ def _fields_on_the_way(cls: type[BaseModel], loc: Sequence[str | int]) -> set[st
         names.add(part)
         model = _nested_model(model.model_fields[part].annotation)
     return names
-
-
-def _dotted(loc: Sequence[str | int]) -> str:
-    """``("dataset", "sources", 0, "weight")`` -> ``dataset.sources[0].weight``, as issues print paths."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + part
-    return out
 
 
 @cache

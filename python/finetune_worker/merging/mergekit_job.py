@@ -88,7 +88,7 @@ def validate_with_mergekit(document: dict[str, Any]) -> Any:
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 
-    from finetune_worker.config import json_path
+    from finetune_worker.config.paths import json_path
 
     try:
         merge_config = MergeConfiguration.model_validate(document)
