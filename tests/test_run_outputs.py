@@ -49,6 +49,8 @@ def finished(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         os.umask(old)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for noise in ("Warning", "Loading weights", "Writing model shards", "it/s]"):
+        assert noise not in done.stderr, (noise, done.stderr[-2000:])
     return tmp_path / "run", done.stdout
 
 
@@ -56,6 +58,12 @@ def test_a_run_leaves_a_model_card_shareable_files_and_next_steps(
     finished: tuple[Path, str], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out, stdout = finished
+
+    # The live display is all the terminal shows: third-party warnings and progress bars went
+    # to the run's worker.log.
+    for noise in ("Warning", "Loading weights", "Writing model shards", "it/s]"):
+        assert noise not in stdout, noise
+    assert (out / "worker.log").is_file()
 
     # The terminal ends with what to do next, as commands that name this run's files.
     tail = stdout[stdout.index("next steps") :]

@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="job config (JSON or YAML file)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     run.add_argument("--json", action="store_true", help="print events as JSON lines instead")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="let third-party warnings and progress bars print (by default they go to the output folder's worker.log)",
+    )
     run.add_argument("--grace", type=float, default=_default_grace(), help="seconds to save after a cancel")
     _add_allowed_root(run)
 
@@ -332,6 +337,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from finetune_worker.cli.render import Renderer
 
         sink = Renderer()
+    log_file = None
+    if not args.json and not args.verbose:
+        from finetune_worker.cli.quiet import capture_third_parties
+
+        log_file = capture_third_parties()
 
     finished = threading.Event()
     outcome: dict[str, Any] = {}
@@ -378,6 +388,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         close = getattr(sink, "close", None)
         if close is not None:
             close()
+        if log_file is not None:
+            from finetune_worker.cli.quiet import keep_log
+
+            kept = keep_log(log_file, model, outcome.get("type"))
+            print(f"third-party warnings and logs: {kept} (--verbose prints them)", file=sys.stderr)
     if terminated.is_set() and outcome.get("type") == "cancelled":
         checkpoint = (outcome.get("payload") or {}).get("checkpoint")
         how = (
