@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
+from cli_helpers import run_cli
 from finetune_worker.config import json_schema, parse_job_config
 from finetune_worker.errors import ConfigError
 
@@ -181,24 +180,15 @@ def test_the_command_line_takes_set_and_shows_examples(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(_tiny_lora()))
 
-    def fw(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "finetune_worker", *args],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=120,
-        )
-
-    ok = fw("validate", str(path), "--set", "training_parameters.learning_rate=1e-4")
+    ok = run_cli("validate", str(path), "--set", "training_parameters.learning_rate=1e-4", cwd=REPO)
     assert ok.returncode == 0 and "valid train config" in ok.stdout, ok.stdout + ok.stderr
-    bad = fw("validate", str(path), "--set", "training_parameters.lr=1e-4")
+    bad = run_cli("validate", str(path), "--set", "training_parameters.lr=1e-4", cwd=REPO)
     assert bad.returncode == 2
     assert (
         "training_parameters.lr: unknown key (did you mean training_parameters.learning_rate?)" in bad.stdout
     )
     for args in (("--help",), ("run", "--help")):
-        shown = fw(*args)
+        shown = run_cli(*args, cwd=REPO)
         assert shown.returncode == 0 and "examples:" in shown.stdout and "--set" in shown.stdout
-    schema = fw("schema")
+    schema = run_cli("schema", cwd=REPO)
     jsonschema.Draft202012Validator.check_schema(json.loads(schema.stdout))

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from cli_helpers import run_cli
 from finetune_worker.config import parse_job_config
 from finetune_worker.config.data import DataConfig
 from finetune_worker.data.readers import resolve_files
@@ -610,18 +611,6 @@ def test_a_file_changed_between_the_passes_is_reported(
 
 
 # ---- 5. validate without the model --------------------------------------------------------------
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "python")}
-    return subprocess.run(
-        [sys.executable, "-m", "finetune_worker", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=120,
-    )
 
 
 def test_validate_checks_the_data_with_no_model_and_reports_everything_at_once(tmp_path: Path) -> None:

@@ -9,26 +9,14 @@ import shlex
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_helpers import run_cli
 from finetune_worker.config import parse_job_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _fw(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, COLUMNS="200")
-    return subprocess.run(
-        [sys.executable, "-m", "finetune_worker", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +33,7 @@ def finished(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     path.write_text(json.dumps(config))
     old = os.umask(0o022)
     try:
-        done = _fw("run", str(path), cwd=tmp_path)  # the live display, piped
+        done = run_cli("run", str(path), cwd=tmp_path, timeout=300)  # the live display, piped
     finally:
         os.umask(old)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -112,7 +100,7 @@ def test_a_run_leaves_a_model_card_shareable_files_and_next_steps(
         for name in ("generate", "evaluate", "merge")
     }
     assert kinds == {"generate": "generate", "evaluate": "evaluate", "merge": "merge_lora"}
-    generated = _fw("run", str(out / "next" / "generate.json"), "--json", cwd=tmp_path)
+    generated = run_cli("run", str(out / "next" / "generate.json"), "--json", cwd=tmp_path, timeout=300)
     assert generated.returncode == 0, generated.stderr[-3000:]
     last = json.loads(generated.stdout.splitlines()[-1])
     assert last["type"] == "completed"
