@@ -235,3 +235,29 @@ def test_the_report_renders_its_curves_and_the_metrics_file_numbers(
 
     assert pixels(TRAIN_COLOUR) > 1500, pixels(TRAIN_COLOUR)  # four line charts of 4 points each
     assert pixels(EVAL_COLOUR) > 80, pixels(EVAL_COLOUR)  # two eval points and a legend swatch
+
+
+def test_eval_lines_say_which_model_and_which_evaluation() -> None:
+    import io
+
+    from rich.console import Console
+
+    from finetune_worker.cli.render import Renderer
+    from finetune_worker.wire.vocabulary import Event
+
+    buffer = io.StringIO()
+    render = Renderer(Console(file=buffer, width=200, force_terminal=False))
+    for payload in (
+        {"step": 0, "model": "base", "metrics": {"eval_loss": 7.6, "perplexity": 2000.0}},
+        {"model": "base", "metrics": {"eval_loss": 7.7, "perplexity": 2200.0, "rows": 20, "f1": 0.3}},
+        {"step": 40, "metrics": {"eval_loss": 4.0, "perplexity": 54.6}},
+        {"step": 60, "model": "fine_tuned", "metrics": {"eval_loss": 3.0, "perplexity": 20.1}},
+    ):
+        render(None, Event("j", "eval", payload))
+    lines = [line for line in buffer.getvalue().splitlines() if line.startswith("eval")]
+    assert [line.split(":")[0] for line in lines] == [
+        "eval base model, step 0",
+        "eval base model, 20 rows scored",
+        "eval step 40",
+        "eval fine-tuned, step 60",
+    ]

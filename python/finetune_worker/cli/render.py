@@ -108,9 +108,16 @@ class Renderer:
             self.progress.update(self.task, stats="  ".join(f"{k} {v}" for k, v in self.stats.items()))
 
     def _on_eval(self, job_id: str, p: dict[str, Any]) -> None:
-        step = f"step {p['step']}" if p.get("step") is not None else ""
+        metrics = p.get("metrics") or {}
+        rows = metrics.get("rows")
+        # The Trainer's held-out loss carries its step; an evaluation block's scores, how many rows.
+        where = (
+            f"step {p['step']}"
+            if p.get("step") is not None
+            else (f"{rows} rows scored" if isinstance(rows, int) and not isinstance(rows, bool) else "")
+        )
         model = {"base": "base model", "fine_tuned": "fine-tuned"}.get(str(p.get("model")), p.get("model"))
-        label = f"{model}, {step}" if model and step else (model or step)
+        label = f"{model}, {where}" if model and where else (model or where)
         parts = [f"{k} {v:.4f}" for k, v in (p.get("metrics") or {}).items() if isinstance(v, float)]
         self._line(f"[blue]eval[/] {label + ': ' if label else ''}{'  '.join(parts)}")
 
