@@ -45,13 +45,14 @@ def capture_third_parties() -> Path:
 def keep_log(log: Path, model: Any, outcome: str | None) -> Path:
     """Move the log into the job's output folder when the job made that folder its own (a
     training run folder, or any output of a completed job); where the log now is."""
+    from finetune_worker.config.base import StrictModel
     from finetune_worker.outputs import RUN_MARKER
 
     logging.shutdown()
     out = getattr(model, "output_dir", None) or getattr(model, "output_path", None)
     if not isinstance(out, str):
         return log
-    folder = Path(os.path.abspath(os.path.expanduser(out)))
+    folder = StrictModel.resolved(out)  # as the job resolved it
     owned = folder.is_dir() and (outcome == "completed" or (folder / RUN_MARKER).is_file())
     if not owned:
         return log

@@ -70,9 +70,9 @@ def suggestion(cls: type[BaseModel], loc: Sequence[str | int]) -> str | None:
     if not loc or not isinstance(loc[-1], str):
         return None
     key = loc[-1]
-    here = _walk(cls, loc[:-1])
+    here, fields = _walk(cls, loc[:-1])
     paths = _all_paths(cls)
-    where = json_path([p for p in loc[:-1] if isinstance(p, str) and p in _fields_on_the_way(cls, loc[:-1])])
+    where = ".".join(fields)
     for target in PEER_KEYS.get(key.lower(), ()):
         # Another tool's name counts at the top level and in the section the setting lives in
         # (distributed.rank is not peft.r).
@@ -112,30 +112,19 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _walk(cls: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
-    """The model at ``loc``; list indices and pydantic's union branch tags in ``loc`` are skipped."""
+def _walk(cls: type[BaseModel], loc: Sequence[str | int]) -> tuple[type[BaseModel] | None, list[str]]:
+    """The model at ``loc`` (None past a field that holds no model) and the field names on the
+    way there; list indices and pydantic's union branch tags in ``loc`` are skipped."""
     model: type[BaseModel] | None = cls
-    for part in loc:
-        if model is None:
-            return None
-        if isinstance(part, int) or part not in model.model_fields:
-            continue
-        model = _nested_model(model.model_fields[part].annotation)
-    return model
-
-
-def _fields_on_the_way(cls: type[BaseModel], loc: Sequence[str | int]) -> set[str]:
-    """The field names ``loc`` passes through (not list indices or union branch tags)."""
-    names: set[str] = set()
-    model: type[BaseModel] | None = cls
+    fields: list[str] = []
     for part in loc:
         if model is None:
             break
         if isinstance(part, int) or part not in model.model_fields:
             continue
-        names.add(part)
+        fields.append(part)
         model = _nested_model(model.model_fields[part].annotation)
-    return names
+    return model, fields
 
 
 @cache

@@ -84,7 +84,7 @@ def render(summary: dict[str, Any], history: list[dict[str, Any]], title: str) -
         ),
         "</div>",
         "<h2>Base vs fine-tuned</h2>",
-        _table(["metric", "base", "fine-tuned"], _comparison(summary), "comparison"),
+        _table(["metric", "base", "fine-tuned"], [list(row) for row in comparison(summary)], "comparison"),
     ]
     samples = (summary.get("evaluation") or {}).get("samples") or []
     if samples:
@@ -230,16 +230,18 @@ def _chart(ident: str, title: str, series: list[tuple[str, str, list[tuple[float
     return head + "".join(svg) + "</figure>"
 
 
-def _comparison(summary: dict[str, Any]) -> list[list[Any]]:
-    rows: list[list[Any]] = [
-        ["eval loss", summary.get("base_eval_loss"), summary.get("final_eval_loss")],
-        ["perplexity", summary.get("base_perplexity"), summary.get("final_perplexity")],
+def comparison(summary: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(metric, base, fine-tuned)`` of a run's summary: the held-out loss and perplexity, then
+    the evaluation block's answer scores (the report's table and the model card's)."""
+    rows: list[tuple[str, Any, Any]] = [
+        ("eval loss", summary.get("base_eval_loss"), summary.get("final_eval_loss")),
+        ("perplexity", summary.get("base_perplexity"), summary.get("final_perplexity")),
     ]
     by_model = (summary.get("evaluation") or {}).get("metrics") or {}
     base, tuned = by_model.get("base") or {}, by_model.get("fine_tuned") or {}
     for key in ("exact_match", "f1", "bleu", "rouge_l"):
         if key in base or key in tuned:
-            rows.append([key, base.get(key), tuned.get(key)])
+            rows.append((key, base.get(key), tuned.get(key)))
     return rows
 
 

@@ -10,8 +10,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from finetune_worker.config.train import TrainConfig
+from finetune_worker.config.train import LORA_FAMILY, TrainConfig
 from finetune_worker.outputs import write_text_atomic
+from finetune_worker.training.report import comparison
 
 NEXT_DIR = "next"
 CARD = "README.md"
@@ -58,7 +59,7 @@ def next_configs(cfg: TrainConfig, out: Path) -> dict[str, dict[str, Any]]:
             "output_dir": str(out / NEXT_DIR / "evaluated"),
         },
     }
-    if adapter and cfg.peft.method in ("lora", "dora", "rslora", "loftq", "pissa", "ia3"):
+    if cfg.peft.method in LORA_FAMILY | {"ia3"}:  # the adapters merge_lora folds into the base
         configs["merge"] = {
             "job": "merge_lora",
             "base_model_path": base,
@@ -159,18 +160,7 @@ def write_card(cfg: TrainConfig, out: Path, summary: dict[str, Any], weights_key
     ]
     lines += [f"| {k} | {v} |" for k, v in settings]
     lines += ["", "## Results", "", "| metric | base | fine-tuned |", "| --- | ---: | ---: |"]
-    lines.append(
-        f"| eval loss | {_num(summary.get('base_eval_loss'))} | {_num(summary.get('final_eval_loss'))} |"
-    )
-    lines.append(
-        f"| perplexity | {_num(summary.get('base_perplexity'))} | {_num(summary.get('final_perplexity'))} |"
-    )
-    evaluation = summary.get("evaluation") or {}
-    by_model = evaluation.get("metrics") or {}
-    base_scores, tuned = by_model.get("base") or {}, by_model.get("fine_tuned") or {}
-    for key in ("exact_match", "f1", "bleu", "rouge_l"):
-        if key in base_scores or key in tuned:
-            lines.append(f"| {key} | {_num(base_scores.get(key))} | {_num(tuned.get(key))} |")
+    lines += [f"| {name} | {_num(base)} | {_num(tuned)} |" for name, base, tuned in comparison(summary)]
     lines += ["", f"Training loss over the run: {_num(summary.get('train_loss'))}.", "", "## Use", ""]
     for what, command in next_steps(out, weights_key):
         lines += [f"- {what}:", "", "  ```sh", f"  {command}", "  ```", ""]
@@ -184,11 +174,7 @@ def _method(cfg: TrainConfig) -> str:
     peft = cfg.peft
     if peft.method == "full":
         return "full fine-tuning"
-    detail = (
-        f"r={peft.r}, alpha={peft.alpha}"
-        if peft.method in ("lora", "dora", "rslora", "loftq", "pissa")
-        else ""
-    )
+    detail = f"r={peft.r}, alpha={peft.alpha}" if peft.method in LORA_FAMILY else ""
     bits = f", {cfg.quantization.bits}-bit base" if cfg.quantization else ""
     return f"{peft.method}{f' ({detail}{bits})' if detail or bits else ''}"
 
