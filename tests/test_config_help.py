@@ -43,8 +43,11 @@ def test_the_schema_takes_every_example_config(path: Path, validator: Any) -> No
     assert _messages(validator, doc) == []
 
 
-def _tiny_lora() -> dict[str, Any]:
-    return json.loads((REPO / "configs" / "tiny-lora.json").read_text())
+def _tiny_lora(model: Path) -> dict[str, Any]:
+    """The demo's config on a tiny model built for the test (a fresh clone has no ``.tiny/model``)."""
+    doc = json.loads((REPO / "configs" / "tiny-lora.json").read_text())
+    doc["model_name"] = str(model)
+    return doc
 
 
 @pytest.mark.parametrize(
@@ -59,8 +62,10 @@ def _tiny_lora() -> dict[str, Any]:
         ({"seed": "1.5"}, False),
     ],
 )
-def test_the_schema_agrees_with_validation(change: dict[str, Any], valid: bool, validator: Any) -> None:
-    doc = _tiny_lora()
+def test_the_schema_agrees_with_validation(
+    change: dict[str, Any], valid: bool, validator: Any, tiny_model_dir: Path
+) -> None:
+    doc = _tiny_lora(tiny_model_dir)
     doc.update(change)
     try:
         parse_job_config(copy.deepcopy(doc))
@@ -91,8 +96,10 @@ def _problems(doc: dict[str, Any], overrides: tuple[str, ...] = ()) -> list[str]
         (("dataset",), "valdation_split", "dataset.validation_split"),
     ],
 )
-def test_an_unknown_key_says_what_was_meant(where: tuple[str, ...], key: str, meant: str) -> None:
-    doc = _tiny_lora()
+def test_an_unknown_key_says_what_was_meant(
+    where: tuple[str, ...], key: str, meant: str, tiny_model_dir: Path
+) -> None:
+    doc = _tiny_lora(tiny_model_dir)
     node = doc
     for part in where:
         node = node[part]
@@ -101,7 +108,7 @@ def test_an_unknown_key_says_what_was_meant(where: tuple[str, ...], key: str, me
     assert _problems(doc) == [f"{shown}: unknown key (did you mean {meant}?) (got 1)"]
 
 
-def test_another_tools_name_counts_only_where_the_setting_lives() -> None:
+def test_another_tools_name_counts_only_where_the_setting_lives(tiny_model_dir: Path) -> None:
     from pydantic import BaseModel
 
     from finetune_worker.config.suggest import _nested_model
@@ -111,10 +118,10 @@ def test_another_tools_name_counts_only_where_the_setting_lives() -> None:
 
     # Python 3.10 counts list[int] as a type: no issubclass() on it.
     assert _nested_model(list[int]) is None and _nested_model(list[Inner] | None) is Inner
-    doc = _tiny_lora()
+    doc = _tiny_lora(tiny_model_dir)
     doc["peft"]["lora_alpha"] = 8  # peft's own name, in the peft section
     assert _problems(doc) == ["peft.lora_alpha: unknown key (did you mean peft.alpha?) (got 8)"]
-    doc = _tiny_lora()
+    doc = _tiny_lora(tiny_model_dir)
     doc["checkpoint"]["rank"] = 1  # not peft's r: nothing near in the checkpoint section
     assert "did you mean peft.r" not in _problems(doc)[0]
 
@@ -131,23 +138,23 @@ def test_set_values_stay_the_text_typed_unless_they_are_plain_scalars() -> None:
     assert doc["dataset"] == {"sources": [{"path": "a.jsonl"}, {"path": "b.jsonl", "weight": 2}]}
 
 
-def test_keys_of_a_mixture_source_and_of_other_jobs() -> None:
-    doc = _tiny_lora()
+def test_keys_of_a_mixture_source_and_of_other_jobs(tiny_model_dir: Path) -> None:
+    doc = _tiny_lora(tiny_model_dir)
     doc["dataset"] = [{"path": "configs/data/qa.jsonl", "wieght": 2}]
     assert any("wieght: unknown key (did you mean dataset.sources[0].weight?)" in p for p in _problems(doc))
-    generate = {"job": "generate", "model_path": ".tiny/model", "prompts": ["hi"], "max_tokens": 3}
+    generate = {"job": "generate", "model_path": str(tiny_model_dir), "prompts": ["hi"], "max_tokens": 3}
     assert _problems(generate) == ["max_tokens: unknown key (did you mean max_new_tokens?) (got 3)"]
     # Nothing near: the schema is named instead of a wild guess.
-    doc = _tiny_lora()
+    doc = _tiny_lora(tiny_model_dir)
     doc["zzzz"] = 1
     assert _problems(doc) == [
         "zzzz: unknown key (not part of this job's config; see `finetune-worker schema`) (got 1)"
     ]
 
 
-def test_set_overrides_keys_and_reads_values_as_yaml(tmp_path: Path) -> None:
+def test_set_overrides_keys_and_reads_values_as_yaml(tmp_path: Path, tiny_model_dir: Path) -> None:
     path = tmp_path / "job.json"
-    path.write_text(json.dumps(_tiny_lora(), indent=2))
+    path.write_text(json.dumps(_tiny_lora(tiny_model_dir), indent=2))
     _, model = parse_job_config(
         ("file", str(path)),
         (
@@ -176,9 +183,9 @@ def test_set_overrides_keys_and_reads_values_as_yaml(tmp_path: Path) -> None:
     ]
 
 
-def test_the_command_line_takes_set_and_shows_examples(tmp_path: Path) -> None:
+def test_the_command_line_takes_set_and_shows_examples(tmp_path: Path, tiny_model_dir: Path) -> None:
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(_tiny_lora()))
+    path.write_text(yaml.safe_dump(_tiny_lora(tiny_model_dir)))
 
     ok = run_cli("validate", str(path), "--set", "training_parameters.learning_rate=1e-4", cwd=REPO)
     assert ok.returncode == 0 and "valid train config" in ok.stdout, ok.stdout + ok.stderr

@@ -56,4 +56,4 @@ def test_a_missing_bitsandbytes_names_the_qlora_extra(
     }
     assert any(i.startswith("quantization: ") and "[qlora]" in i for i in _issues(generate))
     # A job that does not quantize does not need it.
-    parse_job_config({**_config("tiny-lora.json")})
+    parse_job_config({**_config("tiny-lora.json"), "model_name": str(tiny_model_dir)})
