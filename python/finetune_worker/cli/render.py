@@ -10,9 +10,10 @@ import json
 import math
 from typing import IO, Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from finetune_worker.wire.vocabulary import Event, plain
 
@@ -32,23 +33,56 @@ class JsonLines:
         self.stream.flush()
 
 
+#: A completion being generated, by (prompt_index, sequence); sequence is None with one per prompt.
+StreamKey = tuple[Any, Any]
+#: How many lines of a completion still being generated the live region shows (its tail).
+LIVE_TEXT_LINES = 6
+
+
+class _LiveProgress(Progress):
+    """The progress bar with the completions being generated above it, in one live region.
+
+    Text printed above a rich live display with ``end=""`` is overwritten by the display's next
+    refresh, so in a terminal the streamed text is part of the display until its completion ends;
+    then it is printed for good, above the bar.
+    """
+
+    def __init__(self, *columns: Any, streams: dict[StreamKey, str], **kwargs: Any):
+        self.streams = streams  # before Progress builds its first display, which reads it
+        super().__init__(*columns, **kwargs)
+
+    def get_renderables(self) -> Any:
+        for key, text in self.streams.items():
+            shown = _stream_label(key) + text
+            tail = max(self.console.width, 20) * LIVE_TEXT_LINES
+            yield Text(shown if len(shown) <= tail else "…" + shown[-tail:], style="bright_white")
+        yield self.make_tasks_table(self.tasks)
+
+
 class Renderer:
-    """Progress bar (step/total, loss, learning rate, tokens/s, ETA); other events as lines."""
+    """Progress bar (step/total, loss, learning rate, tokens/s, ETA); other events as lines.
+
+    Generated text streams as it comes: in a terminal inside the live display, piped straight to
+    the stream (one completion per line); either way each completion ends up on its own line.
+    """
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
-        self.progress = Progress(
+        self.streams: dict[StreamKey, str] = {}
+        self.progress = _LiveProgress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"),
             TextColumn("[cyan]{task.fields[eta]}"),
             console=self.console,
+            streams=self.streams,
         )
         self.task: TaskID | None = None
         self.phase = "running"
         self.stats: dict[str, str] = {}
-        self.prompt_index: Any = None
+        #: Piped: the completion whose text is being written on the current, unfinished line.
+        self.open_stream: StreamKey | None = None
 
     def __call__(self, record: Any, event: Event) -> None:
         p = plain(event.payload)
@@ -57,14 +91,26 @@ class Renderer:
             handler(event.job_id, p)
 
     def close(self) -> None:
+        self._finish_streams()
         if self.progress.live.is_started:
             self.progress.stop()
 
     # ---- one method per event type -------------------------------------------------------------
 
     def _line(self, text: str) -> None:
+        self._end_open_line()
         # Printing through the Progress console keeps the live bar below the scrolled lines.
         self.progress.console.print(text, highlight=False)
+
+    @property
+    def _live_text(self) -> bool:
+        """Streamed text lives in the display (a terminal), or goes straight out (piped)."""
+        return self.console.is_terminal and not self.console.is_dumb_terminal
+
+    def _end_open_line(self) -> None:
+        if self.open_stream is not None:
+            self.open_stream = None
+            self.progress.console.print(highlight=False)
 
     def _on_queued(self, job_id: str, p: dict[str, Any]) -> None:
         self._line(f"[dim]{job_id} queued ({p.get('kind')}, position {p.get('position')})")
@@ -88,8 +134,10 @@ class Renderer:
         total = p.get("total_steps", p.get("total"))
         done = p.get("step", p.get("done")) or 0
         eta = _duration(p.get("eta_s"))
+        if p.get("unit") == "prompts":  # a generate job: the prompts before `done` are answered
+            self._finish_streams(lambda key: isinstance(key[0], int) and key[0] < int(done))
         if self.task is None:
-            self.progress.start()
+            self._start_live()
             self.task = self.progress.add_task(self.phase, total=total, stats="", eta="")
         self.progress.update(
             self.task, completed=done, total=total, description=self.phase, eta=f"ETA {eta}" if eta else ""
@@ -125,30 +173,75 @@ class Renderer:
         self._line(f"[green]checkpoint[/] step {p.get('step')}: {p.get('path')}")
 
     def _on_token(self, job_id: str, p: dict[str, Any]) -> None:
-        # Tokens of one prompt run together; each prompt's completion starts on its own line.
-        index = p.get("prompt_index")
-        if index != self.prompt_index:
-            prefix = "\n" if self.prompt_index is not None else ""
-            self.progress.console.print(f"{prefix}[bold]\\[{index}][/] ", end="", highlight=False)
-            self.prompt_index = index
-        self.progress.console.print(str(p.get("text", "")), end="", highlight=False, markup=False)
+        key: StreamKey = (p.get("prompt_index"), p.get("sequence"))
+        text = shown_text(str(p.get("text", "")))
+        if key not in self.streams:  # a new prompt: the ones before it are answered
+            self._finish_streams(lambda k: k[0] != key[0])
+            self.streams[key] = ""
+        self.streams[key] += text
+        if self._live_text:
+            self._start_live()
+            self.progress.refresh()
+        elif key[1] in (None, 0) and self.open_stream in (None, key):
+            # Piped: one completion at a time runs on, as it comes; other sequences of the same
+            # prompt (generated alongside it) are written whole when the prompt is answered.
+            if self.open_stream is None:
+                self.progress.console.print(Text(_stream_label(key), style="bold"), end="")
+                self.open_stream = key
+            self.progress.console.print(text, end="", highlight=False, markup=False)
+
+    def _start_live(self) -> None:
+        if not self.progress.live.is_started:
+            self.progress.start()
+
+    def _finish_streams(self, done: Any = None) -> None:
+        """Print the completions ``done(key)`` picks (all by default) for good, and drop them."""
+        for key in [k for k in self.streams if done is None or done(k)]:
+            text = self.streams.pop(key)
+            streamed = self.open_stream == key  # piped, and already written as it came
+            self._end_open_line()
+            if not streamed:
+                label = Text(_stream_label(key), style="bold")
+                self.progress.console.print(label + Text(text), highlight=False, soft_wrap=True)
+        if self._live_text and self.progress.live.is_started:
+            self.progress.refresh()
 
     def _on_completed(self, job_id: str, p: dict[str, Any]) -> None:
         self.close()
-        if self.prompt_index is not None:
-            self.console.print()
+        summary = p.get("summary") or {}
         table = Table(title=f"{job_id} completed", show_header=False, title_style="bold green")
         table.add_column("key", style="bold")
         table.add_column("value")
         for section in ("summary", "outputs"):
             for key, value in (p.get(section) or {}).items():
-                if value is not None and key != "evaluation":
+                if value is not None and key not in ("evaluation", "completions"):
                     table.add_row(str(key), _cell(value))
         self.console.print(table)
-        evaluation = (p.get("summary") or {}).get("evaluation")
+        evaluation = summary.get("evaluation")
         if isinstance(evaluation, dict):
             self._print_evaluation(evaluation)
+        if isinstance(summary.get("completions"), list):
+            self._print_completions(summary["completions"])
         self._print_next_steps(p.get("outputs") or {})
+
+    def _print_completions(self, completions: list[Any]) -> None:
+        """A generate job's prompts, each with its completion(s) in full."""
+        for c in completions:
+            if not isinstance(c, dict):
+                continue
+            key = (c.get("prompt_index"), c.get("sequence"))
+            if key[1] in (None, 0):
+                self.console.print(
+                    Text(f"prompt {key[0]}: ", style="bold")
+                    + Text(shown_text(_prompt_text(c.get("prompt")))),
+                    soft_wrap=True,
+                )
+            label = "completion" if key[1] is None else f"completion {key[1]}"
+            reason = f" ({c['finish_reason']})" if c.get("finish_reason") else ""
+            self.console.print(
+                Text(f"  {label}{reason}: ", style="green") + Text(shown_text(str(c.get("text", "")))),
+                soft_wrap=True,
+            )
 
     def _print_next_steps(self, outputs: dict[str, Any]) -> None:
         """A training run's next steps, with the commands (the configs are in its ``next/``)."""
@@ -207,6 +300,29 @@ class Renderer:
         self.close()
         where = f" (checkpoint {p['checkpoint']})" if p.get("checkpoint") else ""
         self.console.print(f"[yellow]{job_id} cancelled at step {p.get('step')}{where}")
+
+
+#: C0 controls and DEL but newline and tab, shown as their Unicode "control pictures" (\x1b as
+#: U+241B): a model's output must not move the cursor, clear the screen or retitle the terminal.
+_CONTROL_PICTURES = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7F: 0x2421}
+
+
+def shown_text(text: str) -> str:
+    """Generated text as the terminal shows it (control characters made visible, not obeyed)."""
+    return text.translate(_CONTROL_PICTURES)
+
+
+def _stream_label(key: StreamKey) -> str:
+    index, sequence = key
+    return f"[{index}] " if sequence is None else f"[{index}.{sequence}] "
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A prompt as a user would recognize it: a chat prompt's last user turn."""
+    if isinstance(prompt, list):
+        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return str(users[-1]) if users else json.dumps(prompt, ensure_ascii=False)
+    return str(prompt)
 
 
 def _duration(seconds: Any) -> str:

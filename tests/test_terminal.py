@@ -1,0 +1,151 @@
+"""What ``finetune-worker run`` shows a person: in a real terminal (tmux's pseudo-terminal, read
+back with ``capture-pane``) and piped, the generated text must be there as it streams and in the
+final display, not overwritten by the live progress bar."""
+
+from __future__ import annotations
+
+import io
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from cli_helpers import REPO, run_cli
+from finetune_worker.cli.render import Renderer, shown_text
+from finetune_worker.wire.vocabulary import Event
+
+TMUX = shutil.which("tmux")
+PROMPTS = [
+    [{"role": "user", "content": "What colour is the sky?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of Spain?"},
+    ],
+    "The cat sat on the",
+]
+
+
+def _generate_config(tmp_path: Path, model: Path, **extra: object) -> Path:
+    config = {
+        "job": "generate",
+        "model_path": str(model),
+        "prompts": PROMPTS,
+        "max_new_tokens": 12,
+        "temperature": 0,
+        "output_dir": str(tmp_path / "out"),
+        **extra,
+    }
+    path = tmp_path / "generate.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _completions(tmp_path: Path) -> list[dict]:
+    lines = (tmp_path / "out" / "completions.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _screen_lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines()]
+
+
+@pytest.mark.skipif(TMUX is None, reason="needs tmux (Debian's tmux package; CI installs it)")
+def test_generated_text_stays_on_a_real_terminal(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = _generate_config(tmp_path, tiny_model_dir)
+    session = f"fw-test-{tmp_path.name}"[:50].replace(".", "-")
+    env = {"PYTHONPATH": str(REPO / "python"), "FINETUNE_WORKER_WARM": "0", "TERM": "xterm-256color"}
+    worker = " ".join(
+        [
+            "env",
+            *(f"{k}={shlex.quote(v)}" for k, v in env.items()),
+            shlex.quote(sys.executable),
+            "-m finetune_worker run",
+            shlex.quote(str(config)),
+        ]
+    )
+    # The pane outlives the worker so the screen can be read after it exits.
+    script = f"{worker}; echo EXITED-$?; sleep 300"
+    tmux = [TMUX or "tmux", "-L", session]  # a server of its own: no user's sessions touched
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-s", session, "-x", "150", "-y", "60", script], check=True, cwd=tmp_path
+    )
+    try:
+        screen = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "EXITED-" not in screen:
+            time.sleep(0.5)
+            screen = subprocess.run(
+                [*tmux, "capture-pane", "-p", "-J", "-S", "-", "-t", session],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    assert "EXITED-0" in screen, screen
+    lines = _screen_lines(screen)
+    completions = _completions(tmp_path)
+    assert len(completions) == len(PROMPTS)
+    table_at = next(i for i, line in enumerate(lines) if "completed" in line)
+    for c in completions:
+        first, *rest = _screen_lines(shown_text(c["text"]))
+        assert first or rest, c  # greedy from the tiny model: each prompt gets some text
+        # Printed for good while the job ran (above the bar and the final table)...
+        assert f"[{c['prompt_index']}] {first}".rstrip() in lines[:table_at], (c, screen)
+        # ...and again in the final display, under its prompt.
+        assert any(line.endswith(f": {first}".rstrip()) and "completion" in line for line in lines[table_at:])
+        assert all(line in lines[table_at:] for line in rest), (c, screen)
+    for shown in ("prompt 0: What colour is the sky?", "prompt 1: What is the capital of Spain?"):
+        assert shown in lines, screen
+
+
+def test_generated_text_piped_is_one_line_per_completion(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = _generate_config(tmp_path, tiny_model_dir)
+    done = run_cli("run", str(config), cwd=tmp_path, env={"FINETUNE_WORKER_WARM": "0"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = _screen_lines(done.stdout)
+    for c in _completions(tmp_path):
+        first = _screen_lines(shown_text(c["text"]) or " ")[0]
+        # Its own line: not glued to the progress bar or to the next prompt's text.
+        assert f"[{c['prompt_index']}] {first}".rstrip() in lines, done.stdout
+    bar = [line for line in lines if line.startswith("generating ")]
+    assert bar and all("3/3" in line and "[" not in line for line in bar), done.stdout
+
+
+def _render(events: list[tuple[str, dict]], terminal: bool) -> str:
+    buffer = io.StringIO()
+    render = Renderer(Console(file=buffer, width=120, force_terminal=terminal, color_system=None))
+    for kind, payload in events:
+        render(None, Event("j", kind, payload))
+    render.close()
+    return buffer.getvalue()
+
+
+def test_piped_sequences_of_one_prompt_are_not_interleaved() -> None:
+    tokens = [
+        ("token", {"prompt_index": 0, "sequence": s, "index": i, "text": piece})
+        for i, pieces in enumerate([("Hel", "Bon"), ("lo", "jour"), (" there", "!")])
+        for s, piece in enumerate(pieces)
+    ]
+    events = [
+        *tokens,
+        ("progress", {"done": 1, "total": 2, "unit": "prompts"}),
+        ("token", {"prompt_index": 1, "sequence": 0, "index": 0, "text": "next"}),
+        ("log", {"level": "info", "message": "a line in between"}),
+    ]
+    lines = _screen_lines(_render(events, terminal=False))
+    assert lines[:4] == ["[0.0] Hello there", "[0.1] Bonjour!", "[1.0] next", "  info: a line in between"]
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "piped"])
+def test_control_characters_in_generated_text_are_shown_not_obeyed(terminal: bool) -> None:
+    hostile = "\x1b[2J\x1b]0;owned\x07wiped\r"  # clear screen, retitle, return to column 0
+    out = _render([("token", {"prompt_index": 0, "index": 0, "text": hostile})], terminal)
+    assert "\x1b" not in out.replace("\x1b[?25l", "").replace("\x1b[?25h", "").replace("\x1b[2K", "")
+    assert "[0] ␛[2J␛]0;owned␇wiped␍" in _screen_lines(out)
