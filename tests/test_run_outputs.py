@@ -261,3 +261,63 @@ def test_eval_lines_say_which_model_and_which_evaluation() -> None:
         "eval step 40",
         "eval fine-tuned, step 60",
     ]
+
+
+def test_an_evaluation_section_on_the_held_out_rows_is_the_one_evaluation_per_model(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """One base line and one fine-tuned line (the section's scores, with the step), not the
+    Trainer's loss on the same rows as well; the section reports progress while it answers."""
+    config = json.loads((REPO / "configs" / "tiny-lora.json").read_text())
+    config.update(model_name=str(tiny_model_dir), output_dir=str(tmp_path / "run"), max_steps=3)
+    config["dataset"]["path"] = str(REPO / config["dataset"]["path"])
+    config["checkpoint"] = {"every_steps": 3, "keep": 1}
+    config["evaluation"] = {"max_rows": 4, "batch_size": 2, "samples": 1, "generation": {"max_new_tokens": 3}}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(config))
+    done = run_cli("run", str(path), "--json", cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    evals = [(e["payload"].get("model"), e["payload"].get("step")) for e in events if e["type"] == "eval"]
+    assert evals == [("base", 0), ("fine_tuned", 3)]
+    assert all("f1" in e["payload"]["metrics"] for e in events if e["type"] == "eval")
+    training_at = next(i for i, e in enumerate(events) if e["payload"].get("phase") == "training")
+    answering = [
+        (i < training_at, e["payload"]["done"], e["payload"]["total"])
+        for i, e in enumerate(events)
+        if e["type"] == "progress" and e["payload"].get("unit") == "answers"
+    ]
+    assert answering == [(True, 2, 4), (True, 4, 4), (False, 2, 4), (False, 4, 4)]
+    summary = events[-1]["payload"]["summary"]
+    scores = summary["evaluation"]["metrics"]
+    assert summary["base_eval_loss"] == scores["base"]["eval_loss"]
+    assert summary["final_eval_loss"] == scores["fine_tuned"]["eval_loss"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    history = [(r["stage"], r["step"], r["rows"]) for r in rows if r["kind"] == "eval"]
+    assert history == [("before_training", 0, 4), ("after_training", 3, 4)]
+
+
+def test_an_evaluate_jobs_comparison_is_a_table() -> None:
+    import io
+
+    from rich.console import Console
+
+    from finetune_worker.cli.render import Renderer
+    from finetune_worker.wire.vocabulary import Event
+
+    buffer = io.StringIO()
+    render = Renderer(Console(file=buffer, width=120, force_terminal=False))
+    summary = {
+        "model_path": "/m/base",
+        "adapter_path": "/runs/tiny-lora",
+        "metrics": {"eval_loss": 3.0, "perplexity": 20.1, "f1": 11.7, "rows": 20},
+        "compare": {"model_path": "/m/base", "adapter_path": None, "metrics": {"eval_loss": 7.7, "f1": 0.36}},
+        "improvement": {"eval_loss_delta": 4.7},
+    }
+    render(None, Event("j", "completed", {"summary": summary, "outputs": {}}))
+    shown = buffer.getvalue()
+    assert "entries (in the job's summary file)" not in shown
+    assert "tiny-lora vs base (20 rows)" in shown
+    lines = {line.split()[1]: line.split()[2:] for line in shown.splitlines() if line.startswith("│ ")}
+    assert lines["eval_loss"][:3] == ["│", "3", "│"] and lines["eval_loss"][3] == "7.7"
+    assert lines["f1"][1] == "11.7" and lines["f1"][3] == "0.36"

@@ -149,3 +149,46 @@ def test_control_characters_in_generated_text_are_shown_not_obeyed(terminal: boo
     out = _render([("token", {"prompt_index": 0, "index": 0, "text": hostile})], terminal)
     assert "\x1b" not in out.replace("\x1b[?25l", "").replace("\x1b[?25h", "").replace("\x1b[2K", "")
     assert "[0] ␛[2J␛]0;owned␇wiped␍" in _screen_lines(out)
+
+
+def test_a_reader_that_closes_the_pipe_stops_the_job(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``run job.json | head``: the job stops at a step boundary, with a checkpoint, and the
+    command exits (it used to wait for ever: rich exits on a closed pipe, in the job's thread)."""
+    import os
+
+    from finetune_worker.cli import EXIT_CANCELLED
+
+    config = json.loads((REPO / "configs" / "tiny-lora.json").read_text())
+    config.update(
+        model_name=str(tiny_model_dir),
+        dataset={"path": str(REPO / "configs" / "data" / "conversations.jsonl")},
+        output_dir=str(tmp_path / "out"),
+        max_steps=400,
+        checkpoint={"every_steps": 4, "keep": 2},
+    )
+    config.pop("evaluation")
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "python"), "FINETUNE_WORKER_WARM": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune_worker", "run", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    for line in proc.stdout:
+        if line.startswith("checkpoint step"):
+            break  # what `head` does once it has its lines
+    proc.stdout.close()
+    try:
+        rc = proc.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the command did not exit once its reader had gone") from None
+    stderr = proc.stderr.read()
+    assert rc == EXIT_CANCELLED, stderr
+    assert "the output's reader closed the pipe: the job stopped (checkpoint " in stderr, stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))

@@ -344,14 +344,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_file = capture_third_parties()
 
     finished = threading.Event()
+    reader_gone = threading.Event()
     outcome: dict[str, Any] = {}
 
     def on_event(record: Any, event: Any) -> None:
-        sink(record, event)
-        if event.terminal:
-            outcome["type"] = event.type
-            outcome["payload"] = event.payload
-            finished.set()
+        try:
+            if not reader_gone.is_set():
+                sink(record, event)
+        except (BrokenPipeError, SystemExit):
+            # The reader closed the pipe (`run job.json | head`); rich exits on that, and from
+            # this thread that would leave the main thread waiting for ever. Stop as Ctrl-C does.
+            reader_gone.set()
+            manager.cancel(event.job_id)
+        finally:
+            if event.terminal:
+                outcome["type"] = event.type
+                outcome["payload"] = event.payload
+                finished.set()
 
     manager = JobManager(on_event, job_prefix="run")
     job_id = manager.submit(kind, model)
@@ -386,7 +395,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous_term)
         manager.close(args.grace)
         close = getattr(sink, "close", None)
-        if close is not None:
+        if close is not None and not reader_gone.is_set():
             close()
         if log_file is not None:
             from finetune_worker.cli.quiet import keep_log
@@ -403,4 +412,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         print(f"stopped by SIGTERM: {how}", file=sys.stderr)
         return EXIT_TERMINATED
+    if reader_gone.is_set():
+        checkpoint = (outcome.get("payload") or {}).get("checkpoint")
+        where = f" (checkpoint {checkpoint})" if checkpoint else ""
+        print(f"the output's reader closed the pipe: the job stopped{where}", file=sys.stderr)
     return {"completed": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(outcome.get("type", ""), EXIT_FAILED)

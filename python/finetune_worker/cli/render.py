@@ -35,6 +35,8 @@ class JsonLines:
 
 #: A completion being generated, by (prompt_index, sequence); sequence is None with one per prompt.
 StreamKey = tuple[Any, Any]
+#: The scores of an evaluation, in the order the tables show them.
+SCORE_KEYS = ("eval_loss", "perplexity", "exact_match", "f1", "bleu", "rouge_l")
 #: How many lines of a completion still being generated the live region shows (its tail).
 LIVE_TEXT_LINES = 6
 
@@ -159,10 +161,11 @@ class Renderer:
         metrics = p.get("metrics") or {}
         rows = metrics.get("rows")
         # The Trainer's held-out loss carries its step; an evaluation block's scores, how many rows.
-        where = (
-            f"step {p['step']}"
-            if p.get("step") is not None
-            else (f"{rows} rows scored" if isinstance(rows, int) and not isinstance(rows, bool) else "")
+        where = ", ".join(
+            [
+                *([f"step {p['step']}"] if p.get("step") is not None else []),
+                *([f"{rows} rows scored"] if isinstance(rows, int) and not isinstance(rows, bool) else []),
+            ]
         )
         model = {"base": "base model", "fine_tuned": "fine-tuned"}.get(str(p.get("model")), p.get("model"))
         label = f"{model}, {where}" if model and where else (model or where)
@@ -212,14 +215,19 @@ class Renderer:
         table = Table(title=f"{job_id} completed", show_header=False, title_style="bold green")
         table.add_column("key", style="bold")
         table.add_column("value")
+        compare = summary.get("compare")
+        # Shown below as tables of their own, not as "N entries" cells.
+        apart = {"evaluation", "completions"} | ({"metrics", "compare", "improvement"} if compare else set())
         for section in ("summary", "outputs"):
             for key, value in (p.get(section) or {}).items():
-                if value is not None and key not in ("evaluation", "completions"):
+                if value is not None and key not in apart:
                     table.add_row(str(key), _cell(value))
         self.console.print(table)
         evaluation = summary.get("evaluation")
         if isinstance(evaluation, dict):
             self._print_evaluation(evaluation)
+        if isinstance(compare, dict):
+            self._print_comparison(summary, compare)
         if isinstance(summary.get("completions"), list):
             self._print_completions(summary["completions"])
         self._print_next_steps(p.get("outputs") or {})
@@ -264,18 +272,47 @@ class Renderer:
                     f"  {label}: {Path(out) / name}", markup=False, highlight=False, soft_wrap=True
                 )
 
+    def _scores_table(
+        self, title: str, columns: tuple[str, str], first: dict[str, Any], second: dict[str, Any]
+    ) -> None:
+        """One row per score either model has: the two models' values side by side."""
+        scores = Table(title=title)
+        for column in ("metric", *columns):
+            scores.add_column(column, justify="left" if column == "metric" else "right")
+        for key in SCORE_KEYS:
+            if key in first or key in second:
+                scores.add_row(key, _cell(first.get(key)), _cell(second.get(key)))
+        self.console.print(scores)
+
+    def _print_comparison(self, summary: dict[str, Any], compare: dict[str, Any]) -> None:
+        """An evaluate job's model against its ``compare_model_path``, as the train job shows
+        base vs fine-tuned; lower loss and perplexity are better, higher answer scores."""
+
+        def name(record: dict[str, Any]) -> str:
+            path = str(record.get("adapter_path") or record.get("model_path") or "")
+            return path.rstrip("/").rsplit("/", 1)[-1] or path
+
+        mine, theirs = name(summary), name(compare)
+        if mine == theirs:
+            mine, theirs = "model", "compared with"
+        rows = (summary.get("metrics") or {}).get("rows")
+        self._scores_table(
+            f"{mine} vs {theirs} ({rows} rows)",
+            (mine, theirs),
+            summary.get("metrics") or {},
+            compare.get("metrics") or {},
+        )
+
     def _print_evaluation(self, evaluation: dict[str, Any]) -> None:
         """Before/after scores and sample answers of a training job's ``evaluation`` block."""
         by_model = evaluation.get("metrics") or {}
-        base, tuned = by_model.get("base") or {}, by_model.get("fine_tuned") or {}
         where = f"{evaluation.get('rows')} rows, {evaluation.get('rows_from', '')}".rstrip(", ")
-        scores = Table(title=f"base vs fine-tuned ({where})")
-        for column in ("metric", "base", "fine-tuned"):
-            scores.add_column(column, justify="left" if column == "metric" else "right")
-        for key in ("eval_loss", "perplexity", "exact_match", "f1", "bleu", "rouge_l"):
-            if key in base or key in tuned:
-                scores.add_row(key, _cell(base.get(key)), _cell(tuned.get(key)))
-        self.console.print(scores)
+        self._scores_table(
+            f"base vs fine-tuned ({where})",
+            ("base", "fine-tuned"),
+            by_model.get("base") or {},
+            by_model.get("fine_tuned") or {},
+        )
         for sample in evaluation.get("samples") or []:
             prompt = str(sample.get("prompt", ""))
             # Show the last user turn, not the whole rendered chat template.

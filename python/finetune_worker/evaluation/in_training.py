@@ -6,9 +6,13 @@ hold the result. Both runs use the same rows, the same tokenization as training 
 answers, so the two sets of numbers compare fairly. Used by the training job::
 
     evaluator = TrainingEvaluator(cfg, tokenizer, ctx)   # when cfg.evaluation is set
-    evaluator.run("base", model)                          # before trainer.train()
-    evaluator.run("fine_tuned", model)                    # after it
+    evaluator.run("base", model, step=0)                  # before trainer.train()
+    evaluator.run("fine_tuned", model, step=60)           # after it
     summary["evaluation"] = evaluator.summary()
+
+When the section scores the held-out split (it names no dataset of its own), its two runs are
+the job's base and final evaluations: the job does not also run the Trainer's loss-only
+evaluation of the same rows before and after training (one line per model, not two).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 from finetune_worker.context import JobContext
 from finetune_worker.data.rows import Example
 from finetune_worker.evaluation import metrics
-from finetune_worker.evaluation.scoring import ModelScores, prepare, score_model
+from finetune_worker.evaluation.scoring import ModelScores, prepare, progress_events, score_model
 
 STAGES = ("base", "fine_tuned")
 
@@ -46,12 +50,15 @@ class TrainingEvaluator:
             # The same held-out rows the Trainer's eval uses; training rows only if none are held out.
             examples, source = (held_out, "held-out split") if held_out else (training, "training rows")
         self.source = source
+        #: Its scores stand for the job's base and final evaluations (the Trainer's rows).
+        self.on_held_out = source == "held-out split"
         self.items = prepare(examples[: self.section.max_rows], tokenizer, train_cfg.data)
         self._tokenizer = tokenizer
         self.scores: dict[str, ModelScores] = {}
 
-    def run(self, stage: str, model: Any) -> dict[str, Any]:
-        """Score ``model`` now; ``stage`` is "base" or "fine_tuned". Restores train mode after."""
+    def run(self, stage: str, model: Any, step: int | None = None) -> dict[str, Any]:
+        """Score ``model`` now; ``stage`` is "base" or "fine_tuned", ``step`` the training step
+        its weights are from. Restores train mode after."""
         was_training = model.training
         model.eval()  # dropout off: the scores must not depend on the RNG
         try:
@@ -62,12 +69,13 @@ class TrainingEvaluator:
                 batch_size=self.section.batch_size,
                 sampling=self.section.generation if self.section.generate_answers else None,
                 cancel=self._ctx.cancel_event,
+                progress=progress_events(self._ctx),
             )
         finally:
             model.train(was_training)
         self.scores[stage] = scores
         values = {k: v for k, v in scores.metrics.items() if v is not None}
-        self._ctx.emit("eval", model=stage, metrics=values)
+        self._ctx.emit("eval", model=stage, metrics=values, **({} if step is None else {"step": step}))
         return scores.metrics
 
     def summary(self) -> dict[str, Any]:

@@ -110,7 +110,7 @@ def _score(
     adapter_path: str | None,
 ) -> ModelScores:
     from finetune_worker.evaluation.loading import load_for_inference
-    from finetune_worker.evaluation.scoring import prepare, score_model
+    from finetune_worker.evaluation.scoring import prepare, progress_events, score_model
 
     ctx.phase("loading_model")
     prefix = "" if which == "model" else "compare_"
@@ -126,17 +126,7 @@ def _score(
     ctx.check_cancelled()
     # Each model is tokenized with its own tokenizer: the comparison model may use another.
     items = prepare(examples, lm.tokenizer, cfg.data)
-    stage: dict[str, str | None] = {"current": None}
-
-    def progress(name: str, done: int, total: int) -> None:
-        if name != stage["current"]:
-            stage["current"] = name
-            ctx.phase("evaluating" if name == "loss" else "generating")
-        unit = "sequences" if name == "loss" else "answers"
-        ctx.emit("progress", done=done, total=total, unit=unit, percent=round(100.0 * done / total, 2))
-
     ctx.phase("evaluating")
-    stage["current"] = "loss"
     scores = score_model(
         lm.model,
         lm.tokenizer,
@@ -144,7 +134,7 @@ def _score(
         batch_size=cfg.batch_size,
         sampling=cfg.generation if cfg.generate_answers else None,
         cancel=ctx.cancel_event,
-        progress=progress,
+        progress=progress_events(ctx),
     )
     ctx.emit("eval", model=which, metrics={k: v for k, v in scores.metrics.items() if v is not None})
     del lm

@@ -135,6 +135,21 @@ def score_model(
     return ModelScores(result, rows)
 
 
+def progress_events(ctx: Any) -> Progress:
+    """A :data:`Progress` that reports to the job's subscriber: the phase ("evaluating" while
+    scoring loss, "generating" while answering) and ``progress`` events with done/total/unit."""
+    current: list[str] = ["loss"]  # the caller sets the "evaluating" phase before scoring
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage != current[0]:
+            current[0] = stage
+            ctx.phase("evaluating" if stage == "loss" else "generating")
+        unit = "sequences" if stage == "loss" else "answers"
+        ctx.emit("progress", done=done, total=total, unit=unit, percent=round(100.0 * done / total, 2))
+
+    return report
+
+
 @torch.inference_mode()
 def _batch_nll(model: Any, tokenizer: Any, seqs: list[dict[str, list[int]]]) -> list[tuple[float, int]]:
     """Summed next-token NLL and count of labelled tokens, per sequence."""

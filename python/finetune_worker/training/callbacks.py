@@ -183,6 +183,15 @@ class EventCallback(TrainerCallback):
             args, {"kind": "eval", "step": state.global_step, "stage": self._stage, **self.last_eval}
         )
 
+    def section_evaluated(self, args: Any, step: int, scores: dict[str, Any]) -> dict[str, float | None]:
+        """The evaluation section scored the held-out rows in place of the Trainer (its event is
+        sent): record it in the history as the Trainer's evaluation would be; its loss and
+        perplexity, for the summary."""
+        values: dict[str, float | None] = {k: _num(scores.get(k)) for k in ("eval_loss", "perplexity")}
+        row = {"kind": "eval", "step": step, "stage": self._stage, **values, "rows": scores.get("rows")}
+        self._record(args, row)
+        return values
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         path = self._output_dir / f"checkpoint-{state.global_step}"
         if is_complete(path):

@@ -222,15 +222,20 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         evaluator = TrainingEvaluator(
             cfg, tokenizer, ctx, held_out=data.held_examples, training=data.train_examples
         )
+    # An evaluation section on the held-out split is the base and final evaluation: the Trainer's
+    # loss-only pass over the same rows would be a second, slightly different line per model.
+    endpoints_by_section = evaluator is not None and evaluator.on_held_out
     base_eval: dict[str, float | None] = {}
     if has_eval or evaluator is not None:
         ctx.phase("evaluating")
-    if has_eval:
+    if has_eval and not endpoints_by_section:
         trainer.evaluate()
         base_eval = dict(callback.last_eval)
         ctx.check_cancelled()
     if evaluator is not None:
-        evaluator.run("base", model)
+        scores = evaluator.run("base", model, step=0)
+        if endpoints_by_section:
+            base_eval = callback.section_evaluated(trainer.args, 0, scores)
         ctx.check_cancelled()
 
     ctx.phase("training")
@@ -249,13 +254,17 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     if has_eval or evaluator is not None:
         ctx.phase("evaluating")
     best_loaded = trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None
-    if has_eval and callback.last_eval_step == step and not best_loaded:
+    if endpoints_by_section:
+        pass  # the section's fine-tuned scores, below
+    elif has_eval and callback.last_eval_step == step and not best_loaded:
         final_eval = dict(callback.last_eval)  # the model was just evaluated at this very step
     elif has_eval:
         trainer.evaluate()
         final_eval = dict(callback.last_eval)
     if evaluator is not None:
-        evaluator.run("fine_tuned", trainer.model)
+        scores = evaluator.run("fine_tuned", trainer.model, step=step)
+        if endpoints_by_section:
+            final_eval = callback.section_evaluated(trainer.args, step, scores)
 
     ctx.phase("saving")
     trainer.check_finite_weights()
