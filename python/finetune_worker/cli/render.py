@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import IO, Any
 
 from rich.console import Console
@@ -197,7 +198,7 @@ class Renderer:
         if not self.progress.live.is_started:
             self.progress.start()
 
-    def _finish_streams(self, done: Any = None) -> None:
+    def _finish_streams(self, done: Callable[[StreamKey], bool] | None = None) -> None:
         """Print the completions ``done(key)`` picks (all by default) for good, and drop them."""
         for key in [k for k in self.streams if done is None or done(k)]:
             text = self.streams.pop(key)

@@ -176,8 +176,8 @@ def issues_from_validation(exc: ValidationError, cls: type[BaseModel] | None = N
             message = message.removeprefix(prefix)
         if err.get("type") == "extra_forbidden":
             # Only reported issues get a suggestion (18,000 unknown keys took 10 s of difflib).
-            wanted = cls is not None and number < MAX_ISSUES
-            meant = suggestion(cls, tuple(err.get("loc", ()))) if wanted and cls is not None else None
+            reported = number < MAX_ISSUES
+            meant = suggestion(cls, tuple(err.get("loc", ()))) if cls is not None and reported else None
             message = (
                 f"unknown key (did you mean {meant}?)"
                 if meant

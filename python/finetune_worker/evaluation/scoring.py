@@ -138,11 +138,12 @@ def score_model(
 def progress_events(ctx: Any) -> Progress:
     """A :data:`Progress` that reports to the job's subscriber: the phase ("evaluating" while
     scoring loss, "generating" while answering) and ``progress`` events with done/total/unit."""
-    current: list[str] = ["loss"]  # the caller sets the "evaluating" phase before scoring
+    current = "loss"  # the caller sets the "evaluating" phase before scoring
 
     def report(stage: str, done: int, total: int) -> None:
-        if stage != current[0]:
-            current[0] = stage
+        nonlocal current
+        if stage != current:
+            current = stage
             ctx.phase("evaluating" if stage == "loss" else "generating")
         unit = "sequences" if stage == "loss" else "answers"
         ctx.emit("progress", done=done, total=total, unit=unit, percent=round(100.0 * done / total, 2))

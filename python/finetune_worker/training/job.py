@@ -254,12 +254,9 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     if has_eval or evaluator is not None:
         ctx.phase("evaluating")
     best_loaded = trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None
-    if endpoints_by_section:
-        pass  # the section's fine-tuned scores, below
-    elif has_eval and callback.last_eval_step == step and not best_loaded:
-        final_eval = dict(callback.last_eval)  # the model was just evaluated at this very step
-    elif has_eval:
-        trainer.evaluate()
+    if has_eval and not endpoints_by_section:
+        if callback.last_eval_step != step or best_loaded:  # else just evaluated at this very step
+            trainer.evaluate()
         final_eval = dict(callback.last_eval)
     if evaluator is not None:
         scores = evaluator.run("fine_tuned", trainer.model, step=step)
