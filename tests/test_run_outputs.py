@@ -63,6 +63,7 @@ def test_a_run_leaves_a_model_card_shareable_files_and_next_steps(
     ]
     for name in ("generate", "evaluate", "merge"):
         assert f"finetune-worker run {out / 'next' / (name + '.json')}" in tail
+    assert f"finetune-worker chat {out}" in tail
     assert f"the model card: {out / 'README.md'}" in tail
     assert f"the run report (open it in a browser): {out / 'report.html'}" in tail
 

@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import io
 import json
-import shlex
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from cli_helpers import REPO, run_cli
+from cli_helpers import REPO, TMUX, Terminal, run_cli
 from finetune_worker.cli.render import Renderer, shown_text
 from finetune_worker.wire.vocabulary import Event
 
-TMUX = shutil.which("tmux")
 PROMPTS = [
     [{"role": "user", "content": "What colour is the sky?"}],
     [
@@ -58,36 +54,8 @@ def _screen_lines(text: str) -> list[str]:
 @pytest.mark.skipif(TMUX is None, reason="needs tmux (Debian's tmux package; CI installs it)")
 def test_generated_text_stays_on_a_real_terminal(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = _generate_config(tmp_path, tiny_model_dir)
-    session = f"fw-test-{tmp_path.name}"[:50].replace(".", "-")
-    env = {"PYTHONPATH": str(REPO / "python"), "FINETUNE_WORKER_WARM": "0", "TERM": "xterm-256color"}
-    worker = " ".join(
-        [
-            "env",
-            *(f"{k}={shlex.quote(v)}" for k, v in env.items()),
-            shlex.quote(sys.executable),
-            "-m finetune_worker run",
-            shlex.quote(str(config)),
-        ]
-    )
-    # The pane outlives the worker so the screen can be read after it exits.
-    script = f"{worker}; echo EXITED-$?; sleep 300"
-    tmux = [TMUX or "tmux", "-L", session]  # a server of its own: no user's sessions touched
-    subprocess.run(
-        [*tmux, "new-session", "-d", "-s", session, "-x", "150", "-y", "60", script], check=True, cwd=tmp_path
-    )
-    try:
-        screen = ""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "EXITED-" not in screen:
-            time.sleep(0.5)
-            screen = subprocess.run(
-                [*tmux, "capture-pane", "-p", "-J", "-S", "-", "-t", session],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-    finally:
-        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    with Terminal(f"fw-test-{tmp_path.name}", "run", str(config), cwd=tmp_path) as terminal:
+        screen = terminal.wait_for("EXITED-")
     assert "EXITED-0" in screen, screen
     lines = _screen_lines(screen)
     completions = _completions(tmp_path)

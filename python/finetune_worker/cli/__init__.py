@@ -8,6 +8,7 @@ Launch forms (docs/protocol.md, "Launch forms")::
     finetune-worker -u -m erlport.cli --packet=4 --use_stdio --compressed=0 --buffer_size=65536
     finetune-worker run CONFIG.json [--json] [--grace S]
     finetune-worker validate CONFIG.json
+    finetune-worker chat MODEL_OR_RUN_DIR [--adapter DIR] [--temperature T]
     finetune-worker schema
     finetune-worker atoms                                # every atom the worker sends, for [safe]
     finetune-worker make-tiny-model DIR
@@ -107,6 +108,7 @@ examples:
   finetune-worker validate my-job.yaml                 every problem, with its line, before any model loads
   finetune-worker run job.json --json | jq .type       events as JSON lines
   finetune-worker port --packet 4                      what an Elixir Port or ErlPort starts
+  finetune-worker chat runs/tiny-lora                  talk to the fine-tuned run (adapter applied)
   finetune-worker schema > job.schema.json             JSON Schema for editors and validators
 
 docs: docs/configs.md (every key), docs/protocol.md (the port's messages)
@@ -156,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     _add_allowed_root(val)
 
+    from finetune_worker.cli import chat
+
+    chat.add_parser(sub)
     sub.add_parser("schema", help="print the JSON schema of job configs")
     sub.add_parser(
         "atoms",
@@ -221,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if command == "validate":
         return cmd_validate(args)
+    if command == "chat":
+        from finetune_worker.cli.chat import cmd_chat
+
+        return cmd_chat(args)
     if command == "schema":
         return cmd_schema()
     if command == "atoms":

@@ -89,6 +89,7 @@ def next_steps(out: Path, weights_key: str) -> list[tuple[str, str]]:
     )
     code = f"from {loader[1]} import {loader[2]}; m = {loader[2]}.from_pretrained({json.dumps(str(out))})"
     steps.append((loader[0], f"python -c {shlex.quote(code)}"))
+    steps.append(("chat with it", f"finetune-worker chat {shlex.quote(str(out))}"))
     labels = {
         "generate": "generate with it",
         "evaluate": "evaluate it against the base model",
