@@ -79,10 +79,16 @@ def test_mlflow_local_store_and_tensorboard(tiny_model_dir: Path, tmp_path: Path
     assert [m.step for m in evals] == [0, 6]  # before and after training
     assert evals[-1].value == pytest.approx(summary["final_eval_loss"])
     assert "eval/perplexity" in mrun.data.metrics
+    # The result as metrics, so runs sort and compare on it.
+    assert mrun.data.metrics["final/perplexity"] == pytest.approx(summary["final_perplexity"])
+    assert mrun.data.metrics["base/perplexity"] == pytest.approx(summary["base_perplexity"])
+    assert mrun.data.metrics["final/train_loss"] == pytest.approx(summary["train_loss"])
+    # The run's documents are uploaded; the weights stay in output_dir, which a tag names.
     top = {a.path for a in client.list_artifacts(mrun.info.run_id)}
-    model_files = {Path(a.path).name for a in client.list_artifacts(mrun.info.run_id, "model")}
-    assert "summary.json" in top and {"adapter_model.safetensors", "adapter_config.json"} <= model_files
+    assert top == {"summary.json", "report.html", "metrics.jsonl", "README.md"}, top
+    assert mrun.data.tags["finetune_worker.output_dir"] == str(out)
     assert (out / "mlartifacts").is_dir()  # artifacts stay beside the local store, not in the cwd
+    assert not list((out / "mlartifacts").rglob("*.safetensors"))  # no second copy of the weights
 
     # TensorBoard: read the event file back
     log_dir = Path(info["tensorboard"]["log_dir"])
@@ -93,6 +99,74 @@ def test_mlflow_local_store_and_tensorboard(tiny_model_dir: Path, tmp_path: Path
     assert {"train/loss", "train/learning_rate", "eval/loss", "eval/perplexity"} <= set(tags)
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 7))
     assert acc.Scalars("eval/loss")[-1].value == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+
+
+def test_a_shared_mlflow_store_named_once_compares_runs(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLFLOW_TRACKING_URI in the worker's environment: every run with MLflow on lands in that one
+    store, with its base and fine-tuned scores as metrics; weights are copied only when asked."""
+    _need("mlflow")
+    from mlflow import MlflowClient
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{shared / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-sweep")
+    monkeypatch.chdir(tmp_path)
+    evaluation = {"max_rows": 4, "batch_size": 4, "generation": {"max_new_tokens": 6}, "samples": 1}
+    summaries = {}
+    for name, lr, mlflow in (("low-lr", 1e-4, True), ("high-lr", 5e-3, {"log_model": True})):
+        out = tmp_path / name
+        cfg = tracked_config(
+            tiny_model_dir,
+            out,
+            {"mlflow": mlflow},
+            evaluation=evaluation,
+            training_parameters={"epochs": 1, "batch_size": 8, "learning_rate": lr, "logging_steps": 1},
+        )
+        run = run_job(cfg, timeout=600)
+        assert run.terminal.type == "completed", run.terminal.payload
+        summaries[name] = run.terminal.payload["summary"]
+        info = summaries[name]["tracking"]["mlflow"]
+        assert (
+            info["tracking_uri"] == f"sqlite:///{shared / 'mlflow.db'}" and info["experiment"] == "team-sweep"
+        )
+        started = next(e["message"] for e in run.of("log") if e.get("run_name"))
+        assert "(from MLFLOW_TRACKING_URI)" in started and "experiment 'team-sweep'" in started
+        assert not (out / "mlflow.db").exists() and not (out / "mlartifacts").exists()
+
+    client = MlflowClient(f"sqlite:///{shared / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("team-sweep")
+    assert experiment is not None and experiment.artifact_location == (shared / "mlartifacts").as_uri()
+    ranked = client.search_runs([experiment.experiment_id], order_by=["metrics.`final/perplexity` ASC"])
+    assert len(ranked) == 2
+    perplexities = sorted((s["final_perplexity"], name) for name, s in summaries.items())
+    assert [r.data.tags["finetune_worker.output_dir"] for r in ranked] == [
+        str(tmp_path / name) for _, name in perplexities
+    ]
+    for mrun in ranked:
+        summary = summaries[Path(mrun.data.tags["finetune_worker.output_dir"]).name]
+        scores = summary["evaluation"]["metrics"]
+        metrics = mrun.data.metrics
+        for stage in ("base", "fine_tuned"):
+            for key in ("exact_match", "f1", "bleu", "rouge_l", "perplexity"):
+                assert metrics[f"evaluation/{stage}/{key}"] == pytest.approx(scores[stage][key]), (stage, key)
+        assert "evaluation/base/rows" not in metrics
+        assert metrics["final/perplexity"] == pytest.approx(summary["final_perplexity"])
+        # The evaluation section stood in for the Trainer's evaluations: still two eval/loss points.
+        evals = client.get_metric_history(mrun.info.run_id, "eval/loss")
+        assert [(m.step, m.value) for m in evals] == [
+            (0, pytest.approx(summary["base_eval_loss"])),
+            (summary["steps"], pytest.approx(summary["final_eval_loss"])),
+        ]
+        model_files = {Path(a.path).name for a in client.list_artifacts(mrun.info.run_id, "model")}
+        if mrun.data.tags["finetune_worker.output_dir"].endswith("high-lr"):
+            assert {"adapter_model.safetensors", "adapter_config.json"} <= model_files  # log_model
+        else:
+            assert model_files == set()
+    assert not (tmp_path / "mlartifacts").exists()  # nothing in the cwd
+    assert len(list((shared / "mlartifacts").rglob("adapter_model.safetensors"))) == 1
 
 
 def test_unreachable_mlflow_and_missing_backend_only_warn(tiny_model_dir: Path, tmp_path: Path) -> None:

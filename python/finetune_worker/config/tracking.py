@@ -24,11 +24,22 @@ class _Section(StrictModel):
 class MlflowSection(_Section):
     tracking_uri: str | None = Field(
         None,
-        description="MLflow server (http://host:5000) or database URI; default: sqlite store in output_dir.",
+        description="MLflow server (http://host:5000) or database URI; default: the MLFLOW_TRACKING_URI "
+        "environment variable (one store shared by every run, so runs compare), else a sqlite store in output_dir.",
     )
-    experiment_name: str = Field("finetune-worker", min_length=1, description="Experiment the run goes in.")
+    experiment_name: str | None = Field(
+        None,
+        min_length=1,
+        description="Experiment the run goes in; default: MLFLOW_EXPERIMENT_NAME, else finetune-worker.",
+    )
     log_artifacts: bool = Field(
-        True, description="Upload the adapter/model and summary.json when training ends."
+        True,
+        description="Upload the run's summary.json, report.html, metrics.jsonl and model card when training ends.",
+    )
+    log_model: bool = Field(
+        False,
+        description="Also copy the adapter/model files into the store (a second copy of the weights); "
+        "they stay in output_dir either way, which the run's finetune_worker.output_dir tag names.",
     )
     tags: dict[str, str] = Field(default_factory=dict, description="Extra run tags.")
 
@@ -48,6 +59,10 @@ class WandbSection(_Section):
     entity: str | None = Field(None, description="W&B team or user; default: the logged-in user's.")
     dir: str | None = Field(None, description="Where wandb writes its files; default: output_dir.")
     tags: list[str] = Field(default_factory=list, description="Run tags.")
+    log_model: bool = Field(
+        False,
+        description="Also log the adapter/model files as a W&B model artifact (a second copy of the weights).",
+    )
 
 
 class TrackingConfig(_Section):

@@ -236,6 +236,8 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         scores = evaluator.run("base", model, step=0)
         if endpoints_by_section:
             base_eval = callback.section_evaluated(trainer.args, 0, scores)
+            for tracker in trackers:
+                tracker.log_eval(base_eval, 0)
         ctx.check_cancelled()
 
     ctx.phase("training")
@@ -262,6 +264,8 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         scores = evaluator.run("fine_tuned", trainer.model, step=step)
         if endpoints_by_section:
             final_eval = callback.section_evaluated(trainer.args, step, scores)
+            for tracker in trackers:
+                tracker.log_eval(final_eval, step)
 
     ctx.phase("saving")
     trainer.check_finite_weights()
@@ -286,7 +290,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         write_report(out, summary, history.rows(), out.name)
     except (OSError, ValueError, TypeError) as exc:  # the weights are saved: a missing page is a warning
         warn(f"could not write the model card, report or next-step configs: {exc}")
-    finish_tracking(trackers, out)  # uploads the saved adapter/model and summary.json
+    finish_tracking(trackers, out, summary=summary)  # the final scores, the run's documents
     trackers.clear()
     ckpt.clear_staging(out)
     ckpt.clear_data_cache(out)

@@ -15,7 +15,11 @@ Used by the training job::
     trackers = tracking_callbacks(cfg.tracking, ctx, out)   # [] when tracking is off
     trainer = build_trainer(..., callbacks=[events, *trackers], ...)
     summary["tracking"] = tracking_summary(trackers)
-    finish_tracking(trackers, out, status="FINISHED")        # or FAILED / KILLED
+    finish_tracking(trackers, out, summary=summary)          # or status="FAILED" / "KILLED"
+
+The final files are the run's documents (summary, report, metrics history, model card); the
+adapter or model files are copied into a store only when its section says ``log_model``: they
+stay in ``output_dir``, which every backend records, instead of a second copy per run.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ from finetune_worker.security import redact
 
 #: Files of output_dir that are not the trained model: tracking stores, run bookkeeping.
 _NOT_ARTIFACTS = re.compile(r"^(\.|mlflow\.db|checkpoint-|runs$|wandb$|mlartifacts$)")
+#: The run's documents, small and always uploaded (unless log_artifacts is off).
+DOCUMENTS = ("summary.json", "report.html", "metrics.jsonl", "README.md")
+#: Counts in the evaluation section's metrics, not scores.
+_COUNTS = frozenset({"rows", "scored_tokens", "answered_rows"})
 _TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")
 
 
@@ -76,13 +84,52 @@ def tracking_summary(trackers: list[Tracker]) -> dict[str, Any]:
     return {t.name: t.info() for t in trackers}
 
 
-def finish_tracking(trackers: list[Tracker], output_dir: Path | None, status: str = "FINISHED") -> None:
-    """Upload final artifacts (only for a finished run) and close every run with ``status``."""
+def finish_tracking(
+    trackers: list[Tracker],
+    output_dir: Path | None,
+    status: str = "FINISHED",
+    summary: dict[str, Any] | None = None,
+) -> None:
+    """Log the run's final scores, upload its final files (only for a finished run) and close
+    every run with ``status``."""
+    finals = final_metrics(summary) if summary else []
     for tracker in trackers:
-        artifacts = (
-            final_artifacts(Path(output_dir)) if output_dir is not None and status == "FINISHED" else []
-        )
+        for metrics, step in finals:
+            tracker.log_metrics(metrics, step)
+        artifacts: list[Path] = []
+        if output_dir is not None and status == "FINISHED":
+            artifacts = final_artifacts(
+                Path(output_dir), model=bool(getattr(tracker.section, "log_model", False))
+            )
         tracker.finish(artifacts, status)
+
+
+def final_metrics(summary: dict[str, Any]) -> list[tuple[dict[str, float], int]]:
+    """``(metrics, step)`` of the run's result: the base model's scores at step 0, the fine-tuned
+    model's at the last step. ``base/``/``final/`` are the loss and perplexity on the held-out
+    split; ``evaluation/base/``/``evaluation/fine_tuned/`` the evaluation section's scores."""
+    section = (summary.get("evaluation") or {}).get("metrics") or {}
+
+    def scores(stage: str) -> dict[str, Any]:
+        return {
+            f"evaluation/{stage}/{k}": v for k, v in (section.get(stage) or {}).items() if k not in _COUNTS
+        }
+
+    base = {
+        "base/eval_loss": summary.get("base_eval_loss"),
+        "base/perplexity": summary.get("base_perplexity"),
+        **scores("base"),
+    }
+    final = {
+        "final/eval_loss": summary.get("final_eval_loss"),
+        "final/perplexity": summary.get("final_perplexity"),
+        "final/train_loss": summary.get("train_loss"),
+        "final/improvement_pct": summary.get("improvement_pct"),
+        **scores("fine_tuned"),
+    }
+    steps = summary.get("steps")
+    last = steps if isinstance(steps, int) else 0
+    return [(m, step) for m, step in ((_numbers(base), 0), (_numbers(final), last)) if m]
 
 
 def default_run_name(ctx: JobContext, out: Path) -> str:
@@ -111,11 +158,17 @@ def flat_params(config: Any) -> dict[str, str]:
     return out
 
 
-def final_artifacts(out: Path) -> list[Path]:
-    """Top-level files of output_dir that make up the result (adapter/model, tokenizer, summary)."""
+def final_artifacts(out: Path, model: bool = False) -> list[Path]:
+    """The run's documents in output_dir; with ``model``, every other top-level file of the result
+    too (adapter/model weights, configs, tokenizer)."""
     if not out.is_dir():
         return []
-    return sorted(p for p in out.iterdir() if p.is_file() and not _NOT_ARTIFACTS.match(p.name))
+    files = [p for p in out.iterdir() if p.is_file() and not _NOT_ARTIFACTS.match(p.name)]
+    return sorted(p for p in files if model or p.name in DOCUMENTS)
+
+
+def is_model_file(path: Path) -> bool:
+    return path.name not in DOCUMENTS
 
 
 class Tracker(TrainerCallback):
@@ -163,7 +216,7 @@ class Tracker(TrainerCallback):
             )
             return False
 
-    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.active and metrics:
             self._guard("logging", self._log, metrics, step)
 
@@ -174,17 +227,21 @@ class Tracker(TrainerCallback):
     ) -> None:
         logs = logs or {}
         if "loss" in logs:
-            self._log_metrics(_numbers({f"train/{k}": logs.get(k) for k in _TRAIN_KEYS}), state.global_step)
+            self.log_metrics(_numbers({f"train/{k}": logs.get(k) for k in _TRAIN_KEYS}), state.global_step)
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kw: Any
     ) -> None:
-        metrics = metrics or {}
+        self.log_eval(metrics or {}, state.global_step)
+
+    def log_eval(self, metrics: dict[str, Any], step: int) -> None:
+        """An evaluation's ``eval_*`` metrics as ``eval/*``, with the perplexity of its loss; the
+        Trainer's (through on_evaluate), or the evaluation section's when it stands in for it."""
         values = {f"eval/{k.removeprefix('eval_')}": v for k, v in metrics.items() if k.startswith("eval_")}
         loss = metrics.get("eval_loss")
         if isinstance(loss, (int, float)) and loss < 700:
             values["eval/perplexity"] = math.exp(loss)
-        self._log_metrics(_numbers(values), state.global_step)
+        self.log_metrics(_numbers(values), step)
 
     # ---- backend specifics ------------------------------------------------------------------
 
@@ -204,7 +261,17 @@ class MlflowTracker(Tracker):
 
     def __init__(self, run_name: str, section: Any, output_dir: Path, ctx: JobContext):
         super().__init__(run_name, section, output_dir, ctx)
-        self.tracking_uri = section.tracking_uri or f"sqlite:///{output_dir / 'mlflow.db'}"
+        shared = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+        #: Where the URI came from: the job's config, the worker's environment, or the default.
+        self.uri_from = (
+            "config" if section.tracking_uri else ("MLFLOW_TRACKING_URI" if shared else "output_dir")
+        )
+        self.tracking_uri = section.tracking_uri or shared or f"sqlite:///{output_dir / 'mlflow.db'}"
+        self.experiment = (
+            section.experiment_name
+            or os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
+            or "finetune-worker"
+        )
         self.run_id: str | None = None
         self.resumed = False
         self._client: Any = None
@@ -222,11 +289,9 @@ class MlflowTracker(Tracker):
             uri = self._credentials_to_env(uri)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(self.section.experiment_name)
+        exp = client.get_experiment_by_name(self.experiment)
         if exp is None:
-            # A local store keeps its artifacts beside it (MLflow's default is ./mlartifacts of the cwd).
-            location = None if self.section.tracking_uri else (self.output_dir / "mlartifacts").as_uri()
-            exp_id = client.create_experiment(self.section.experiment_name, artifact_location=location)
+            exp_id = client.create_experiment(self.experiment, artifact_location=_artifacts_beside(uri))
         else:
             exp_id = exp.experiment_id
         quoted = self.run_name.replace("'", "\\'")
@@ -241,7 +306,12 @@ class MlflowTracker(Tracker):
             self.run_id, self.resumed = previous[0].info.run_id, True
             client.update_run(self.run_id, status="RUNNING")
         else:
-            tags = {"finetune_worker.job_id": self._ctx.job_id, **self.section.tags}
+            # The weights stay in output_dir (copied only with log_model): the tag says where.
+            tags = {
+                "finetune_worker.job_id": self._ctx.job_id,
+                "finetune_worker.output_dir": str(self.output_dir.resolve()),
+                **self.section.tags,
+            }
             self.run_id = client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
             items = [Param(k, v[:6000]) for k, v in params.items()]
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -273,7 +343,7 @@ class MlflowTracker(Tracker):
             if self.section.log_artifacts:
                 for path in artifacts:
                     self._client.log_artifact(
-                        self.run_id, str(path), None if path.name == "summary.json" else "model"
+                        self.run_id, str(path), "model" if is_model_file(path) else None
                     )
             self._client.set_terminated(self.run_id, status=status)
         finally:
@@ -283,16 +353,16 @@ class MlflowTracker(Tracker):
                 os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
 
     def describe(self) -> str:
-        return (
-            f"mlflow run {self.run_id}{' (resumed)' if self.resumed else ''} at {redact(self.tracking_uri)}"
-        )
+        origin = " (from MLFLOW_TRACKING_URI)" if self.uri_from == "MLFLOW_TRACKING_URI" else ""
+        resumed = " (resumed)" if self.resumed else ""
+        return f"mlflow run {self.run_id}{resumed} in experiment '{self.experiment}' at {redact(self.tracking_uri)}{origin}"
 
     def info(self) -> dict[str, Any]:
         return {
             **super().info(),
             "run_id": self.run_id,
             "tracking_uri": redact(self.tracking_uri),  # credentials stay in the config only
-            "experiment": self.section.experiment_name,
+            "experiment": self.experiment,
         }
 
 
@@ -366,11 +436,15 @@ class WandbTracker(Tracker):
     def _finish(self, artifacts: list[Path], status: str) -> None:
         import wandb
 
-        if artifacts:
-            artifact = wandb.Artifact(f"{self.run_id}-model", type="model")
-            for path in artifacts:
-                artifact.add_file(str(path))
-            self._run.log_artifact(artifact)
+        for kind, files in (
+            ("results", [p for p in artifacts if not is_model_file(p)]),
+            ("model", [p for p in artifacts if is_model_file(p)]),
+        ):
+            if files:
+                artifact = wandb.Artifact(f"{self.run_id}-{kind}", type=kind)
+                for path in files:
+                    artifact.add_file(str(path))
+                self._run.log_artifact(artifact)
         self._run.finish(exit_code=0 if status == "FINISHED" else 1)
 
     def describe(self) -> str:
@@ -420,6 +494,16 @@ def _probe(uri: str) -> None:
         raise ConnectionError(
             f"MLflow server {redact(uri)} is unreachable ({getattr(exc, 'reason', exc)})"
         ) from None
+
+
+def _artifacts_beside(uri: str) -> str | None:
+    """A new experiment's artifact folder for a sqlite store: ``mlartifacts`` beside the database
+    (MLflow's default is ./mlartifacts of the worker's cwd, wherever that is). None (the server's
+    or the store's own default) for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path.removeprefix("/")))
+    return (database.expanduser().resolve().parent / "mlartifacts").as_uri()
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, float]:
