@@ -35,6 +35,24 @@ def run_cli(
     )
 
 
+def render_events(events: list[tuple[str, dict]], terminal: bool = False, width: int = 120) -> str:
+    """What ``finetune-worker run``'s display shows for these events (``(type, payload)``), on a
+    terminal (``force_terminal``, no colours) or piped."""
+    import io
+
+    from rich.console import Console
+
+    from finetune_worker.cli.render import Renderer
+    from finetune_worker.wire.vocabulary import Event
+
+    buffer = io.StringIO()
+    render = Renderer(Console(file=buffer, width=width, force_terminal=terminal, color_system=None))
+    for kind, payload in events:
+        render(None, Event("j", kind, payload))
+    render.close()
+    return buffer.getvalue()
+
+
 TMUX = shutil.which("tmux")
 
 

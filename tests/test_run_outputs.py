@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import run_cli
+from cli_helpers import render_events, run_cli
 from finetune_worker.config import parse_job_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,23 +239,14 @@ def test_the_report_renders_its_curves_and_the_metrics_file_numbers(
 
 
 def test_eval_lines_say_which_model_and_which_evaluation() -> None:
-    import io
-
-    from rich.console import Console
-
-    from finetune_worker.cli.render import Renderer
-    from finetune_worker.wire.vocabulary import Event
-
-    buffer = io.StringIO()
-    render = Renderer(Console(file=buffer, width=200, force_terminal=False))
-    for payload in (
+    payloads = (
         {"step": 0, "model": "base", "metrics": {"eval_loss": 7.6, "perplexity": 2000.0}},
         {"model": "base", "metrics": {"eval_loss": 7.7, "perplexity": 2200.0, "rows": 20, "f1": 0.3}},
         {"step": 40, "metrics": {"eval_loss": 4.0, "perplexity": 54.6}},
         {"step": 60, "model": "fine_tuned", "metrics": {"eval_loss": 3.0, "perplexity": 20.1}},
-    ):
-        render(None, Event("j", "eval", payload))
-    lines = [line for line in buffer.getvalue().splitlines() if line.startswith("eval")]
+    )
+    shown = render_events([("eval", p) for p in payloads], width=200)
+    lines = [line for line in shown.splitlines() if line.startswith("eval")]
     assert [line.split(":")[0] for line in lines] == [
         "eval base model, step 0",
         "eval base model, 20 rows scored",
@@ -299,15 +290,6 @@ def test_an_evaluation_section_on_the_held_out_rows_is_the_one_evaluation_per_mo
 
 
 def test_an_evaluate_jobs_comparison_is_a_table() -> None:
-    import io
-
-    from rich.console import Console
-
-    from finetune_worker.cli.render import Renderer
-    from finetune_worker.wire.vocabulary import Event
-
-    buffer = io.StringIO()
-    render = Renderer(Console(file=buffer, width=120, force_terminal=False))
     summary = {
         "model_path": "/m/base",
         "adapter_path": "/runs/tiny-lora",
@@ -315,8 +297,7 @@ def test_an_evaluate_jobs_comparison_is_a_table() -> None:
         "compare": {"model_path": "/m/base", "adapter_path": None, "metrics": {"eval_loss": 7.7, "f1": 0.36}},
         "improvement": {"eval_loss_delta": 4.7},
     }
-    render(None, Event("j", "completed", {"summary": summary, "outputs": {}}))
-    shown = buffer.getvalue()
+    shown = render_events([("completed", {"summary": summary, "outputs": {}})])
     assert "entries (in the job's summary file)" not in shown
     assert "tiny-lora vs base (20 rows)" in shown
     lines = {line.split()[1]: line.split()[2:] for line in shown.splitlines() if line.startswith("│ ")}

@@ -4,18 +4,15 @@ final display, not overwritten by the live progress bar."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
-from cli_helpers import REPO, TMUX, Terminal, run_cli
-from finetune_worker.cli.render import Renderer, shown_text
-from finetune_worker.wire.vocabulary import Event
+from cli_helpers import REPO, TMUX, Terminal, render_events, run_cli
+from finetune_worker.cli.render import shown_text
 
 PROMPTS = [
     [{"role": "user", "content": "What colour is the sky?"}],
@@ -86,15 +83,6 @@ def test_generated_text_piped_is_one_line_per_completion(tmp_path: Path, tiny_mo
     assert bar and all("3/3" in line and "[" not in line for line in bar), done.stdout
 
 
-def _render(events: list[tuple[str, dict]], terminal: bool) -> str:
-    buffer = io.StringIO()
-    render = Renderer(Console(file=buffer, width=120, force_terminal=terminal, color_system=None))
-    for kind, payload in events:
-        render(None, Event("j", kind, payload))
-    render.close()
-    return buffer.getvalue()
-
-
 def test_piped_sequences_of_one_prompt_are_not_interleaved() -> None:
     tokens = [
         ("token", {"prompt_index": 0, "sequence": s, "index": i, "text": piece})
@@ -107,14 +95,14 @@ def test_piped_sequences_of_one_prompt_are_not_interleaved() -> None:
         ("token", {"prompt_index": 1, "sequence": 0, "index": 0, "text": "next"}),
         ("log", {"level": "info", "message": "a line in between"}),
     ]
-    lines = _screen_lines(_render(events, terminal=False))
+    lines = _screen_lines(render_events(events, terminal=False))
     assert lines[:4] == ["[0.0] Hello there", "[0.1] Bonjour!", "[1.0] next", "  info: a line in between"]
 
 
 @pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "piped"])
 def test_control_characters_in_generated_text_are_shown_not_obeyed(terminal: bool) -> None:
     hostile = "\x1b[2J\x1b]0;owned\x07wiped\r"  # clear screen, retitle, return to column 0
-    out = _render([("token", {"prompt_index": 0, "index": 0, "text": hostile})], terminal)
+    out = render_events([("token", {"prompt_index": 0, "index": 0, "text": hostile})], terminal)
     assert "\x1b" not in out.replace("\x1b[?25l", "").replace("\x1b[?25h", "").replace("\x1b[2K", "")
     assert "[0] ␛[2J␛]0;owned␇wiped␍" in _screen_lines(out)
 
@@ -160,3 +148,24 @@ def test_a_reader_that_closes_the_pipe_stops_the_job(tmp_path: Path, tiny_model_
     assert rc == EXIT_CANCELLED, stderr
     assert "the output's reader closed the pipe: the job stopped (checkpoint " in stderr, stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_the_final_bar_is_the_training_bar_not_the_last_evaluations_count() -> None:
+    """A training run with an evaluation section: its answers count (20/20) is a bar of its own,
+    gone once saving starts; the last bar shows the training steps with their loss."""
+    answers = [("progress", {"done": d, "total": 20, "unit": "answers"}) for d in (10, 20)]
+    events = [
+        ("phase", {"phase": "evaluating"}),
+        *answers,
+        ("phase", {"phase": "training"}),
+        *[("progress", {"step": s, "total_steps": 60}) for s in (30, 60)],
+        ("metrics", {"step": 60, "metrics": {"loss": 2.9552, "learning_rate": 2.45e-06}}),
+        ("phase", {"phase": "evaluating"}),
+        *answers,
+        ("phase", {"phase": "saving"}),
+    ]
+    for terminal in (True, False):
+        shown = render_events(events, terminal).replace("\x1b[2K", "")  # the live display's line erase
+        bars = [line for line in shown.splitlines() if "━" in line]
+        assert bars and "60/60" in bars[-1] and "loss 2.9552" in bars[-1], bars
+        assert bars[-1].startswith("saving") and "20/20" not in bars[-1], bars

@@ -42,6 +42,10 @@ SCORE_KEYS = ("eval_loss", "perplexity", "exact_match", "f1", "bleu", "rouge_l")
 LIVE_TEXT_LINES = 6
 
 
+#: The progress unit of training (its events carry ``step``/``total_steps``).
+STEPS = "steps"
+
+
 class _LiveProgress(Progress):
     """The progress bar with the completions being generated above it, in one live region.
 
@@ -81,7 +85,9 @@ class Renderer:
             console=self.console,
             streams=self.streams,
         )
-        self.task: TaskID | None = None
+        #: One bar per progress unit: training steps (which carry the loss, lr and tok/s) and the
+        #: rows, sequences or answers of the phases around training, each under its own count.
+        self.tasks: dict[str, TaskID] = {}
         self.phase = "running"
         self.stats: dict[str, str] = {}
         #: Piped: the completion whose text is being written on the current, unfinished line.
@@ -124,8 +130,9 @@ class Renderer:
     def _on_phase(self, job_id: str, p: dict[str, Any]) -> None:
         self.phase = str(p.get("phase"))
         self._line(f"[magenta]▸ {self.phase}")
-        if self.task is not None:
-            self.progress.update(self.task, description=self.phase)
+        if STEPS in self.tasks:
+            self.progress.update(self.tasks[STEPS], description=self.phase)
+            self._hide_finished(keep=STEPS)
 
     def _on_log(self, job_id: str, p: dict[str, Any]) -> None:
         style = {"warning": "yellow", "error": "red", "debug": "dim"}.get(str(p.get("level")), "")
@@ -139,12 +146,23 @@ class Renderer:
         eta = _duration(p.get("eta_s"))
         if p.get("unit") == "prompts":  # a generate job: the prompts before `done` are answered
             self._finish_streams(lambda key: isinstance(key[0], int) and key[0] < int(done))
-        if self.task is None:
+        unit = STEPS if "step" in p else str(p.get("unit") or "items")
+        task = self.tasks.get(unit)
+        if task is None:
             self._start_live()
-            self.task = self.progress.add_task(self.phase, total=total, stats="", eta="")
+            self._hide_finished(keep=unit)
+            task = self.tasks[unit] = self.progress.add_task(self.phase, total=total, stats="", eta="")
         self.progress.update(
-            self.task, completed=done, total=total, description=self.phase, eta=f"ETA {eta}" if eta else ""
+            task, completed=done, total=total, description=self.phase, eta=f"ETA {eta}" if eta else ""
         )
+
+    def _hide_finished(self, keep: str) -> None:
+        """Bars of finished phases go (an evaluation's answers once training or saving follows),
+        so the final display shows the training bar, not the last count before it."""
+        for bar in self.progress.tasks:
+            unit = next(u for u, task in self.tasks.items() if task == bar.id)
+            if unit not in (keep, STEPS) and bar.finished:
+                self.progress.update(bar.id, visible=False)
 
     def _on_metrics(self, job_id: str, p: dict[str, Any]) -> None:
         for key, label, fmt in (
@@ -155,8 +173,8 @@ class Renderer:
             value = (p.get("metrics") or {}).get(key)
             if isinstance(value, (int, float)):
                 self.stats[label] = fmt.format(value)
-        if self.task is not None:
-            self.progress.update(self.task, stats="  ".join(f"{k} {v}" for k, v in self.stats.items()))
+        if STEPS in self.tasks:
+            self.progress.update(self.tasks[STEPS], stats="  ".join(f"{k} {v}" for k, v in self.stats.items()))
 
     def _on_eval(self, job_id: str, p: dict[str, Any]) -> None:
         metrics = p.get("metrics") or {}
