@@ -136,6 +136,18 @@ def test_bad_paths_and_flags_are_one_clear_line(run_dir: Path, tmp_path: Path) -
         assert "Traceback" not in done.stderr
 
 
+def test_a_template_that_fails_is_reported_and_the_chat_goes_on(run_dir: Path, tmp_path: Path) -> None:
+    template = "{{ raise_exception('this template takes no user turns') }}"
+    done = run_cli(
+        "chat", str(run_dir), *GREEDY, "--chat-template", template, cwd=tmp_path, input="hello\nagain\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("(no answer: TemplateError: this template takes no user turns)") == 2, (
+        done.stderr
+    )
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
 def test_a_long_conversation_drops_its_oldest_exchanges(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -150,6 +162,9 @@ def test_a_long_conversation_drops_its_oldest_exchanges(tiny_model_dir: Path) ->
         assert len(ids) <= 80
         chat.answered(f"answer number {i}, it is sunny today")
     assert dropped > 0 and chat.turns[0]["content"].startswith("question number")
+    before = list(chat.turns)
+    chat.prompt("a question whose answer never comes (Ctrl-C, an error)")
+    assert chat.turns == before  # only an answer adds the exchange
     assert chat.turns[-1]["content"] == "answer number 5, it is sunny today"
     assert tok.decode(ids).count("Be brief.") == 1  # the system prompt is never dropped
     with pytest.raises(ChatError, match="leaves 80 for it with --max-new-tokens 40"):

@@ -169,3 +169,29 @@ def test_the_final_bar_is_the_training_bar_not_the_last_evaluations_count() -> N
         bars = [line for line in shown.splitlines() if "━" in line]
         assert bars and "60/60" in bars[-1] and "loss 2.9552" in bars[-1], bars
         assert bars[-1].startswith("saving") and "20/20" not in bars[-1], bars
+
+
+def test_the_final_evaluation_counts_its_answers_on_a_visible_bar() -> None:
+    """The base evaluation's answers bar is hidden once training starts; the fine-tuned
+    evaluation's answers count on it again, shown from zero."""
+    import io
+
+    from rich.console import Console
+
+    from finetune_worker.cli.render import Renderer
+    from finetune_worker.wire.vocabulary import Event
+
+    render = Renderer(Console(file=io.StringIO(), width=120, force_terminal=False))
+    events = [
+        ("phase", {"phase": "evaluating"}),
+        ("progress", {"done": 20, "total": 20, "unit": "answers"}),
+        ("phase", {"phase": "training"}),
+        ("progress", {"step": 60, "total_steps": 60}),
+        ("phase", {"phase": "evaluating"}),
+        ("progress", {"done": 5, "total": 20, "unit": "answers"}),
+    ]
+    for kind, payload in events:
+        render(None, Event("j", kind, payload))
+    shown = [(bar.description, bar.completed, bar.total) for bar in render.progress.tasks if bar.visible]
+    render.close()
+    assert ("evaluating", 5, 20) in shown, shown

@@ -101,6 +101,22 @@ def test_mlflow_local_store_and_tensorboard(tiny_model_dir: Path, tmp_path: Path
     assert acc.Scalars("eval/loss")[-1].value == pytest.approx(summary["final_eval_loss"], rel=1e-5)
 
 
+def test_sqlite_artifacts_go_beside_the_database_as_sqlalchemy_reads_it(tmp_path: Path) -> None:
+    pytest.importorskip("sqlalchemy")
+    from finetune_worker.training.tracking import _artifacts_beside
+
+    beside = {
+        f"sqlite:///{tmp_path}/a#b/m.db": (tmp_path / "a#b" / "mlartifacts").as_uri(),
+        f"sqlite+pysqlite:///{tmp_path}/m.db": (tmp_path / "mlartifacts").as_uri(),
+        "sqlite:///rel/m.db": (Path.cwd() / "rel" / "mlartifacts").as_uri(),
+        "sqlite:///": None,
+        "sqlite:///:memory:": None,
+        "http://127.0.0.1:5000": None,
+        "postgresql://user@host/db": None,
+    }
+    assert {uri: _artifacts_beside(uri) for uri in beside} == beside
+
+
 def test_a_shared_mlflow_store_named_once_compares_runs(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

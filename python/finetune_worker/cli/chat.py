@@ -10,8 +10,8 @@ is exactly the completion, cut at stop strings, control characters made visible.
 
 In a terminal it is a small REPL (line editing through ``readline``): ``/reset``, ``/system
 TEXT``, ``/exit``; Ctrl-C stops an answer, Ctrl-C or Ctrl-D at the prompt quits. With stdin not a
-terminal, every line read is one user turn and each answer is printed on stdout, one after the
-other, so ``printf 'hi\\n' | finetune-worker chat run/`` scripts it. Everything but the answers
+terminal, every line read is one user turn and each answer is printed on stdout followed by a
+newline, so ``printf 'hi\\n' | finetune-worker chat run/`` scripts it. Everything but the answers
 (loading, notices, token rates) goes to stderr.
 """
 
@@ -98,10 +98,12 @@ class Conversation:
     system: str | None = None
     plain: bool = False
     turns: list[dict[str, str]] = field(default_factory=list)
+    _asked: list[dict[str, str]] | None = None  # the turns of the question being answered
 
     def prompt(self, text: str) -> tuple[list[int], int]:
-        """Token ids that ask for the answer to ``text``, and how many earlier turns were dropped
-        to fit; raises ChatError when ``text`` alone does not fit."""
+        """Token ids that ask for the answer to ``text``, and how many earlier exchanges are
+        dropped to fit; raises ChatError when ``text`` alone does not fit. Nothing changes until
+        :meth:`answered` (a failed or interrupted answer leaves the conversation as it was)."""
         from finetune_worker.evaluation.generation import prompt_ids
 
         budget = self.context - self.max_new_tokens
@@ -120,12 +122,14 @@ class Conversation:
                 raise ChatError(self._too_long(len(ids), budget))
             turns = turns[2:]  # the oldest question and its answer
             dropped += 1
-        self.turns = turns
+        self._asked = turns
         return ids, dropped
 
     def answered(self, text: str) -> None:
-        if not self.plain:
-            self.turns.append({"role": "assistant", "content": text})
+        """The answer to the last :meth:`prompt`: it and its question join the conversation."""
+        if not self.plain and self._asked is not None:
+            self.turns = [*self._asked, {"role": "assistant", "content": text}]
+        self._asked = None
 
     def reset(self) -> None:
         self.turns = []
@@ -204,6 +208,8 @@ def cmd_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         print(file=err)
         return EXIT_CANCELLED
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 must not end the chat
     conversation = Conversation(
         lm.tokenizer,
         context_length(lm.model, lm.tokenizer),
@@ -232,6 +238,10 @@ def cmd_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
                 return EXIT_OK
         except KeyboardInterrupt:  # outside an answer (tokenizing, printing): back to the prompt
             print(file=err)
+        except BrokenPipeError:  # `chat ... | head`: the reader has gone
+            return EXIT_OK
+        except Exception as exc:  # a template that rejects the turns, out of memory: say so, go on
+            print(f"(no answer: {type(exc).__name__}: {str(exc)[:500]})", file=err)
 
 
 def _load(
@@ -329,7 +339,7 @@ class _Session:
                 self.lm.model, self.lm.tokenizer, [ids], sampling, on_text=on_text, cancel=stop
             )[0]
         finally:
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
         seconds = time.monotonic() - started
         self.out.write("\n")
         self.out.flush()

@@ -150,19 +150,28 @@ class Renderer:
         task = self.tasks.get(unit)
         if task is None:
             self._start_live()
-            self._hide_finished(keep=unit)
             task = self.tasks[unit] = self.progress.add_task(self.phase, total=total, stats="", eta="")
+        elif done < self._bar(task).completed:  # counting again (the final evaluation's answers)
+            self.progress.reset(task, total=total, completed=done)
+        self._hide_finished(keep=unit)
         self.progress.update(
-            task, completed=done, total=total, description=self.phase, eta=f"ETA {eta}" if eta else ""
+            task,
+            completed=done,
+            total=total,
+            description=self.phase,
+            eta=f"ETA {eta}" if eta else "",
+            visible=True,
         )
+
+    def _bar(self, task: TaskID) -> Any:
+        return next(bar for bar in self.progress.tasks if bar.id == task)
 
     def _hide_finished(self, keep: str) -> None:
         """Bars of finished phases go (an evaluation's answers once training or saving follows),
         so the final display shows the training bar, not the last count before it."""
-        for bar in self.progress.tasks:
-            unit = next(u for u, task in self.tasks.items() if task == bar.id)
-            if unit not in (keep, STEPS) and bar.finished:
-                self.progress.update(bar.id, visible=False)
+        for unit, task in self.tasks.items():
+            if unit not in (keep, STEPS) and self._bar(task).finished:
+                self.progress.update(task, visible=False)
 
     def _on_metrics(self, job_id: str, p: dict[str, Any]) -> None:
         for key, label, fmt in (
@@ -174,7 +183,9 @@ class Renderer:
             if isinstance(value, (int, float)):
                 self.stats[label] = fmt.format(value)
         if STEPS in self.tasks:
-            self.progress.update(self.tasks[STEPS], stats="  ".join(f"{k} {v}" for k, v in self.stats.items()))
+            self.progress.update(
+                self.tasks[STEPS], stats="  ".join(f"{k} {v}" for k, v in self.stats.items())
+            )
 
     def _on_eval(self, job_id: str, p: dict[str, Any]) -> None:
         metrics = p.get("metrics") or {}

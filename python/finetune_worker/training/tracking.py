@@ -2,7 +2,7 @@
 
 Each backend is a ``TrainerCallback``: it logs the run's parameters when it starts, the
 training metrics at every logging step and the eval metrics after every evaluation, and on
-:func:`finish_tracking` the final artifacts (the adapter or model files and ``summary.json``).
+:func:`finish_tracking` the run's final scores and files.
 Tracking must never cost a training run: every call into a backend is guarded, and the first
 failure (package missing, server unreachable, disk full) turns that backend off with a
 ``log`` warning while training goes on.
@@ -94,14 +94,12 @@ def finish_tracking(
     every run with ``status``."""
     finals = final_metrics(summary) if summary else []
     for tracker in trackers:
-        for metrics, step in finals:
-            tracker.log_metrics(metrics, step)
         artifacts: list[Path] = []
         if output_dir is not None and status == "FINISHED":
             artifacts = final_artifacts(
                 Path(output_dir), model=bool(getattr(tracker.section, "log_model", False))
             )
-        tracker.finish(artifacts, status)
+        tracker.finish(artifacts, status, finals)
 
 
 def final_metrics(summary: dict[str, Any]) -> list[tuple[dict[str, float], int]]:
@@ -191,10 +189,18 @@ class Tracker(TrainerCallback):
         self.active = self._guard("start", self._start, params)
         return self.active
 
-    def finish(self, artifacts: list[Path], status: str) -> None:
-        if self.active:
-            self._guard("finish", self._finish, artifacts, status)
-            self.active = False
+    def finish(
+        self, artifacts: list[Path], status: str, finals: list[tuple[dict[str, float], int]] | None = None
+    ) -> None:
+        """Log the run's final scores, upload ``artifacts`` and close the run. A failed log of the
+        scores still closes the run (else it would stay RUNNING in the store)."""
+        if not self.active:
+            return
+        for metrics, step in finals or []:
+            if metrics:
+                self._guard("logging", self._log_final, metrics, step)
+        self._guard("finish", self._finish, artifacts, status)
+        self.active = False
 
     def describe(self) -> str:
         return self.name
@@ -253,6 +259,9 @@ class Tracker(TrainerCallback):
 
     def _finish(self, artifacts: list[Path], status: str) -> None:
         raise NotImplementedError
+
+    def _log_final(self, metrics: dict[str, float], step: int) -> None:
+        self._log(metrics, step)
 
 
 class MlflowTracker(Tracker):
@@ -433,6 +442,10 @@ class WandbTracker(Tracker):
     def _log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
 
+    def _log_final(self, metrics: dict[str, float], step: int) -> None:
+        # W&B takes only increasing steps: the base model's step-0 scores go in the run summary.
+        self._run.summary.update(metrics)
+
     def _finish(self, artifacts: list[Path], status: str) -> None:
         import wandb
 
@@ -498,12 +511,19 @@ def _probe(uri: str) -> None:
 
 def _artifacts_beside(uri: str) -> str | None:
     """A new experiment's artifact folder for a sqlite store: ``mlartifacts`` beside the database
-    (MLflow's default is ./mlartifacts of the worker's cwd, wherever that is). None (the server's
-    or the store's own default) for other stores."""
-    if not uri.startswith("sqlite:///"):
+    file, read as SQLAlchemy reads the URI (MLflow's default is ./mlartifacts of the worker's cwd,
+    wherever that is). None (the server's or the store's own default) for other stores and for an
+    in-memory database."""
+    from sqlalchemy.engine import make_url  # MLflow's own dependency, here only with MLflow
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(uri)
+    except ArgumentError:
         return None
-    database = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path.removeprefix("/")))
-    return (database.expanduser().resolve().parent / "mlartifacts").as_uri()
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return None
+    return (Path(url.database).resolve().parent / "mlartifacts").as_uri()
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, float]:
