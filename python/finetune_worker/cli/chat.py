@@ -148,22 +148,6 @@ def context_length(model: Any, tokenizer: Any) -> int:
     return min(known) if known else 4096
 
 
-class _StopFlag:
-    """Ctrl-C during an answer: the streamer's stopping criterion sees it at the next token."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def set(self, *_: Any) -> None:
-        self._event.set()
-
-    def clear(self) -> None:
-        self._event.clear()
-
-
 def cmd_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     from pydantic import ValidationError
 
@@ -331,8 +315,8 @@ class _Session:
             self.out.write(shown_text(piece))
             self.out.flush()
 
-        stop = _StopFlag()
-        previous = signal.signal(signal.SIGINT, stop.set)
+        stop = threading.Event()  # Ctrl-C: the streamer's stopping criterion sees it at the next token
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
         started = time.monotonic()
         try:
             completion = generate(
