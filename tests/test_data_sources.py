@@ -281,7 +281,7 @@ def test_a_template_that_cannot_render_tools_is_refused_naming_the_row(tok: Any,
     path.write_text(jsonl([QA[0], TOOL_ROW]))
     err = failure(tok, path, chat_template=no_tools, max_seq_length=1024)
     assert err.error == "bad_dataset_row"
-    assert err.message.startswith("row 2: the chat template does not render tool use")
+    assert err.message.startswith("tools.jsonl row 2: the chat template does not render tool use")
     assert "chatml" in err.hint
     rows, _ = build(tok, path, chat_template="chatml", max_seq_length=1024)  # the built-in one does
     assert CALL in tok.decode(rows[1]["input_ids"])
@@ -724,10 +724,24 @@ def test_yaml_sent_as_text_on_the_wire(tmp_path: Path) -> None:
         parse_job_config("job.yaml")
 
 
-def test_encoder_counts_match_the_rows(tok: Any) -> None:
-    encoder = ChatEncoder(tok, DataConfig(max_seq_length=32))
-    rows, counts = encoder.encode_all([])
-    assert rows == [] and counts["tokens"] == 0
+def test_encoder_counts_match_the_rows(tok: Any, tmp_path: Path) -> None:
+    from finetune_worker.data.sources import load_examples
+
+    cfg = DataConfig(max_seq_length=32)
+    path = tmp_path / "mixed.jsonl"
+    long_text = " ".join(f"word{i}" for i in range(80))  # several blocks of 32 tokens
+    path.write_text(jsonl([QA[0], {"text": long_text}, QA[1]]))
+    examples = load_examples(cfg.source(path, "dataset"))
+    rows, counts = ChatEncoder(tok, cfg).encode_all(examples)
+    assert len(rows) > 3  # the text became several blocks
+    assert counts["tokens"] == sum(len(r["input_ids"]) for r in rows)
+    trained = [sum(1 for lab in r["labels"][1:] if lab != IGNORE_INDEX) for r in rows]
+    assert counts["trained_tokens"] == sum(trained)
+    assert 0 < counts["trained_tokens"] < counts["tokens"]  # the QA prompts do not train
+    assert ChatEncoder(tok, cfg).encode_all([]) == (
+        [],
+        {"tokens": 0, "trained_tokens": 0, "truncated": 0, "dropped": 0},
+    )
 
 
 def test_evaluation_sets_read_every_format_too(every_format: dict[str, Path]) -> None:
@@ -767,3 +781,83 @@ def test_tokenizing_many_rows_reports_progress(tok: Any, tmp_path: Path) -> None
     quiet: list[tuple[int, int]] = []
     prepare_data(cfg, tok, [cfg.source(small, "dataset")], seed=0, progress=lambda d, t: quiet.append((d, t)))
     assert quiet == []  # ready before a progress bar would matter
+
+
+# ---- gaps found in review: files named at tokenization, per-source counts, odd cells ---------------
+
+
+def test_errors_found_at_tokenization_name_the_file_of_a_folder(tok: Any, tmp_path: Path) -> None:
+    no_tools = "{% for m in messages %}{{ m['role'] + ': ' + (m['content'] or '') + '\\n' }}{% endfor %}"
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "part-0.jsonl").write_text(jsonl(QA[:3]))
+    (folder / "part-1.jsonl").write_text(jsonl([QA[3], TOOL_ROW]))
+    err = failure(tok, folder, chat_template=no_tools, max_seq_length=1024)
+    assert err.message.startswith("export/part-1.jsonl row 2: the chat template does not render tool use")
+    # A row that fails to parse names its file too.
+    (folder / "part-1.jsonl").write_text(jsonl([QA[3], {"question": "no answer"}]))
+    err = failure(tok, folder)
+    assert "export/part-1.jsonl row 2: missing key 'answer'" in err.message
+
+
+def test_each_source_reports_its_rows_and_tokens(tok: Any, tmp_path: Path) -> None:
+    cfg = mixture(tmp_path, {"repeat": 2}, {})
+    data = prepare_data(cfg.data, tok, cfg.sources, seed=cfg.seed)
+    alpha, beta = data.stats["sources"]
+    by_origin: dict[str, list[dict[str, list[int]]]] = {"alpha": [], "beta": []}
+    for row in data.train:
+        by_origin[origin(tok, row)].append(row)
+    for stat, rows in ((alpha, by_origin["alpha"]), (beta, by_origin["beta"])):
+        assert stat["sequences"] == len(rows)
+        assert stat["tokens"] == sum(len(r["input_ids"]) for r in rows)
+        assert stat["trained_tokens"] == sum(
+            sum(1 for lab in r["labels"][1:] if lab != IGNORE_INDEX) for r in rows
+        )
+    assert alpha["sequences"] == 2 * beta["sequences"] == 80
+    total = alpha["trained_tokens"] + beta["trained_tokens"]
+    assert alpha["share"] == pytest.approx(alpha["trained_tokens"] / total, abs=1e-3)
+
+
+def test_a_source_with_both_weight_and_repeat_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"dataset.sources\[0\].repeat: set weight or repeat, not both"):
+        parse_job_config(
+            {
+                "model_name": str(tmp_path),
+                "output_dir": str(tmp_path / "o"),
+                "dataset": [{"path": "a.jsonl", "weight": 2, "repeat": 2}, {"path": "b.jsonl", "weight": 1}],
+            }
+        )
+
+
+def test_json_cells_in_csv_and_openai_content_parts(tok: Any, tmp_path: Path) -> None:
+    import csv
+
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]},
+    ]
+    with (tmp_path / "chats.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["messages"])
+        writer.writerow([json.dumps(messages)])  # spreadsheets and pandas keep lists as JSON text
+    rows, stats = build(tok, tmp_path / "chats.csv")
+    assert stats["format_counts"] == {"conversations": 1}
+    assert "Name a colour." in tok.decode(rows[0]["input_ids"])
+    assert trained_text(tok, rows[0]) == "Blue.<|im_end|>"
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}, messages[1]]
+    (tmp_path / "image.jsonl").write_text(jsonl([{"messages": messages}, {"messages": image}]))
+    err = failure(tok, tmp_path / "image.jsonl")
+    assert "row 2" in err.message and "messages[1]: content part 1 is 'image_url'" in err.message
+
+
+def test_validate_names_a_dataset_that_is_not_a_regular_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)  # a pipe would block a reader for ever; root may read any file, so chmod cannot stand in
+    cfg = tiny_config(tiny_model_dir, tmp_path / "out", dataset={"path": str(fifo)})
+    with pytest.raises(ConfigError) as info:
+        parse_job_config(cfg)
+    text = str(info.value)
+    assert "dataset.path" in text and "rows.jsonl: not a regular file" in text

@@ -96,6 +96,13 @@ class Example:
     messages: list[dict[str, Any]] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
     trained: list[bool | None] | None = None
+    #: The file the row came from (its label), for errors found later, at tokenization.
+    origin: str = ""
+
+    @property
+    def where(self) -> str:
+        """``"FILE row N"``, as every row error names it."""
+        return f"{self.origin} row {self.row}" if self.origin else f"row {self.row}"
 
     @property
     def has_tool_use(self) -> bool:

@@ -62,9 +62,12 @@ def iter_examples(source: Source, files: list[DataFile], *, label_files: bool) -
                 yield f"{prefix}row {number}: {raw.message}"
                 continue
             try:
-                yield normalize(number, rename(raw, source.spec.renames), source.spec)
+                example = normalize(number, rename(raw, source.spec.renames), source.spec)
             except RowError as exc:
                 yield prefix + str(exc)
+                continue
+            example.origin = file.label
+            yield example
 
 
 def preview_issues(source: Source) -> list[str]:

@@ -247,13 +247,12 @@ def _scan(
     bad = 0
     for source, source_files in zip(sources, files, strict=True):
         count = _SourceCount()
-        prefix = f"{source.name}: " if len(sources) > 1 and not label_files else ""
         try:
             for item in iter_examples(source, source_files, label_files=label_files):
                 if isinstance(item, str):
                     bad += 1
                     if len(errors) < MAX_REPORTED:
-                        errors.append(prefix + item)
+                        errors.append(item)  # names its file whenever there are several (label_files)
                 else:
                     count.rows += 1
                     count.formats[item.kind] += 1
@@ -758,14 +757,14 @@ class ChatEncoder:
     def encode_example(self, example: Example) -> tuple[list[int], list[int]]:
         """``(input_ids, labels)`` of a chat-like example (its tools and turn flags honoured)."""
         return self.encode_chat(
-            example.messages, row=example.row, tools=example.tools, trained=example.trained
+            example.messages, where=example.where, tools=example.tools, trained=example.trained
         )
 
     def encode_chat(
         self,
         messages: list[dict[str, Any]],
         *,
-        row: int = 0,
+        where: str = "row 0",
         tools: list[dict[str, Any]] | None = None,
         trained: list[bool | None] | None = None,
     ) -> tuple[list[int], list[int]]:
@@ -773,7 +772,7 @@ class ChatEncoder:
         try:
             full = self._render(messages, tools)
             if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
-                self._check_tools_rendered(messages, tools, full, row)
+                self._check_tools_rendered(messages, tools, full, where)
             if not self.cfg.train_on_responses_only and trained is None:
                 ids = self._ids(full)
                 return ids, list(ids)
@@ -794,7 +793,7 @@ class ChatEncoder:
         except Exception as exc:  # a template's own raise_exception(), or a Jinja error
             raise JobFailed(
                 "bad_dataset_row",
-                f"row {row}: the chat template cannot render this conversation ({type(exc).__name__}: {exc})",
+                f"{where}: the chat template cannot render this conversation ({type(exc).__name__}: {exc})",
                 hint='fix the row, or set data.chat_template to a template that accepts it ("chatml" names '
                 "the built-in ChatML one, which renders tools)",
             ) from exc
@@ -802,7 +801,7 @@ class ChatEncoder:
         return ids, labels
 
     def _check_tools_rendered(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, full: str, row: int
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, full: str, where: str
     ) -> None:
         """A template without tool support renders tool calls and schemas as nothing: refuse it
         rather than train on conversations with their calls cut out."""
@@ -817,11 +816,11 @@ class ChatEncoder:
         if missing:
             raise JobFailed(
                 "bad_dataset_row",
-                f"row {row}: the chat template does not render tool use: {missing[0]!r} is missing from the "
+                f"{where}: the chat template does not render tool use: {missing[0]!r} is missing from the "
                 "rendered conversation",
                 hint='set data.chat_template to a template that renders tools= and tool_calls ("chatml" names '
                 "the built-in ChatML one, which does)",
-                details={"row": row},
+                details={"errors": [where]},
             )
 
     def _render(
