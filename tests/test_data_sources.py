@@ -597,7 +597,7 @@ def test_a_file_changed_between_the_passes_is_reported(
 
     path = tmp_path / "rows.jsonl"
     path.write_text(jsonl(QA))
-    real_scan = data_module._scan
+    real_scan = data_module.scan_sources
 
     def scan_then_grow(*args: Any) -> Any:
         counts = real_scan(*args)
@@ -605,7 +605,7 @@ def test_a_file_changed_between_the_passes_is_reported(
             f.write(jsonl(QA[:1]))
         return counts
 
-    monkeypatch.setattr(data_module, "_scan", scan_then_grow)
+    monkeypatch.setattr(data_module, "scan_sources", scan_then_grow)
     with pytest.raises(JobFailed, match="changed while it was being read"):
         build(tok, path)
 

@@ -308,6 +308,61 @@ def conversations(rng: random.Random, n: int) -> list[list[dict[str, str]]]:
     return convs
 
 
+def preference_facts() -> list[tuple[str, str, list[str]]]:
+    """(question, the right answer, wrong answers of the same shape) for every fact."""
+    out = []
+    for table, question, answer in (
+        (COLOURS, "What colour is the {k}?", "The {k} is {v}."),
+        (SOUNDS, "What sound does a {k} make?", "A {k} {v}."),
+        (CAPITALS, "What is the capital of {k}?", "The capital of {k} is {v}."),
+        (OPPOSITES, "What is the opposite of {k}?", "The opposite of {k} is {v}."),
+    ):
+        values = sorted(set(table.values()))
+        for k, v in table.items():
+            wrong = [answer.format(k=k, v=w) for w in values if w != v]
+            out.append((question.format(k=k), answer.format(k=k, v=v), wrong))
+    return out
+
+
+def preference_rows(rng: random.Random, n: int) -> list[dict]:
+    """DPO/ORPO pairs in the shapes users bring: TRL's conversational rows, plain strings, and
+    whole conversations that share their prompt (an implicit prompt)."""
+    facts = preference_facts()
+    rows = []
+    for i in range(n):
+        q, good, wrong = rng.choice(facts)
+        bad = rng.choice(wrong)
+        if i % 3 == 0:
+            rows.append({"prompt": q, "chosen": good, "rejected": bad})
+        elif i % 3 == 1:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": q}],
+                    "chosen": [{"role": "assistant", "content": good}],
+                    "rejected": [{"role": "assistant", "content": bad}],
+                }
+            )
+        else:
+            user = {"role": "user", "content": q}
+            rows.append(
+                {
+                    "chosen": [user, {"role": "assistant", "content": good}],
+                    "rejected": [user, {"role": "assistant", "content": bad}],
+                }
+            )
+    return rows
+
+
+def kto_rows(rng: random.Random, n: int) -> list[dict]:
+    """KTO rows: one answer each, labelled desirable (right) or not (wrong)."""
+    rows = []
+    for i in range(n):
+        q, good, wrong = rng.choice(preference_facts())
+        label = i % 2 == 0
+        rows.append({"prompt": q, "completion": good if label else rng.choice(wrong), "label": label})
+    return rows
+
+
 def build() -> dict[str, str]:
     """Every output file's text by its path."""
     rng = random.Random(20261123)
@@ -342,6 +397,9 @@ def build() -> dict[str, str]:
         ]
     )
     files["heldout_qa.jsonl"] = jsonl([{"question": q, "answer": a} for q, a in heldout_pairs()])
+    pref_rng = random.Random(20261206)  # its own stream: the files above stay as they were
+    files["preference.jsonl"] = jsonl(preference_rows(pref_rng, 300))
+    files["kto.jsonl"] = jsonl(kto_rows(pref_rng, 300))
     return files
 
 

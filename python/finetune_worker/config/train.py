@@ -24,8 +24,9 @@ from finetune_worker.config.base import MAX_SEED, StrictModel, schema_also
 from finetune_worker.config.data import DataConfig, DatasetSection, column_renames
 from finetune_worker.config.distributed import DistributedConfig
 from finetune_worker.config.generation import TrainingEvaluation
+from finetune_worker.config.preference import PreferenceSection
 from finetune_worker.config.tracking import TrackingConfig
-from finetune_worker.data.rows import RowSpec
+from finetune_worker.data.rows import PREFERENCE_FORMATS, RowSpec
 from finetune_worker.data.sources import Source, preview_issues
 from finetune_worker.errors import ConfigIssue
 from finetune_worker.kinds import JobKind
@@ -350,6 +351,11 @@ class TrainConfig(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 needs the flash_attn package and CUDA."
     )
+    preference: PreferenceSection | None = Field(
+        None,
+        description="Preference training (DPO, ORPO, KTO) on preference rows instead of supervised "
+        "fine-tuning on demonstrations.",
+    )
     distributed: DistributedConfig | None = Field(
         None, description="Train as a torchrun process group (several GPUs or nodes); null: in the worker."
     )
@@ -389,7 +395,7 @@ class TrainConfig(_Section):
                     path=path,
                     where=f"dataset.sources[{i}]" if listed else "dataset",
                     spec=RowSpec(
-                        format=entry.format or data.format,
+                        format=self.row_format(entry.format or data.format),
                         renames=column_renames(entry.columns if entry.columns is not None else data.columns),
                         system_prompt=entry.system_prompt or data.system_prompt,
                     ),
@@ -406,6 +412,12 @@ class TrainConfig(_Section):
                 )
             )
         return out
+
+    def row_format(self, format: str) -> str:
+        """A source's row format: a preference job reads its method's preference rows."""
+        if self.preference is None or format != "auto":
+            return format
+        return "preference" if self.preference.paired else "unpaired_preference"
 
     @property
     def holds_out(self) -> bool:
@@ -512,6 +524,47 @@ class TrainConfig(_Section):
             issues.append(ConfigIssue("resume", "expected 'auto', false, or a checkpoint path", self.resume))
         if self.distributed is not None:
             issues.extend(self.distributed.issues())
+        issues.extend(self._preference_issues())
+        return issues
+
+    def _preference_issues(self) -> list[ConfigIssue]:
+        formats = [
+            (f"{s.where}.format" if self.dataset.sources else "data.format", s.spec.format)
+            for s in self.sources
+        ]
+        pref = self.preference
+        if pref is None:
+            return [
+                ConfigIssue(where, f'{fmt} rows are for preference training: add a "preference" section', fmt)
+                for where, fmt in formats
+                if fmt in PREFERENCE_FORMATS
+            ]
+        wanted = "preference" if pref.paired else "unpaired_preference"
+        issues = [
+            ConfigIssue(
+                where, f'preference.method {pref.method} trains on {wanted} rows; leave format "auto"', fmt
+            )
+            for where, fmt in formats
+            if fmt != wanted
+        ]
+        refused = {
+            "evaluation": (self.evaluation, "the evaluation section scores supervised answers"),
+            "distributed": (self.distributed, "preference jobs run in one process for now"),
+        }
+        issues += [
+            ConfigIssue(key, f"not available with preference training: {why}")
+            for key, (value, why) in refused.items()
+            if value is not None
+        ]
+        if self.peft.method in VIRTUAL_TOKEN_METHODS:
+            issues.append(
+                ConfigIssue(
+                    "peft.method",
+                    "preference training takes the LoRA family, ia3 or full fine-tuning (virtual tokens would "
+                    "shift the answers' positions)",
+                    self.peft.method,
+                )
+            )
         return issues
 
     def _best_model_issues(self) -> list[ConfigIssue]:

@@ -25,7 +25,9 @@ from typing import Any
 #: whole worker. Raw text rows may be longer: they are tokenized in pieces and cut into blocks.
 MAX_CHAT_ROW_CHARS = 1_000_000
 
-ROW_FORMATS = ("auto", "text", "qa", "instruction", "conversations")
+ROW_FORMATS = ("auto", "text", "qa", "instruction", "conversations", "preference", "unpaired_preference")
+#: The row formats of preference training (a train job's ``preference`` section picks one).
+PREFERENCE_FORMATS = frozenset({"preference", "unpaired_preference"})
 
 #: Column names the pipeline understands; a ``columns`` mapping must rename onto these.
 KNOWN_COLUMNS = frozenset(
@@ -40,6 +42,12 @@ KNOWN_COLUMNS = frozenset(
         "conversations",
         "messages",
         "tools",
+        # preference rows (TRL's shapes)
+        "prompt",
+        "chosen",
+        "rejected",
+        "completion",
+        "label",
     }
 )
 
@@ -109,6 +117,29 @@ class Example:
         return bool(self.tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in self.messages)
 
 
+@dataclass
+class PreferenceExample:
+    """One validated preference row, as chat messages: a ``prompt`` (ending on the user's turn)
+    and either a ``chosen`` and a ``rejected`` answer (DPO, ORPO) or one ``completion`` with its
+    ``label``, desirable or not (KTO). Answers are assistant turns."""
+
+    row: int
+    kind: str  # preference | unpaired_preference
+    prompt: list[dict[str, Any]]
+    chosen: list[dict[str, Any]] | None = None
+    rejected: list[dict[str, Any]] | None = None
+    completion: list[dict[str, Any]] | None = None
+    label: bool | None = None
+    origin: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.origin} row {self.row}" if self.origin else f"row {self.row}"
+
+
+AnyExample = Example | PreferenceExample
+
+
 def rename(row: Any, renames: Mapping[str, str]) -> Any:
     if not renames or not isinstance(row, dict):
         return row
@@ -131,20 +162,29 @@ def _keys(row: Mapping[str, Any]) -> str:
     return ", ".join(sorted(map(str, row))) or "none"
 
 
-def normalize(number: int, row: Any, spec: RowSpec) -> Example:
-    """``row`` (already renamed) as an :class:`Example`, or :class:`RowError`."""
+def normalize(number: int, row: Any, spec: RowSpec) -> Example | PreferenceExample:
+    """``row`` (already renamed) as an :class:`Example` (a :class:`PreferenceExample` for the
+    preference formats), or :class:`RowError`."""
     where = f"row {number}"
     if not isinstance(row, dict):
         raise RowError(f"{where}: expected an object with named fields, got {type_name(row)}")
+    if spec.format in PREFERENCE_FORMATS:
+        return normalize_preference(number, row, spec)
     # Columnar files (Parquet, Arrow) give every row every column: a null is an absent value.
     nulls = sorted(str(k) for k, v in row.items() if v is None)
     present = {k: v for k, v in row.items() if v is not None}
     kind = spec.format if spec.format != "auto" else (detect_format(present) or detect_format(row))
     row = present
     if kind is None:
+        looks = (
+            '; they look like preference rows: train on them with a "preference" section (method dpo, orpo '
+            "or kto)"
+            if {"chosen", "rejected"} <= set(row) or {"completion", "label"} <= set(row)
+            else ""
+        )
         raise RowError(
             f"{where}: cannot tell its format from its keys ({_keys(row)}); expected text, question+answer, "
-            "instruction+output, or messages/conversations (data.columns can rename yours)"
+            f"instruction+output, or messages/conversations (data.columns can rename yours){looks}"
         )
     if kind == "conversations":
         messages, trained = _conversation(where, row, spec)
@@ -413,3 +453,114 @@ def type_name(value: Any) -> str:
         float: "a number",
     }
     return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+# ---- preference rows ------------------------------------------------------------------------------
+
+PREFERENCE_NEEDS = {
+    "preference": "a preference row needs chosen and rejected, and a prompt unless both are "
+    "conversations that open with it",
+    "unpaired_preference": "a KTO row needs prompt, completion and label (true: desirable)",
+}
+
+
+def normalize_preference(number: int, row: dict[str, Any], spec: RowSpec) -> PreferenceExample:
+    """A preference row in any of TRL's shapes, as chat messages.
+
+    Text or conversations: ``{"prompt": "...", "chosen": "...", "rejected": "..."}``;
+    ``{"prompt": [turns], "chosen": [assistant turns], "rejected": [...]}``; an implicit prompt
+    (``chosen`` and ``rejected`` whole conversations sharing their opening turns); UltraFeedback's
+    ``prompt`` string with whole conversations that repeat it. KTO: ``prompt``, ``completion`` and
+    a boolean ``label``.
+    """
+    where = f"row {number}"
+    present = {k: v for k, v in row.items() if v is not None}
+    kind = spec.format
+    answers = ("chosen", "rejected") if kind == "preference" else ("completion",)
+    needed = [*answers, *(["prompt", "label"] if kind == "unpaired_preference" else [])]
+    for key in needed:
+        if key not in present:
+            nulls = sorted(str(k) for k, v in row.items() if v is None)
+            found = f"the row has {_keys(present)}" + (f"; {', '.join(nulls)} null" if nulls else "")
+            raise RowError(f"{where}: missing key {key!r} ({PREFERENCE_NEEDS[kind]}; {found})")
+    turns = {key: _preference_turns(where, present[key], key) for key in answers}
+    if "prompt" in present:
+        prompt = _preference_turns(where, present["prompt"], "prompt")
+        for key in answers:  # UltraFeedback: each answer repeats the prompt's turns
+            if len(turns[key]) > len(prompt) and turns[key][: len(prompt)] == prompt:
+                turns[key] = turns[key][len(prompt) :]
+    else:
+        prompt = _implicit_prompt(where, turns["chosen"], turns["rejected"])
+        turns = {key: value[len(prompt) :] for key, value in turns.items()}
+    if prompt[0]["role"] != "system":
+        system = _optional_string(where, present, "system") or spec.system_prompt
+        if system:
+            prompt = [{"role": "system", "content": system}, *prompt]
+    if prompt[-1]["role"] == "assistant" or all(m["role"] == "system" for m in prompt):
+        raise RowError(
+            f"{where}: the prompt must end with the user's turn (its last turn is {prompt[-1]['role']})"
+        )
+    for key, value in turns.items():
+        if value[0]["role"] != "assistant":
+            raise RowError(
+                f"{where}: {key!r} must be the assistant's answer (its first turn is {value[0]['role']})"
+            )
+    size = sum(len(m["content"]) for part in (prompt, *turns.values()) for m in part)
+    if size > MAX_CHAT_ROW_CHARS:
+        raise RowError(
+            f"{where}: its messages hold {size:,} characters, over the {MAX_CHAT_ROW_CHARS:,} a chat row may have"
+        )
+    if kind == "unpaired_preference":
+        label = present["label"]
+        if label in (0, 1) and not isinstance(label, float):
+            label = bool(label)
+        if not isinstance(label, bool):
+            raise RowError(f"{where}: 'label' must be true (desirable) or false, got {label!r}")
+        return PreferenceExample(number, kind, prompt, completion=turns["completion"], label=label)
+    if turns["chosen"] == turns["rejected"]:
+        raise RowError(
+            f"{where}: chosen and rejected are the same answer, so there is no preference to learn"
+        )
+    return PreferenceExample(number, kind, prompt, chosen=turns["chosen"], rejected=turns["rejected"])
+
+
+def _preference_turns(where: str, value: Any, key: str) -> list[dict[str, Any]]:
+    """A prompt or answer as messages: a string is one user (prompt) or assistant turn."""
+    if isinstance(value, str) and value.lstrip().startswith("[{"):
+        value = _json_value(where, key, value)  # a conversation stored as JSON text (a CSV cell)
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(f"{where}: key {key!r} is empty")
+        return [{"role": "user" if key == "prompt" else "assistant", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise RowError(
+            f"{where}: key {key!r} must be a string or a non-empty list of messages, got {type_name(value)}"
+        )
+    out = []
+    for i, turn in enumerate(value, start=1):
+        at = f"{where}: {key}[{i}]"
+        if not isinstance(turn, dict):
+            raise RowError(f"{at}: expected an object, got {type_name(turn)}")
+        message = _message(at, {k: v for k, v in turn.items() if v is not None}, first=i == 1)
+        if message.get("tool_calls") or message["role"] == "tool":
+            raise RowError(f"{at}: tool calls and tool turns are not supported in preference rows yet")
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def _implicit_prompt(
+    where: str, chosen: list[dict[str, Any]], rejected: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The turns two whole conversations open with, up to the answers where they part."""
+    shared = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        shared += 1
+    if shared == 0 or shared >= min(len(chosen), len(rejected)):
+        raise RowError(
+            f"{where}: no prompt: without a 'prompt' key, chosen and rejected must be conversations that "
+            "open with the same turns and then differ in the assistant's answer (or name the prompt column "
+            "in data.columns)"
+        )
+    return chosen[:shared]

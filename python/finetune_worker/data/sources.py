@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_worker.data.readers import BadRow, DataFile, SourceProblem, iter_rows, resolve_files
-from finetune_worker.data.rows import Example, RowError, RowSpec, normalize, rename
+from finetune_worker.data.rows import AnyExample, Example, RowError, RowSpec, normalize, rename
 from finetune_worker.errors import JobFailed
 
 MAX_REPORTED = 5  # bad rows listed in one error; more are counted, not listed
@@ -45,7 +45,7 @@ class Source:
         return resolve_files(self.path, file_format=self.file_format, split=self.split)
 
 
-def iter_examples(source: Source, files: list[DataFile], *, label_files: bool) -> Iterator[Example | str]:
+def iter_examples(source: Source, files: list[DataFile], *, label_files: bool) -> Iterator[AnyExample | str]:
     """Every row of ``files`` as an Example, or as the error message of a bad row (which names
     the file too when ``label_files``). Raises :class:`SourceProblem` for a whole-file problem."""
     for file in files:
@@ -129,6 +129,7 @@ def load_examples(source: Source, limit: int | None = None) -> list[Example]:
                 if len(errors) < MAX_REPORTED:
                     errors.append(item)
             elif limit is None or len(examples) < limit:
+                assert isinstance(item, Example), "evaluation sets are never read as preference rows"
                 examples.append(item)
             if limit is not None and len(examples) + count >= limit:
                 break

@@ -79,11 +79,35 @@ class MetricsHistory:
             f.flush()
 
 
+#: The preference trainers' own numbers (TRL's names), passed on in metrics and eval events.
+PREFERENCE_METRICS = (
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/chosen",
+    "rewards/rejected",
+    "logps/chosen",
+    "logps/rejected",
+    "kl",
+    "nll_loss",
+    "log_odds_ratio",
+)
+
+
 class EventCallback(TrainerCallback):
+    """``language_model`` False: the loss is not a language-modelling loss (preference training),
+    so no perplexity is derived from it."""
+
     def __init__(
-        self, emit: Any, cancel_event: CancelFlag, output_dir: Path, history: MetricsHistory | None = None
+        self,
+        emit: Any,
+        cancel_event: CancelFlag,
+        output_dir: Path,
+        history: MetricsHistory | None = None,
+        *,
+        language_model: bool = True,
     ):
         self._emit = emit
+        self._language_model = language_model
         self._history = history
         self._stage = "before_training"
         self._cancel = cancel_event
@@ -151,6 +175,7 @@ class EventCallback(TrainerCallback):
             "grad_norm": _num(logs.get("grad_norm")),
             "tokens_per_second": round(rate, 2) if rate is not None else None,
             "tokens_seen": tokens,
+            **{k: _num(logs[k]) for k in PREFERENCE_METRICS if k in logs},
         }
         self._emit("metrics", step=state.global_step, epoch=_num(logs.get("epoch")), metrics=values)
         self._record(
@@ -168,7 +193,12 @@ class EventCallback(TrainerCallback):
         loss = _num(metrics.get("eval_loss"))
         if loss is None:
             return
-        self.last_eval = {"eval_loss": loss, "perplexity": perplexity(loss)}
+        self.last_eval = {"eval_loss": loss}
+        if self._language_model:
+            self.last_eval["perplexity"] = perplexity(loss)
+        self.last_eval.update(
+            {k: _num(metrics[f"eval_{k}"]) for k in PREFERENCE_METRICS if f"eval_{k}" in metrics}
+        )
         self.last_eval_step = state.global_step
         # Which model the numbers are of: the base before training, the fine-tuned one after it
         # (an eval during training is the step's).

@@ -111,7 +111,7 @@ def split_examples(
     ]
 
 
-def _targets(sources: list[Source], train_counts: list[int]) -> list[int]:
+def mixture_targets(sources: list[Source], train_counts: list[int]) -> list[int]:
     """Training rows each source contributes: ``weight`` shares of the total, or ``repeat`` times its own."""
     if all(s.weight is not None for s in sources):
         total_weight = sum(float(s.weight or 0) for s in sources)
@@ -123,7 +123,7 @@ def _targets(sources: list[Source], train_counts: list[int]) -> list[int]:
     ]
 
 
-def _multiplicity(count: int, target: int, seed: int, index: int) -> np.ndarray:
+def row_multiplicity(count: int, target: int, seed: int, index: int) -> np.ndarray:
     """How many times each of ``count`` training rows is used so they add up to ``target``:
     whole copies, plus a seeded sample of rows used once more."""
     copies, extra = divmod(target, count)
@@ -178,7 +178,7 @@ def prepare_data(
     outputs renders prompts as training did.
     """
     warn = warn or log.warning
-    files = [_files(s) for s in sources]
+    files = [files_of(s) for s in sources]
     label_files = sum(len(f) for f in files) > 1
     for source, source_files in zip(sources, files, strict=True):
         splits = splits_read(source_files)
@@ -191,7 +191,7 @@ def prepare_data(
     key = _cache_key(data_cfg, tokenizer, encoder.template, sources, files, seed, keep_examples)
 
     def build(folder: Path | None) -> PreparedData:
-        counts = _scan(sources, files, label_files, check_cancelled)
+        counts = scan_sources(sources, files, label_files, check_cancelled)
         total = sum(c.rows for c in counts)
         ticker = _Ticker(progress, total) if progress is not None and total >= PROGRESS_ROWS else None
         return _build(
@@ -228,14 +228,14 @@ def _adopt_template(tokenizer: Any, encoder: ChatEncoder, stats: dict[str, Any])
         tokenizer.chat_template = encoder.template
 
 
-def _files(source: Source) -> list[DataFile]:
+def files_of(source: Source) -> list[DataFile]:
     try:
         return source.files()
     except SourceProblem as exc:
         raise source_failure(source, exc) from None
 
 
-def _scan(
+def scan_sources(
     sources: list[Source],
     files: list[list[DataFile]],
     label_files: bool,
@@ -399,7 +399,7 @@ def _build(
         held_out_mask(c.rows, s.validation_split, seed, s.index) for s, c in zip(sources, counts, strict=True)
     ]
     train_counts = [int(c.rows - m.sum()) for c, m in zip(counts, held_masks, strict=True)]
-    targets = _targets(sources, train_counts)
+    targets = mixture_targets(sources, train_counts)
     totals: Counter[str] = Counter(truncated=0, dropped=0)
     per_source: list[dict[str, Any]] = []
     held_examples: list[Example] = []
@@ -408,7 +408,7 @@ def _build(
     for source, source_files, count, mask, n_train, target in zip(
         sources, files, counts, held_masks, train_counts, targets, strict=True
     ):
-        uses = _multiplicity(n_train, target, seed, source.index)
+        uses = row_multiplicity(n_train, target, seed, source.index)
         writer = _ChunkWriter(encoder, train_sink, eval_sink, source.loss_weight, totals, check_cancelled)
         stat = writer.stat
         chunk = writer.chunk
@@ -417,8 +417,8 @@ def _build(
         i = j = 0
         try:
             for item in iter_examples(source, source_files, label_files=label_files):
-                if isinstance(item, str) or i >= len(mask):
-                    raise _changed(source)
+                if not isinstance(item, Example) or i >= len(mask):
+                    raise changed_failure(source)
                 if mask[i]:
                     chunk.append((item, 0))
                     if len(held_examples) < keep_examples:
@@ -437,7 +437,7 @@ def _build(
         except SourceProblem as exc:
             raise source_failure(source, exc) from None
         if i != len(mask):
-            raise _changed(source)
+            raise changed_failure(source)
         flush()
         ticker_base += i
         if ticker is not None:
@@ -482,7 +482,7 @@ def _build(
     return result
 
 
-def _changed(source: Source) -> JobFailed:
+def changed_failure(source: Source) -> JobFailed:
     return JobFailed(
         "bad_dataset_row",
         f"{source.where}.path: {source.path} changed while it was being read",

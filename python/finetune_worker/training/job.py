@@ -128,9 +128,15 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
 
     from finetune_worker.hf import check_causal_lm, load_tokenizer
     from finetune_worker.training.callbacks import METRICS_FILE, EventCallback, MetricsHistory
-    from finetune_worker.training.data import prepare_data
+    from finetune_worker.training.data import PreparedData, prepare_data
     from finetune_worker.training.data_collate import choose_batching, flat_batch_tokens, make_collator
     from finetune_worker.training.model import load_model, plan_hardware, trainable_parameters
+    from finetune_worker.training.preference import (
+        PreferenceData,
+        PreferenceScorer,
+        build_preference_trainer,
+        prepare_preference_data,
+    )
     from finetune_worker.training.tracking import finish_tracking, tracking_callbacks, tracking_summary
     from finetune_worker.training.trainer import build_trainer, read_run_state
 
@@ -144,17 +150,21 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     tokenizer = load_tokenizer(cfg.paths.model, "model_name")
     keep = cfg.evaluation.max_rows if cfg.evaluation is not None and cfg.evaluation.dataset is None else 0
     data_started = time.monotonic()
-    data = prepare_data(
-        cfg.data,
-        tokenizer,
-        cfg.sources,
-        seed=cfg.seed,
-        cache_dir=out / DATA_CACHE,
-        warn=warn,
-        keep_examples=keep,
-        check_cancelled=ctx.check_cancelled_alone,  # one rank builds while the others wait
-        progress=lambda done, total: ctx.progress(done, total, unit="rows", started=data_started),
-    )
+    data: PreparedData | PreferenceData
+    if cfg.preference is not None:
+        data = prepare_preference_data(cfg, tokenizer, out / DATA_CACHE, check_cancelled=ctx.check_cancelled)
+    else:
+        data = prepare_data(
+            cfg.data,
+            tokenizer,
+            cfg.sources,
+            seed=cfg.seed,
+            cache_dir=out / DATA_CACHE,
+            warn=warn,
+            keep_examples=keep,
+            check_cancelled=ctx.check_cancelled_alone,  # one rank builds while the others wait
+            progress=lambda done, total: ctx.progress(done, total, unit="rows", started=data_started),
+        )
     train_rows, eval_rows, stats = data.train, data.eval, data.stats
     has_eval = eval_rows is not None and len(eval_rows) > 0
     reused = " (tokenized earlier: reused from the data cache)" if data.from_cache else ""
@@ -182,23 +192,27 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     )
     ctx.check_cancelled()
 
-    attn = str(getattr(model.config, "_attn_implementation", None) or cfg.attn_implementation)
-    batching, why, slow = choose_batching(
-        cfg.data.packing,
-        attn,
-        cfg.peft.method in VIRTUAL_TOKEN_METHODS,
-        flat_batch_tokens(train_rows, cfg.training_parameters.batch_size),
-    )
-    (warn if slow else ctx.log)(f"batches: {why}")
-    stats["batching"] = batching
-    collator = make_collator(tokenizer, batching)
-
     history = MetricsHistory(out / METRICS_FILE)
-    callback = EventCallback(ctx.emit, ctx.cancel_event, out, history)
+    callback = EventCallback(ctx.emit, ctx.cancel_event, out, history, language_model=cfg.preference is None)
     trackers.extend(tracking_callbacks(cfg.tracking, ctx, out, resuming=resume_from is not None))
-    trainer = build_trainer(
-        cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [callback, *trackers], out
-    )
+    if isinstance(data, PreferenceData):
+        trainer = build_preference_trainer(
+            cfg, plan, model, tokenizer, train_rows, eval_rows, [callback, *trackers], out
+        )
+    else:
+        attn = str(getattr(model.config, "_attn_implementation", None) or cfg.attn_implementation)
+        batching, why, slow = choose_batching(
+            cfg.data.packing,
+            attn,
+            cfg.peft.method in VIRTUAL_TOKEN_METHODS,
+            flat_batch_tokens(train_rows, cfg.training_parameters.batch_size),
+        )
+        (warn if slow else ctx.log)(f"batches: {why}")
+        stats["batching"] = batching
+        collator = make_collator(tokenizer, batching)
+        trainer = build_trainer(
+            cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [callback, *trackers], out
+        )
     finished = resume_from is not None and _already_trained(trainer, resume_from)
     if finished and resume_from is not None:
         stored = _stored_result(out, resume_from)
@@ -216,12 +230,14 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         if run_state is not None:
             trainer.prior_loss_sum = float(run_state.get("loss_sum", 0.0))
     evaluator = None
-    if cfg.evaluation is not None:  # the evaluate job's scores before and after training
+    if cfg.evaluation is not None and isinstance(data, PreparedData):
+        # the evaluate job's scores before and after training
         from finetune_worker.evaluation.in_training import TrainingEvaluator
 
         evaluator = TrainingEvaluator(
             cfg, tokenizer, ctx, held_out=data.held_examples, training=data.train_examples
         )
+    scorer = PreferenceScorer(cfg, tokenizer, ctx, data.scored) if isinstance(data, PreferenceData) else None
     # An evaluation section on the held-out split is the base and final evaluation: the Trainer's
     # loss-only pass over the same rows would be a second, slightly different line per model.
     endpoints_by_section = evaluator is not None and evaluator.on_held_out
@@ -232,6 +248,8 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         trainer.evaluate()
         base_eval = dict(callback.last_eval)
         ctx.check_cancelled()
+    if scorer is not None:
+        scorer.run("base", model, step=trainer.state.global_step)
     if evaluator is not None:
         scores = evaluator.run("base", model, step=0)
         if endpoints_by_section:
@@ -260,6 +278,8 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         if callback.last_eval_step != step or best_loaded:  # else just evaluated at this very step
             trainer.evaluate()
         final_eval = dict(callback.last_eval)
+    if scorer is not None:
+        scorer.run("fine_tuned", trainer.model, step=step, reference=callback.last_eval)
     if evaluator is not None:
         scores = evaluator.run("fine_tuned", trainer.model, step=step)
         if endpoints_by_section:
@@ -279,6 +299,8 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     )
     if evaluator is not None:
         summary["evaluation"] = evaluator.summary()
+    if scorer is not None:
+        summary["preference"] = scorer.summary()
     if trackers:
         summary["tracking"] = tracking_summary(trackers)
     summary_path = out / SUMMARY

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
@@ -54,18 +54,24 @@ def diverged(what: str) -> JobFailed:
     )
 
 
-class AtomicCheckpointTrainer(Trainer):
-    """A Trainer whose checkpoints appear on disk all at once or not at all (see the module doc)."""
+if TYPE_CHECKING:  # the mixin's super() is the Trainer it is mixed into
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
 
-    def __init__(self, *args: Any, keep: int, chunked_loss: str | bool = False, **kwargs: Any):
+
+class AtomicCheckpoints(_TrainerBase):
+    """What every trainer of ours adds to a ``transformers.Trainer`` (or a TRL trainer, which is
+    one): checkpoints that appear on disk all at once or not at all, the whole run's loss sum in
+    each, no step on a NaN loss, no save of NaN weights (see the module doc). Mixed in first:
+    ``class T(AtomicCheckpoints, Trainer)``."""
+
+    def __init__(self, *args: Any, keep: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._keep = keep
-        self._chunked_loss = chunked_loss
-        self._group_by_length = bool(getattr(self.data_collator, "groups_by_length", False))
         self._staging = False
         #: Loss summed over the steps before this train() call (from the resumed checkpoint).
         self.prior_loss_sum = 0.0
-        self._eval_sums: list[torch.Tensor] | None = None
 
     def run_loss_sum(self) -> float:
         """Sum of the per-step training losses of the whole run so far, as the Trainer counts them."""
@@ -80,6 +86,85 @@ class AtomicCheckpointTrainer(Trainer):
         if not bool(torch.isfinite(loss).all()):
             raise diverged(f"the training loss became {float(loss):g} at step {self.state.global_step + 1}")
         return loss
+
+    def check_finite_weights(self) -> None:
+        """Refuse to save weights that are no longer numbers (an update can overflow while the loss
+        that led to it was still finite)."""
+        assert self.model is not None
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
+                raise diverged(
+                    f"the weights of {name} are NaN or infinite after step {self.state.global_step}"
+                )
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if self.args.world_size > 1 and self.model_wrapped is self.model:
+            # An evaluate() before train() let accelerate mark the bare model as prepared (eval
+            # mode skips the DDP wrapper), and train() then never wraps it: the ranks would step
+            # on their own gradients, unsynchronized. Forget that mark so train() wraps it.
+            self.model.__dict__.pop("_is_accelerate_prepared", None)
+            self.accelerator._models = [m for m in self.accelerator._models if m is not self.model]
+        return super().train(*args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        # warmup_stable_decay has no default decay length in transformers; ours is a fraction of
+        # the run, known only here.
+        kwargs = self.args.lr_scheduler_kwargs
+        assert isinstance(kwargs, dict)  # built by training_arguments from a validated config
+        if self.args.lr_scheduler_type == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
+            kwargs["num_decay_steps"] = max(1, round(DEFAULT_DECAY_FRACTION * num_training_steps))
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        if self._staging:
+            return str(staging_dir(Path(str(self.args.output_dir))))
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self.check_finite_weights()
+        out = Path(str(self.args.output_dir))
+        staged = staging_dir(out) / f"checkpoint-{self.state.global_step}"
+        # Under torchrun every rank writes into the same staged folder (its RNG state at least),
+        # so only the saving process prepares and publishes it, and the others wait on both
+        # sides (a no-op in a single process).
+        main = self.args.should_save
+        if main:
+            shutil.rmtree(staged, ignore_errors=True)
+            staged.parent.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        except RuntimeError as exc:
+            _raise_if_out_of_space(exc, staged.parent)
+            raise
+        finally:
+            self._staging = False
+        # Computed on every rank (it may gather), written by the saving one.
+        run_state = {"loss_sum": self.run_loss_sum(), "global_step": self.state.global_step}
+        self.accelerator.wait_for_everyone()
+        if main:
+            (staged / RUN_STATE).write_text(json.dumps(run_state))
+            if self.state.best_model_checkpoint == str(staged):
+                # The Trainer named the folder it wrote into; the best checkpoint is the published
+                # one. Fixed in the staged state file too, before the publish makes it visible.
+                self.state.best_model_checkpoint = str(out / staged.name)
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            final = publish(staged, out)
+            best = self.state.best_model_checkpoint
+            rotate(out, self._keep, protect=[final, *([Path(best)] if best else [])])
+        self.accelerator.wait_for_everyone()
+
+
+class AtomicCheckpointTrainer(AtomicCheckpoints, Trainer):
+    """The supervised trainer: atomic checkpoints, plus length-grouped batches, the token-weighted
+    eval loss, per-source loss weights and the chunked LM-head loss (see the module doc)."""
+
+    def __init__(self, *args: Any, keep: int, chunked_loss: str | bool = False, **kwargs: Any):
+        super().__init__(*args, keep=keep, **kwargs)
+        self._chunked_loss = chunked_loss
+        self._group_by_length = bool(getattr(self.data_collator, "groups_by_length", False))
+        self._eval_sums: list[torch.Tensor] | None = None
 
     # ---- length-grouped batches (data.packing "group") -------------------------------------------
 
@@ -99,16 +184,6 @@ class AtomicCheckpointTrainer(Trainer):
         import numpy as np
 
         return np.argsort(np.asarray(row_lengths(eval_dataset)), kind="stable").tolist()
-
-    def check_finite_weights(self) -> None:
-        """Refuse to save weights that are no longer numbers (an update can overflow while the loss
-        that led to it was still finite)."""
-        assert self.model is not None
-        for name, param in self.model.named_parameters():
-            if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
-                raise diverged(
-                    f"the weights of {name} are NaN or infinite after step {self.state.global_step}"
-                )
 
     # ---- token-weighted eval loss ------------------------------------------------------------
 
@@ -236,64 +311,6 @@ class AtomicCheckpointTrainer(Trainer):
             output.metrics[f"{prefix}_loss"] = float(total) / int(count)
         return output
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        if self.args.world_size > 1 and self.model_wrapped is self.model:
-            # An evaluate() before train() let accelerate mark the bare model as prepared (eval
-            # mode skips the DDP wrapper), and train() then never wraps it: the ranks would step
-            # on their own gradients, unsynchronized. Forget that mark so train() wraps it.
-            self.model.__dict__.pop("_is_accelerate_prepared", None)
-            self.accelerator._models = [m for m in self.accelerator._models if m is not self.model]
-        return super().train(*args, **kwargs)
-
-    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        # warmup_stable_decay has no default decay length in transformers; ours is a fraction of
-        # the run, known only here.
-        kwargs = self.args.lr_scheduler_kwargs
-        assert isinstance(kwargs, dict)  # built by training_arguments from a validated config
-        if self.args.lr_scheduler_type == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
-            kwargs["num_decay_steps"] = max(1, round(DEFAULT_DECAY_FRACTION * num_training_steps))
-        return super().create_scheduler(num_training_steps, optimizer)
-
-    def _get_output_dir(self, trial: Any) -> str:
-        if self._staging:
-            return str(staging_dir(Path(str(self.args.output_dir))))
-        return super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        self.check_finite_weights()
-        out = Path(str(self.args.output_dir))
-        staged = staging_dir(out) / f"checkpoint-{self.state.global_step}"
-        # Under torchrun every rank writes into the same staged folder (its RNG state at least),
-        # so only the saving process prepares and publishes it, and the others wait on both
-        # sides (a no-op in a single process).
-        main = self.args.should_save
-        if main:
-            shutil.rmtree(staged, ignore_errors=True)
-            staged.parent.mkdir(parents=True, exist_ok=True)
-        self.accelerator.wait_for_everyone()
-        self._staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-        except RuntimeError as exc:
-            _raise_if_out_of_space(exc, staged.parent)
-            raise
-        finally:
-            self._staging = False
-        # Computed on every rank (it may gather), written by the saving one.
-        run_state = {"loss_sum": self.run_loss_sum(), "global_step": self.state.global_step}
-        self.accelerator.wait_for_everyone()
-        if main:
-            (staged / RUN_STATE).write_text(json.dumps(run_state))
-            if self.state.best_model_checkpoint == str(staged):
-                # The Trainer named the folder it wrote into; the best checkpoint is the published
-                # one. Fixed in the staged state file too, before the publish makes it visible.
-                self.state.best_model_checkpoint = str(out / staged.name)
-                self.state.save_to_json(str(staged / "trainer_state.json"))
-            final = publish(staged, out)
-            best = self.state.best_model_checkpoint
-            rotate(out, self._keep, protect=[final, *([Path(best)] if best else [])])
-        self.accelerator.wait_for_everyone()
-
 
 #: chunked_loss "auto" takes over when a batch's fp32 logits would be at least this large.
 CHUNKED_LOSS_AUTO_BYTES = 64 * 2**20
@@ -380,10 +397,17 @@ def _raise_if_out_of_space(exc: RuntimeError, where: Path) -> None:
 
 
 def training_arguments(cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: bool) -> TrainingArguments:
+    return TrainingArguments(**training_argument_values(cfg, plan, output_dir, has_eval))
+
+
+def training_argument_values(
+    cfg: TrainConfig, plan: Plan, output_dir: Path, has_eval: bool
+) -> dict[str, Any]:
+    """The TrainingArguments of a run, as keywords (a TRL trainer's config takes them too)."""
     tp, ev = cfg.training_parameters, cfg.eval
     step_eval = has_eval and ev.every_steps is not None
     tracks_best = step_eval and (ev.early_stopping_patience is not None or ev.load_best_model_at_end)
-    return TrainingArguments(
+    return dict(
         output_dir=str(output_dir),
         num_train_epochs=tp.epochs,
         max_steps=cfg.max_steps or -1,
@@ -446,14 +470,6 @@ def build_trainer(
 ) -> AtomicCheckpointTrainer:
     has_eval = eval_rows is not None and len(eval_rows) > 0
     args = training_arguments(cfg, plan, output_dir, has_eval)
-    all_callbacks = list(callbacks)
-    if cfg.eval.early_stopping_patience is not None and has_eval:
-        all_callbacks.append(
-            EarlyStoppingCallback(
-                early_stopping_patience=cfg.eval.early_stopping_patience,
-                early_stopping_threshold=cfg.eval.early_stopping_threshold,
-            )
-        )
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=args,
@@ -461,10 +477,23 @@ def build_trainer(
         eval_dataset=eval_rows if has_eval else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=all_callbacks,
+        callbacks=run_callbacks(cfg, callbacks, has_eval),
         keep=cfg.checkpoint.keep,
         chunked_loss=cfg.training_parameters.chunked_loss,
     )
     # With tqdm off the Trainer prints every log dict; our events already carry them.
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def run_callbacks(cfg: TrainConfig, callbacks: list[Any], has_eval: bool) -> list[Any]:
+    """``callbacks`` plus early stopping when the config asks for it and there is held-out data."""
+    if cfg.eval.early_stopping_patience is None or not has_eval:
+        return list(callbacks)
+    return [
+        *callbacks,
+        EarlyStoppingCallback(
+            early_stopping_patience=cfg.eval.early_stopping_patience,
+            early_stopping_threshold=cfg.eval.early_stopping_threshold,
+        ),
+    ]

@@ -90,7 +90,7 @@ RECORD_KEYS: frozenset[str] = frozenset(
         "method", "model_name", "base_eval_loss", "base_perplexity", "final_eval_loss",
         "final_perplexity", "improvement_pct", "train_loss", "steps", "epochs", "tokens_seen",
         "train_examples", "runtime_s", "resumed_from", "data", "config", "evaluation", "tracking",
-        "best_step", "best_metric", "best_checkpoint", "already_complete",
+        "best_step", "best_metric", "best_checkpoint", "already_complete", "preference", "labels",
         # train summary: data
         "rows", "dropped", "eval_rows", "format_counts", "mask_method", "batching", "max_seq_length",
         "train_rows", "train_tokens", "trained_tokens", "truncated", "warnings",
@@ -117,7 +117,7 @@ RECORD_KEYS: frozenset[str] = frozenset(
 #: Record keys whose value is a table (its keys, and those of every map below it, are binaries);
 #: ``prompt`` echoes the user's own data (a chat prompt is a list of message maps).
 TABLE_KEYS: frozenset[str] = frozenset(
-    {"metrics", "improvement", "config", "format_counts", "tracking", "details", "prompt"}
+    {"metrics", "improvement", "config", "format_counts", "tracking", "details", "prompt", "labels"}
 )
 
 #: Payload keys whose (string) values are sent as atoms, each from a fixed list.
