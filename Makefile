@@ -10,7 +10,7 @@ FW := $(VENV)/bin/finetune-worker
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 #: What the tests, benchmarks and lint need on top of the demo's install (see pyproject.toml).
-DEV_EXTRAS := test,dev,bench,tracking,merge,qlora
+DEV_EXTRAS := test,dev,bench,tracking,merge,qlora,preference
 TINY := .tiny/model
 PYTEST_ARGS ?=
 export PYTHONUNBUFFERED := 1

@@ -9,6 +9,7 @@ import importlib.util
 EXTRAS: dict[str, tuple[str, str]] = {
     "mergekit": ("merge", "MergeKit merges"),
     "bitsandbytes": ("qlora", "4-bit and 8-bit loading (quantization)"),
+    "trl": ("preference", "Preference training (DPO, ORPO, KTO)"),
 }
 
 

@@ -539,6 +539,9 @@ class TrainConfig(_Section):
                 for where, fmt in formats
                 if fmt in PREFERENCE_FORMATS
             ]
+        from finetune_worker.extras import missing_extra
+
+        missing = missing_extra("trl")
         wanted = "preference" if pref.paired else "unpaired_preference"
         issues = [
             ConfigIssue(
@@ -556,6 +559,8 @@ class TrainConfig(_Section):
             for key, (value, why) in refused.items()
             if value is not None
         ]
+        if missing is not None:
+            issues.append(ConfigIssue("preference.method", missing, pref.method))
         if self.peft.method in VIRTUAL_TOKEN_METHODS:
             issues.append(
                 ConfigIssue(

@@ -1,0 +1,347 @@
+"""Preference training (issue 19): DPO, ORPO and KTO runs on the tiny model, their rows, their scores.
+
+The runs train on ``configs/data/preference.jsonl`` / ``kto.jsonl`` (right vs wrong answers to the
+demo's facts, in every shape TRL reads). What is checked is the effect: after DPO the model finds
+the chosen answers more likely than the rejected ones, measured here with plain transformers and
+peft on the saved adapter, independently of the worker's own scorer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_worker.config import parse_job_config
+from finetune_worker.data.rows import PreferenceExample, RowError, RowSpec, normalize
+from finetune_worker.errors import ConfigError
+from test_train_helpers import DATA, Run, run_job, tiny_config
+
+pytest.importorskip("trl", reason="preference training needs the preference extra (trl)")
+
+
+def pref_config(model: Path, out: Path, method: str = "dpo", **over: Any) -> dict[str, Any]:
+    data = "kto.jsonl" if method == "kto" else "preference.jsonl"
+    cfg = tiny_config(
+        model,
+        out,
+        data,
+        preference={"method": method, "beta": 0.1},
+        training_parameters={"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "logging_steps": 2},
+        max_steps=24,
+        checkpoint={"every_steps": 8, "keep": 2},
+    )
+    cfg["dataset"]["validation_split"] = 0.1
+    cfg.update(over)
+    return cfg
+
+
+def tensors(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ---- rows -------------------------------------------------------------------------------------
+
+
+PAIRED = RowSpec(format="preference")
+UNPAIRED = RowSpec(format="unpaired_preference")
+USER = {"role": "user", "content": "Capital of France?"}
+GOOD = {"role": "assistant", "content": "Paris."}
+BAD = {"role": "assistant", "content": "Rome."}
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."},  # TRL standard
+        {"prompt": [USER], "chosen": [GOOD], "rejected": [BAD]},  # TRL conversational
+        {"chosen": [USER, GOOD], "rejected": [USER, BAD]},  # implicit prompt (TRL's ultrafeedback)
+        {"prompt": "Capital of France?", "chosen": [USER, GOOD], "rejected": [USER, BAD]},  # HF H4
+        {"prompt": json.dumps([USER]), "chosen": json.dumps([GOOD]), "rejected": "Rome."},  # CSV cells
+        {
+            "prompt": [{"from": "human", "value": "Capital of France?"}],
+            "chosen": "Paris.",
+            "rejected": "Rome.",
+        },
+    ],
+)
+def test_every_preference_shape_becomes_the_same_pair(row: dict[str, Any]) -> None:
+    example = normalize(3, row, PAIRED)
+    assert isinstance(example, PreferenceExample)
+    assert (example.prompt, example.chosen, example.rejected) == ([USER], [GOOD], [BAD])
+
+
+def test_kto_rows_and_system_prompts() -> None:
+    example = normalize(1, {"prompt": "Capital of France?", "completion": "Rome.", "label": 0}, UNPAIRED)
+    assert isinstance(example, PreferenceExample)
+    assert (example.prompt, example.completion, example.label) == ([USER], [BAD], False)
+    with_system = normalize(
+        1,
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."},
+        RowSpec("preference", system_prompt="Be brief."),
+    )
+    assert isinstance(with_system, PreferenceExample)
+    assert with_system.prompt == [{"role": "system", "content": "Be brief."}, USER]
+
+
+@pytest.mark.parametrize(
+    "row, spec, message",
+    [
+        (
+            {"prompt": "q", "chosen": "a"},
+            PAIRED,
+            "row 4: missing key 'rejected' (a preference row needs chosen and rejected",
+        ),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": "a"},
+            PAIRED,
+            "row 4: chosen and rejected are the same answer",
+        ),
+        ({"chosen": "Paris.", "rejected": "Rome."}, PAIRED, "row 4: no prompt: without a 'prompt' key"),
+        ({"chosen": [USER, GOOD], "rejected": [GOOD]}, PAIRED, "row 4: no prompt"),
+        (
+            {"prompt": [USER, GOOD], "chosen": "x", "rejected": "y"},
+            PAIRED,
+            "the prompt must end with the user's turn",
+        ),
+        (
+            {"prompt": "q", "chosen": [USER], "rejected": "y"},
+            PAIRED,
+            "'chosen' must be the assistant's answer",
+        ),
+        (
+            {"prompt": "q", "chosen": 3, "rejected": "y"},
+            PAIRED,
+            "key 'chosen' must be a string or a non-empty list",
+        ),
+        (
+            {"prompt": "q", "completion": "a", "label": "yes"},
+            UNPAIRED,
+            "'label' must be true (desirable) or false",
+        ),
+        (
+            {"prompt": "q", "completion": "a"},
+            UNPAIRED,
+            "missing key 'label' (a KTO row needs prompt, completion and label",
+        ),
+        (
+            {
+                "prompt": "q",
+                "chosen": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}],
+                "rejected": "y",
+            },
+            PAIRED,
+            "tool calls and tool turns are not supported in preference rows yet",
+        ),
+    ],
+)
+def test_bad_preference_rows_are_named(row: dict[str, Any], spec: RowSpec, message: str) -> None:
+    with pytest.raises(RowError) as info:
+        normalize(4, row, spec)
+    assert message in str(info.value)
+
+
+def test_configs_check_preference_data_and_sections_before_the_model_loads(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "pairs.jsonl"
+    rows = [json.loads(line) for line in (DATA / "preference.jsonl").read_text().splitlines()[:5]]
+    rows[3] = {"prompt": "q", "chosen": "same", "rejected": "same"}
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = pref_config(tiny_model_dir, tmp_path / "out")
+    cfg["dataset"]["path"] = str(bad)
+    cfg["evaluation"] = {"max_rows": 4}
+    cfg["peft"] = {"method": "prompt_tuning"}
+    with pytest.raises(ConfigError) as info:
+        parse_job_config(cfg)
+    text = str(info.value)
+    assert "row 4: chosen and rejected are the same answer" in text
+    assert "evaluation: not available with preference training" in text
+    assert "peft.method: preference training takes the LoRA family" in text
+    # Preference rows in a supervised job: named as such.
+    sft = tiny_config(tiny_model_dir, tmp_path / "sft", "preference.jsonl")
+    with pytest.raises(
+        ConfigError, match='they look like preference rows: train on them with a "preference" section'
+    ):
+        parse_job_config(sft)
+    # A supervised row format under a preference section, and preference rows without one.
+    with pytest.raises(
+        ConfigError, match='preference.method dpo trains on preference rows; leave format "auto"'
+    ):
+        parse_job_config({**pref_config(tiny_model_dir, tmp_path / "o2"), "data": {"format": "qa"}})
+    with pytest.raises(ConfigError, match='add a "preference" section'):
+        parse_job_config({**tiny_config(tiny_model_dir, tmp_path / "o3"), "data": {"format": "preference"}})
+
+
+def test_a_missing_trl_names_the_preference_extra(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "trl", None)
+    with pytest.raises(ConfigError) as info:
+        parse_job_config(pref_config(tiny_model_dir, tmp_path / "out"))
+    assert "preference.method: Preference training (DPO, ORPO, KTO) need the trl package" in str(info.value)
+    assert "pip install 'finetune-worker[preference]'" in str(info.value)
+
+
+# ---- DPO: the effect, measured independently ----------------------------------------------------------
+
+
+def logp_margins(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> list[float]:
+    """log P(chosen) - log P(rejected) of each row's answers, with plain transformers."""
+    import torch
+
+    out = []
+    for row in rows:
+        prompt = [{"role": "user", "content": row["prompt"]}]
+        start = len(
+            tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
+        logps = []
+        for answer in (row["chosen"], row["rejected"]):
+            ids = tokenizer.apply_chat_template(
+                [*prompt, {"role": "assistant", "content": answer}], tokenize=True, return_dict=True
+            )["input_ids"]
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                logits = model(input_ids=x).logits[0, :-1].float()
+            token_logps = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None]).squeeze(-1)
+            logps.append(float(token_logps[start - 1 :].sum()))
+        out.append(logps[0] - logps[1])
+    return out
+
+
+def test_dpo_makes_the_chosen_answers_the_likelier_ones(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "dpo"
+    run = run_job(pref_config(tiny_model_dir, out))
+    assert run.terminal.type == "completed", run.terminal.payload
+    summary = run.terminal.payload["summary"]
+    pref = summary["preference"]
+    base, tuned = pref["metrics"]["base"], pref["metrics"]["fine_tuned"]
+    assert pref["method"] == "dpo" and base["rows"] == tuned["rows"] == 30
+    assert tuned["accuracy"] > base["accuracy"] and tuned["margin"] > base["margin"] + 1.0
+    assert tuned["reward_accuracy"] > 0.5  # TRL's own measure, against the reference
+    assert summary["base_perplexity"] is None  # a DPO loss has no perplexity
+    assert summary["data"]["format_counts"] == {"preference": 300}
+    # The events: preference numbers in the metrics, one scored line per model.
+    assert any("rewards/margins" in m["metrics"] for m in run.of("metrics"))
+    scored = [e for e in run.of("eval") if "accuracy" in e["metrics"]]
+    assert [(e["model"], e["step"]) for e in scored] == [("base", 0), ("fine_tuned", 24)]
+    # The outputs hold the trained adapter only (TRL's frozen "ref" copy stays out of them).
+    assert not (out / "ref").exists() and not any((c / "ref").exists() for c in out.glob("checkpoint-*"))
+
+    # Independently: plain transformers + peft on the saved adapter, every row of the file.
+    rows = [
+        r
+        for r in map(json.loads, (DATA / "preference.jsonl").read_text().splitlines())
+        if isinstance(r.get("prompt"), str)
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    before = logp_margins(model, tokenizer, rows)
+    tuned_model = PeftModel.from_pretrained(model, str(out)).eval()
+    after = logp_margins(tuned_model, tokenizer, rows)
+    accuracy = [sum(m > 0 for m in ms) / len(ms) for ms in (before, after)]
+    assert accuracy[1] > accuracy[0] + 0.1, accuracy
+    assert sum(after) / len(after) > sum(before) / len(before) + 1.0
+
+
+def test_our_scorer_equals_a_plain_computation(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_worker.training.preference import preference_scores
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    rows = [
+        r
+        for r in map(json.loads, (DATA / "preference.jsonl").read_text().splitlines())
+        if isinstance(r.get("prompt"), str)
+    ][:12]
+    examples = [normalize(i, r, PAIRED) for i, r in enumerate(rows, start=1)]
+    scores = preference_scores(model, tokenizer, examples, max_length=256)  # type: ignore[arg-type]
+    plain = logp_margins(model, tokenizer, rows)
+    assert scores["margin"] == pytest.approx(sum(plain) / len(plain), abs=1e-4)
+    assert scores["accuracy"] == pytest.approx(sum(m > 0 for m in plain) / len(plain), abs=1e-6)
+
+
+# ---- ORPO, KTO, full fine-tuning, QLoRA ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["orpo", "kto"])
+def test_orpo_and_kto_train_the_adapter(tiny_model_dir: Path, tmp_path: Path, method: str) -> None:
+    out = tmp_path / method
+    run = run_job(pref_config(tiny_model_dir, out, method, max_steps=12))
+    assert run.terminal.type == "completed", run.terminal.payload
+    adapter = tensors(out / "adapter_model.safetensors")
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and all(float(t.abs().max()) > 0 for t in lora_b)  # B starts at zero: it trained
+    pref = run.terminal.payload["summary"]["preference"]
+    assert pref["method"] == method and set(pref["metrics"]) == {"base", "fine_tuned"}
+    if method == "kto":
+        labels = run.terminal.payload["summary"]["data"]["labels"]
+        assert sum(labels.values()) == 270 and min(labels.values()) > 100
+        assert {"desirable_logp", "undesirable_logp", "margin"} <= set(pref["metrics"]["fine_tuned"])
+    else:
+        assert any("log_odds_ratio" in m["metrics"] for m in run.of("metrics"))
+
+
+def test_full_dpo_keeps_a_frozen_reference_and_qlora_dpo_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
+    full = run_job(pref_config(tiny_model_dir, tmp_path / "full", peft={"method": "full"}, max_steps=8))
+    assert full.terminal.type == "completed", full.terminal.payload
+    base, tuned = (
+        tensors(tiny_model_dir / "model.safetensors"),
+        tensors(tmp_path / "full" / "model.safetensors"),
+    )
+    changed = [k for k in base if k in tuned and not (base[k] == tuned[k]).all()]
+    assert changed  # the weights moved; the reference (a frozen copy) did not move with them
+    metrics = full.terminal.payload["summary"]["preference"]["metrics"]
+    assert metrics["fine_tuned"]["reward_margin"] != 0.0  # the policy drifted from its reference
+
+    qlora = run_job(pref_config(tiny_model_dir, tmp_path / "qlora", quantization={"bits": 4}, max_steps=8))
+    assert qlora.terminal.type == "completed", qlora.terminal.payload
+    assert (tmp_path / "qlora" / "adapter_model.safetensors").exists()
+
+
+# ---- cancel and resume -----------------------------------------------------------------------------
+
+
+def test_a_cancelled_dpo_run_resumes_to_the_uninterrupted_adapter(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    whole = run_job(
+        pref_config(
+            tiny_model_dir, tmp_path / "whole", max_steps=10, checkpoint={"every_steps": 100, "keep": 1}
+        )
+    )
+    assert whole.terminal.type == "completed", whole.terminal.payload
+
+    cfg = pref_config(
+        tiny_model_dir, tmp_path / "split", max_steps=10, checkpoint={"every_steps": 100, "keep": 1}
+    )
+    run = Run(cfg)
+    try:
+        run.wait_for("progress", lambda p: p.get("unit") is None and p["step"] >= 3)
+        run.manager.cancel(run.job_id)
+        done = run.wait()
+    finally:
+        run.close()
+    assert done.type == "cancelled", done.payload
+    assert done.payload["step"] < 10
+    again = run_job({**cfg, "resume": "auto"})
+    assert again.terminal.type == "completed", again.terminal.payload
+    assert again.terminal.payload["summary"]["resumed_from"] == done.payload["checkpoint"]
+    a = tensors(tmp_path / "whole" / "adapter_model.safetensors")
+    b = tensors(tmp_path / "split" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max() < 1e-5, name
