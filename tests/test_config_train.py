@@ -213,6 +213,7 @@ def test_tiny_examples_validate_fully(
     (tmp_path / ".tiny" / "model").symlink_to(tiny_model_dir)
     (tmp_path / "configs").symlink_to(CONFIGS)
     monkeypatch.chdir(tmp_path)
-    for name in ("tiny-lora.json", "tiny-qlora.json", "tiny-full.json", "tiny-mixture.yaml"):
+    shipped = ("tiny-lora.json", "tiny-qlora.json", "tiny-full.json", "tiny-mixture.yaml")
+    for name in (*shipped, "tiny-dpo.json", "tiny-orpo.json", "tiny-kto.json"):
         kind, _ = parse_job_config(("file", f"configs/{name}"))
         assert kind == "train"

@@ -104,4 +104,39 @@ defmodule FineTuning.TrainingTest do
     assert File.regular?(Path.join(merged, "config.json"))
     assert merged |> Path.join("*.safetensors") |> Path.wildcard() != []
   end
+
+  test "a DPO run from Elixir reports its preference scores before and after", %{
+    dir: dir,
+    model: model,
+    worker: w
+  } do
+    out = Path.join(dir, "dpo")
+
+    config =
+      lora_config(model, out)
+      |> Map.put("dataset", %{
+        "path" => Path.join(repo(), "configs/data/preference.jsonl"),
+        "validation_split" => 0.1
+      })
+      |> Map.put("preference", %{"method" => "dpo", "beta" => 0.1})
+      |> Map.put("max_steps", 12)
+
+    assert FineTuning.validate(w, config) == :ok
+    assert {:ok, job_id} = FineTuning.submit(w, config)
+    events = collect_events(job_id, 240_000)
+    assert {:completed, %{summary: summary}} = List.last(events), inspect(List.last(events))
+
+    assert %{method: "dpo", metrics: %{"base" => base, "fine_tuned" => tuned}} =
+             summary.preference
+
+    assert tuned["margin"] > base["margin"]
+
+    assert Enum.any?(
+             for({:metrics, m} <- events, do: m.metrics),
+             &Map.has_key?(&1, "rewards/margins")
+           )
+
+    assert ["base", "fine_tuned"] ==
+             for({:eval, %{model: m, metrics: %{"accuracy" => _}}} <- events, do: m)
+  end
 end

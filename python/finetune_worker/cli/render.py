@@ -37,7 +37,23 @@ class JsonLines:
 #: A completion being generated, by (prompt_index, sequence); sequence is None with one per prompt.
 StreamKey = tuple[Any, Any]
 #: The scores of an evaluation, in the order the tables show them.
-SCORE_KEYS = ("eval_loss", "perplexity", "exact_match", "f1", "bleu", "rouge_l")
+SCORE_KEYS = (
+    "eval_loss",
+    "perplexity",
+    "exact_match",
+    "f1",
+    "bleu",
+    "rouge_l",
+    # a preference run's held-out scores (training/preference.py)
+    "accuracy",
+    "margin",
+    "reward_accuracy",
+    "reward_margin",
+    "chosen_logp",
+    "rejected_logp",
+    "desirable_logp",
+    "undesirable_logp",
+)
 #: How many lines of a completion still being generated the live region shows (its tail).
 LIVE_TEXT_LINES = 6
 
@@ -247,7 +263,9 @@ class Renderer:
         table.add_column("value")
         compare = summary.get("compare")
         # Shown below as tables of their own, not as "N entries" cells.
-        apart = {"evaluation", "completions"} | ({"metrics", "compare", "improvement"} if compare else set())
+        apart = {"evaluation", "preference", "completions"} | (
+            {"metrics", "compare", "improvement"} if compare else set()
+        )
         for section in ("summary", "outputs"):
             for key, value in (p.get(section) or {}).items():
                 if value is not None and key not in apart:
@@ -256,6 +274,11 @@ class Renderer:
         evaluation = summary.get("evaluation")
         if isinstance(evaluation, dict):
             self._print_evaluation(evaluation)
+        preference = summary.get("preference")
+        if isinstance(preference, dict):
+            method = str(preference.get("method", "")).upper()
+            title = f"base vs fine-tuned, {method} ({preference.get('rows')} held-out rows)"
+            self._print_evaluation(preference, title)
         if isinstance(compare, dict):
             self._print_comparison(summary, compare)
         if isinstance(summary.get("completions"), list):
@@ -333,12 +356,13 @@ class Renderer:
             compare.get("metrics") or {},
         )
 
-    def _print_evaluation(self, evaluation: dict[str, Any]) -> None:
-        """Before/after scores and sample answers of a training job's ``evaluation`` block."""
+    def _print_evaluation(self, evaluation: dict[str, Any], title: str | None = None) -> None:
+        """Before/after scores and sample answers of a training job's ``evaluation`` block (or
+        its preference scores)."""
         by_model = evaluation.get("metrics") or {}
         where = f"{evaluation.get('rows')} rows, {evaluation.get('rows_from', '')}".rstrip(", ")
         self._scores_table(
-            f"base vs fine-tuned ({where})",
+            title or f"base vs fine-tuned ({where})",
             ("base", "fine-tuned"),
             by_model.get("base") or {},
             by_model.get("fine_tuned") or {},

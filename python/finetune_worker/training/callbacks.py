@@ -167,7 +167,7 @@ class EventCallback(TrainerCallback):
         now = time.monotonic()
         tokens = int(state.num_input_tokens_seen)
         dt = now - self._last_log_t
-        rate = (tokens - self._last_log_tokens) / dt if dt > 0 else None
+        rate = (tokens - self._last_log_tokens) / dt if dt > 0 and tokens else None  # 0: not counted
         self._last_log_t, self._last_log_tokens = now, tokens
         values: dict[str, Any] = {
             "loss": _num(logs.get("loss")),

@@ -249,7 +249,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         base_eval = dict(callback.last_eval)
         ctx.check_cancelled()
     if scorer is not None:
-        scorer.run("base", model, step=trainer.state.global_step)
+        scorer.run("base", model, step=trainer.state.global_step, reference=callback.last_eval)
     if evaluator is not None:
         scores = evaluator.run("base", model, step=0)
         if endpoints_by_section:

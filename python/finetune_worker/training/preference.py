@@ -147,7 +147,7 @@ def prepare_preference_data(
         "max_seq_length": cfg.data.max_seq_length,
         "batching": "pad",  # TRL pads each batch to its longest pair
         "warnings": [],
-        **({"sources": per_source} if len(sources) > 1 else {}),
+        "sources": per_source,
         **({"labels": dict(sorted(labels.items()))} if labels else {}),
     }
     return PreferenceData(train_ds, eval_ds, stats, scored)
@@ -250,6 +250,9 @@ def build_preference_trainer(
     else:
         from trl.experimental.orpo import ORPOConfig as Config  # type: ignore[assignment]
         from trl.experimental.orpo import ORPOTrainer as Base  # type: ignore[assignment]
+
+        # Its batches have no input_ids (chosen_/rejected_input_ids): the Trainer cannot count them.
+        values.update(include_num_input_tokens_seen="no")
     if pref.method != "orpo" and not _is_peft(model):
         # Full fine-tuning: the reference is the model as it starts, frozen (TRL would load a
         # second copy from the model's path, in its default dtype and on no particular device).

@@ -234,15 +234,31 @@ def comparison(summary: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(metric, base, fine-tuned)`` of a run's summary: the held-out loss and perplexity, then
     the evaluation block's answer scores (the report's table and the model card's)."""
     rows: list[tuple[str, Any, Any]] = [
-        ("eval loss", summary.get("base_eval_loss"), summary.get("final_eval_loss")),
-        ("perplexity", summary.get("base_perplexity"), summary.get("final_perplexity")),
+        ("eval loss", summary.get("base_eval_loss"), summary.get("final_eval_loss"))
     ]
-    by_model = (summary.get("evaluation") or {}).get("metrics") or {}
-    base, tuned = by_model.get("base") or {}, by_model.get("fine_tuned") or {}
-    for key in ("exact_match", "f1", "bleu", "rouge_l"):
-        if key in base or key in tuned:
-            rows.append((key, base.get(key), tuned.get(key)))
+    if summary.get("preference") is None:  # a preference loss has no perplexity
+        rows.append(("perplexity", summary.get("base_perplexity"), summary.get("final_perplexity")))
+    for section, keys in (
+        ("evaluation", ("exact_match", "f1", "bleu", "rouge_l")),
+        ("preference", PREFERENCE_SCORES),
+    ):
+        by_model = (summary.get(section) or {}).get("metrics") or {}
+        base, tuned = by_model.get("base") or {}, by_model.get("fine_tuned") or {}
+        for key in keys:
+            if key in base or key in tuned:
+                rows.append((key, base.get(key), tuned.get(key)))
     return rows
+
+
+#: A preference run's held-out scores (``training/preference.py``), in the order tables show them.
+PREFERENCE_SCORES = (
+    "accuracy",
+    "margin",
+    "chosen_logp",
+    "rejected_logp",
+    "desirable_logp",
+    "undesirable_logp",
+)
 
 
 def _table(header: list[str], rows: list[list[Any]], ident: str) -> str:

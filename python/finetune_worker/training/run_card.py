@@ -128,20 +128,19 @@ def write_card(cfg: TrainConfig, out: Path, summary: dict[str, Any], weights_key
         "",
         "## Training data",
         "",
-        "| source | rows trained | tokens | share of trained tokens |",
+        f"| source | rows trained | tokens | share of {'rows' if cfg.preference else 'trained tokens'} |",
         "| --- | ---: | ---: | ---: |",
     ]
     for s in data.get("sources") or []:
         share = s.get("share")
         lines.append(
-            f"| `{s.get('name')}` | {s.get('sequences')} | {s.get('tokens')} | "
+            f"| `{s.get('name')}` | {s.get('sequences')} | {s.get('tokens', '-')} | "
             f"{'' if share is None else f'{100 * share:.1f}%'} |"
         )
     lines += [
         "",
         f"{data.get('eval_rows', 0)} rows held out; sequences up to {cfg.data.max_seq_length} tokens "
-        f"({data.get('truncated', 0)} truncated); loss on "
-        f"{'the responses only' if cfg.data.train_on_responses_only else 'every token'}.",
+        f"({data.get('truncated', 0)} truncated); loss on {_trained(cfg)}.",
         "",
         "## Hyperparameters",
         "",
@@ -174,10 +173,24 @@ def write_card(cfg: TrainConfig, out: Path, summary: dict[str, Any], weights_key
 def _method(cfg: TrainConfig) -> str:
     peft = cfg.peft
     if peft.method == "full":
-        return "full fine-tuning"
-    detail = f"r={peft.r}, alpha={peft.alpha}" if peft.method in LORA_FAMILY else ""
-    bits = f", {cfg.quantization.bits}-bit base" if cfg.quantization else ""
-    return f"{peft.method}{f' ({detail}{bits})' if detail or bits else ''}"
+        method = "full fine-tuning"
+    else:
+        detail = f"r={peft.r}, alpha={peft.alpha}" if peft.method in LORA_FAMILY else ""
+        bits = f", {cfg.quantization.bits}-bit base" if cfg.quantization else ""
+        method = f"{peft.method}{f' ({detail}{bits})' if detail or bits else ''}"
+    if cfg.preference is not None:
+        method += f", {cfg.preference.method.upper()} (beta {cfg.preference.beta})"
+    return method
+
+
+def _trained(cfg: TrainConfig) -> str:
+    if cfg.preference is not None:
+        return (
+            "the preferred vs the rejected answers"
+            if cfg.preference.paired
+            else "answers labelled desirable or not"
+        )
+    return "the responses only" if cfg.data.train_on_responses_only else "every token"
 
 
 def _num(value: Any) -> str:
