@@ -238,6 +238,9 @@ def test_dpo_makes_the_chosen_answers_the_likelier_ones(tiny_model_dir: Path, tm
     assert [(e["model"], e["step"]) for e in scored] == [("base", 0), ("fine_tuned", 24)]
     # The outputs hold the trained adapter only (TRL's frozen "ref" copy stays out of them).
     assert not (out / "ref").exists() and not any((c / "ref").exists() for c in out.glob("checkpoint-*"))
+    card = (out / "README.md").read_text()
+    assert "DPO (beta 0.1)" in card and f"| accuracy | {base['accuracy']:.4g} | {tuned['accuracy']:.4g} |" in card
+    assert f"<td>accuracy</td><td>{base['accuracy']:g}</td>" in (out / "report.html").read_text()
 
     # Independently: plain transformers + peft on the saved adapter, every row of the file.
     rows = [
