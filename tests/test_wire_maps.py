@@ -124,6 +124,13 @@ def test_every_event_and_reply_follows_the_map_rule(
         "output_dir": str(tmp_path / "linear"),
         "cpu_offload": True,
     }
+    kto = {  # a preference run: its scores and the data's label counts
+        **{k: v for k, v in train.items() if k not in ("evaluation", "tracking", "eval")},
+        "dataset": {"path": str(DATA / "kto.jsonl"), "validation_split": 0.05},
+        "preference": {"method": "kto", "eval_rows": 4},
+        "output_dir": str(tmp_path / "kto"),
+        "max_steps": 2,
+    }
     bad_rows = rows_with_bad_row(tmp_path / "bad.jsonl", {"question": "no answer"})
     failing = {
         **train,
@@ -137,12 +144,12 @@ def test_every_event_and_reply_follows_the_map_rule(
         terms: list[tuple[str, Any]] = []
         ends = []
         # One at a time: the later jobs read the adapter the first one writes (checked at submit).
-        for config in (train, evaluate, generate, merge_lora, mergekit, failing):
+        for config in (train, evaluate, generate, merge_lora, mergekit, kto, failing):
             reply = _call_raw(w, "submit", json.dumps(config), w.pid)
             terms.append(("submit reply", reply))
             assert reply[2][0] == "ok", reply
             ends.append(w.wait_for(reply[2][1], "terminal", timeout=600)[-1])
-        assert [e.type for e in ends] == ["completed"] * 5 + ["failed"], [e.payload for e in ends]
+        assert [e.type for e in ends] == ["completed"] * 6 + ["failed"], [e.payload for e in ends]
         long = _call_raw(
             w, "submit", json.dumps({"job": "test_steps", "steps": 10_000, "step_seconds": 0.01}), w.pid
         )
