@@ -16,6 +16,10 @@ from typing import Any, Protocol
 from finetune_worker.errors import JobCancelled
 
 
+class RequestTimeout(Exception):
+    """A :meth:`JobContext.request` that got no answer (in time, or at all); the message says why."""
+
+
 class CancelFlag(Protocol):
     """What a cancel flag must do: a ``threading.Event``, or a rank's agreed stop."""
 
@@ -52,6 +56,15 @@ class JobContext:
     def emit(self, type: str, **payload: Any) -> None:
         """Send one event of this job (``type`` one of ``wire.vocabulary.EVENT_TYPES``)."""
         raise NotImplementedError
+
+    def request(self, type: str, payload: dict[str, Any], *, size: int, timeout_s: float) -> list[Any] | None:
+        """Ask the job's subscriber for ``size`` values and wait for them: a ``type`` event whose
+        payload gains a ``request`` number, answered through the worker's API (``rewards/3``).
+
+        Returns the values, or None when the job is cancelled while it waits; raises
+        :class:`RequestTimeout` when no answer comes within ``timeout_s`` (or none can come).
+        """
+        raise RequestTimeout("this job runs where nothing can answer a request (no BEAM)")
 
     def progress(self, done: int, total: int, *, unit: str, started: float) -> None:
         """A ``progress`` event for work counted in ``unit``s (modules, tasks, rows) since ``started``.

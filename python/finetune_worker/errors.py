@@ -85,6 +85,7 @@ ERROR_CODES = frozenset(
         "invalid_config",
         "distributed_failure",
         "training_diverged",
+        "reward_failed",
         "worker_exit",
         "internal_error",
     }

@@ -53,6 +53,8 @@ SCORE_KEYS = (
     "rejected_logp",
     "desirable_logp",
     "undesirable_logp",
+    "reward",
+    "reward_std",
 )
 #: How many lines of a completion still being generated the live region shows (its tail).
 LIVE_TEXT_LINES = 6
@@ -332,7 +334,8 @@ class Renderer:
         scores = Table(title=title)
         for column in ("metric", *columns):
             scores.add_column(column, justify="left" if column == "metric" else "right")
-        for key in SCORE_KEYS:
+        others = sorted(k for k in set(first) | set(second) if k.startswith("rewards/"))  # GRPO's, per reward
+        for key in (*SCORE_KEYS, *others):
             if key in first or key in second:
                 scores.add_row(key, _cell(first.get(key)), _cell(second.get(key)))
         self.console.print(scores)

@@ -18,7 +18,7 @@ from finetune_worker.data.rows import KNOWN_COLUMNS, ROW_FORMATS, RowSpec
 from finetune_worker.data.sources import Source
 
 DataFormat = Literal[
-    "auto", "text", "qa", "instruction", "conversations", "preference", "unpaired_preference"
+    "auto", "text", "qa", "instruction", "conversations", "preference", "unpaired_preference", "prompts"
 ]
 FileFormat = Literal["jsonl", "json", "csv", "tsv", "txt", "parquet", "arrow"]
 assert get_args(DataFormat) == ROW_FORMATS and get_args(FileFormat) == FILE_FORMATS

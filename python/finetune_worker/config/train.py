@@ -398,6 +398,11 @@ class TrainConfig(_Section):
                         format=self.row_format(entry.format or data.format),
                         renames=column_renames(entry.columns if entry.columns is not None else data.columns),
                         system_prompt=entry.system_prompt or data.system_prompt,
+                        reference=(
+                            self.preference.reference_column
+                            if self.preference is not None and self.preference.needs_reference
+                            else None
+                        ),
                     ),
                     file_format=entry.file_format or data.file_format,
                     split=entry.split,
@@ -417,7 +422,7 @@ class TrainConfig(_Section):
         """A source's row format: a preference job reads its method's preference rows."""
         if self.preference is None or format != "auto":
             return format
-        return "preference" if self.preference.paired else "unpaired_preference"
+        return self.preference.row_format
 
     @property
     def holds_out(self) -> bool:
@@ -542,7 +547,7 @@ class TrainConfig(_Section):
         from finetune_worker.extras import missing_extra
 
         missing = missing_extra("trl")
-        wanted = "preference" if pref.paired else "unpaired_preference"
+        wanted = pref.row_format
         issues = [
             ConfigIssue(
                 where, f'preference.method {pref.method} trains on {wanted} rows; leave format "auto"', fmt
@@ -561,6 +566,7 @@ class TrainConfig(_Section):
         ]
         if missing is not None:
             issues.append(ConfigIssue("preference.method", missing, pref.method))
+        issues += self._method_issues(pref)
         if self.peft.method in VIRTUAL_TOKEN_METHODS:
             issues.append(
                 ConfigIssue(
@@ -570,6 +576,49 @@ class TrainConfig(_Section):
                     self.peft.method,
                 )
             )
+        return issues
+
+    def _method_issues(self, pref: PreferenceSection) -> list[ConfigIssue]:
+        """What one preference method needs of the others' settings."""
+        if pref.method != "grpo":
+            issues = [
+                ConfigIssue(f"preference.{key}", f"applies to grpo only (method is {pref.method})")
+                for key in (
+                    "rewards",
+                    "num_generations",
+                    "max_completion_length",
+                    "temperature",
+                    "reference_column",
+                )
+                if key in pref.model_fields_set
+            ]
+            if pref.beta == 0:
+                issues.append(
+                    ConfigIssue("preference.beta", f"{pref.method} needs a beta above 0", pref.beta)
+                )
+            return issues
+        issues = []
+        if not pref.rewards:
+            issues.append(
+                ConfigIssue(
+                    "preference.rewards",
+                    "grpo needs at least one reward: exact_match, f1, regex, length or beam",
+                )
+            )
+        tp = self.training_parameters
+        for where, size in (
+            ("training_parameters.batch_size", tp.batch_size * tp.gradient_accumulation_steps),
+            ("eval.batch_size", self.eval.batch_size or tp.batch_size),
+        ):
+            if size % pref.num_generations:
+                issues.append(
+                    ConfigIssue(
+                        where,
+                        f"grpo samples preference.num_generations ({pref.num_generations}) completions per "
+                        f"prompt, so a batch ({size} completions) must be a multiple of it",
+                        size,
+                    )
+                )
         return issues
 
     def _best_model_issues(self) -> list[ConfigIssue]:

@@ -25,9 +25,18 @@ from typing import Any
 #: whole worker. Raw text rows may be longer: they are tokenized in pieces and cut into blocks.
 MAX_CHAT_ROW_CHARS = 1_000_000
 
-ROW_FORMATS = ("auto", "text", "qa", "instruction", "conversations", "preference", "unpaired_preference")
+ROW_FORMATS = (
+    "auto",
+    "text",
+    "qa",
+    "instruction",
+    "conversations",
+    "preference",
+    "unpaired_preference",
+    "prompts",
+)
 #: The row formats of preference training (a train job's ``preference`` section picks one).
-PREFERENCE_FORMATS = frozenset({"preference", "unpaired_preference"})
+PREFERENCE_FORMATS = frozenset({"preference", "unpaired_preference", "prompts"})
 
 #: Column names the pipeline understands; a ``columns`` mapping must rename onto these.
 KNOWN_COLUMNS = frozenset(
@@ -87,6 +96,8 @@ class RowSpec:
     format: str = "auto"
     renames: Mapping[str, str] = field(default_factory=dict)
     system_prompt: str | None = None
+    #: The column each row must have as its reference answer (GRPO's match rewards), if any.
+    reference: str | None = None
 
 
 @dataclass
@@ -120,16 +131,18 @@ class Example:
 @dataclass
 class PreferenceExample:
     """One validated preference row, as chat messages: a ``prompt`` (ending on the user's turn)
-    and either a ``chosen`` and a ``rejected`` answer (DPO, ORPO) or one ``completion`` with its
-    ``label``, desirable or not (KTO). Answers are assistant turns."""
+    and either a ``chosen`` and a ``rejected`` answer (DPO, ORPO), one ``completion`` with its
+    ``label``, desirable or not (KTO), or nothing more than an optional ``reference`` answer
+    (GRPO, which samples the completions itself). Answers are assistant turns."""
 
     row: int
-    kind: str  # preference | unpaired_preference
+    kind: str  # preference | unpaired_preference | prompts
     prompt: list[dict[str, Any]]
     chosen: list[dict[str, Any]] | None = None
     rejected: list[dict[str, Any]] | None = None
     completion: list[dict[str, Any]] | None = None
     label: bool | None = None
+    reference: str | None = None  # prompts (GRPO): the answer match rewards compare with
     origin: str = ""
 
     @property
@@ -458,6 +471,7 @@ def type_name(value: Any) -> str:
 # ---- preference rows ------------------------------------------------------------------------------
 
 PREFERENCE_NEEDS = {
+    "prompts": "a GRPO row needs a prompt (or a question)",
     "preference": "a preference row needs chosen and rejected, and a prompt unless both are "
     "conversations that open with it",
     "unpaired_preference": "a KTO row needs prompt, completion and label (true: desirable)",
@@ -476,6 +490,8 @@ def normalize_preference(number: int, row: dict[str, Any], spec: RowSpec) -> Pre
     where = f"row {number}"
     present = {k: v for k, v in row.items() if v is not None}
     kind = spec.format
+    if kind == "prompts":
+        return _prompt_row(number, where, present, spec)
     answers = ("chosen", "rejected") if kind == "preference" else ("completion",)
     needed = [*answers, *(["prompt", "label"] if kind == "unpaired_preference" else [])]
     for key in needed:
@@ -522,6 +538,35 @@ def normalize_preference(number: int, row: dict[str, Any], spec: RowSpec) -> Pre
             f"{where}: chosen and rejected are the same answer, so there is no preference to learn"
         )
     return PreferenceExample(number, kind, prompt, chosen=turns["chosen"], rejected=turns["rejected"])
+
+
+def _prompt_row(number: int, where: str, row: dict[str, Any], spec: RowSpec) -> PreferenceExample:
+    """A GRPO row: its prompt (``prompt``, or a Q&A row's ``question``) and reference answer."""
+    key = "prompt" if "prompt" in row else "question"
+    if key not in row:
+        raise RowError(
+            f"{where}: missing key 'prompt' ({PREFERENCE_NEEDS['prompts']}; the row has {_keys(row)})"
+        )
+    prompt = _preference_turns(where, row[key], "prompt")
+    if prompt[0]["role"] != "system":
+        system = _optional_string(where, row, "system") or spec.system_prompt
+        if system:
+            prompt = [{"role": "system", "content": system}, *prompt]
+    if prompt[-1]["role"] == "assistant":
+        raise RowError(
+            f"{where}: the prompt must end with the user's turn (its last turn is the assistant's)"
+        )
+    reference = None
+    if spec.reference is not None:
+        if spec.reference not in row:
+            raise RowError(
+                f"{where}: missing key {spec.reference!r} (the reference answer that preference.rewards "
+                f"compare with; the row has {_keys(row)}; preference.reference_column names another)"
+            )
+        reference = row[spec.reference]
+        if not isinstance(reference, str):
+            reference = json.dumps(reference) if isinstance(reference, (list, dict)) else str(reference)
+    return PreferenceExample(number, "prompts", prompt, reference=reference)
 
 
 def _preference_turns(where: str, value: Any, key: str) -> list[dict[str, Any]]:

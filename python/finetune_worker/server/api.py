@@ -31,7 +31,7 @@ from finetune_worker.server.warmup import Warmup
 from finetune_worker.wire import Atom, Pid
 from finetune_worker.wire.vocabulary import payload_term
 
-__all__ = ["cancel", "info", "jobs", "ping", "shutdown", "status", "submit", "validate"]
+__all__ = ["cancel", "info", "jobs", "ping", "rewards", "shutdown", "status", "submit", "validate"]
 
 #: Bumped when a message or API shape changes incompatibly (docs/protocol.md).
 PROTOCOL_VERSION = 2
@@ -118,6 +118,22 @@ def jobs(rt: Runtime) -> list[Any]:
 def cancel(rt: Runtime, job_id: Any) -> Any:
     """``ok`` (cooperative: the job stops at its next step boundary) or ``{error, not_found}``."""
     return OK if rt.manager.cancel(job_id_arg(job_id, "cancel/1")) else (ERROR, NOT_FOUND)
+
+
+def rewards(rt: Runtime, job_id: Any, request: Any, values: Any) -> Any:
+    """``ok``: the answer to a job's ``reward_request`` (one number, or nil, per completion, in
+    order), or ``{error, not_found}`` when no such request waits (answered, timed out, never sent)."""
+    job = job_id_arg(job_id, "rewards/3")
+    if isinstance(request, bool) or not isinstance(request, int):
+        raise CallError(f"rewards/3: Request must be the request's integer, got {_describe(request)}")
+    if not isinstance(values, list):
+        raise CallError(f"rewards/3: Rewards must be a list of numbers, got {_describe(values)}")
+    problem = rt.manager.answer(job, request, values)
+    if problem == "not_found":
+        return (ERROR, NOT_FOUND)
+    if problem is not None:
+        raise CallError(f"rewards/3: {problem}")
+    return OK
 
 
 def shutdown(rt: Runtime) -> Atom:

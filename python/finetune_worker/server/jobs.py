@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_worker import kinds
-from finetune_worker.context import JobContext
+from finetune_worker.context import JobContext, RequestTimeout
 from finetune_worker.errors import JobCancelled, JobFailed
 from finetune_worker.failures import classify_exception
 from finetune_worker.wire.vocabulary import TERMINAL_TYPES as TERMINAL_STATES
@@ -90,6 +91,22 @@ class WorkerJobContext(JobContext):
         """Send one event to the job's subscriber (and keep ``status`` up to date)."""
         self._manager._emit(self._record, type, payload)
 
+    def request(self, type: str, payload: dict[str, Any], *, size: int, timeout_s: float) -> list[Any] | None:
+        return self._manager._request(self, self._record, type, payload, size, timeout_s)
+
+
+@dataclass
+class _Pending:
+    """A request of a running job, waiting for the BEAM's answer (``JobManager.answer``)."""
+
+    size: int
+    done: threading.Event = field(default_factory=threading.Event)
+    values: list[Any] | None = None
+
+
+#: How often a waiting request looks at the job's cancel flag.
+REQUEST_POLL_S = 0.1
+
 
 class JobManager:
     """The FIFO, the runner thread and the job table."""
@@ -108,6 +125,8 @@ class JobManager:
         self._closing = False
         self._sink_failures = 0
         self._ids = itertools.count(1)
+        self._requests: dict[tuple[str, int], _Pending] = {}
+        self._request_ids = itertools.count(1)
         self._prefix = job_prefix or f"job-{os.getpid()}-{int(time.time()) % 100000}"
         self._runner = threading.Thread(target=self._run_loop, name="finetune-runner", daemon=True)
         self._runner.start()
@@ -172,6 +191,53 @@ class JobManager:
         if queued_cancel:
             self._send(record, Event(record.job_id, "cancelled", {"step": 0, "checkpoint": None}))
         return True
+
+    def answer(self, job_id: str, request: int, values: list[Any]) -> str | None:
+        """Deliver the answer to request ``request`` of job ``job_id``: None when taken, else why
+        not ("not_found" when no such request waits: answered already, timed out, or never sent)."""
+        with self._lock:
+            pending = self._requests.get((job_id, request))
+            if pending is None:
+                return "not_found"
+            if len(values) != pending.size:
+                return f"request {request} asked for {pending.size} values, got {len(values)}"
+            bad = next((i for i, v in enumerate(values) if not _is_score(v)), None)
+            if bad is not None:
+                return f"value {bad + 1} is {values[bad]!r}: each must be a finite number or nil"
+            del self._requests[(job_id, request)]
+            pending.values = list(values)
+            pending.done.set()
+            return None
+
+    def _request(
+        self,
+        ctx: WorkerJobContext,
+        record: JobRecord,
+        type: str,
+        payload: dict[str, Any],
+        size: int,
+        timeout_s: float,
+    ) -> list[Any] | None:
+        """Runner thread: send ``type`` with a new request number and wait for ``answer``."""
+        if record.reply_to is None:
+            raise RequestTimeout("the job was submitted without a subscriber, so nothing can answer it")
+        request = next(self._request_ids)
+        pending = _Pending(size)
+        key = (record.job_id, request)
+        with self._lock:
+            self._requests[key] = pending
+        try:
+            self._emit(record, type, {"request": request, **payload})
+            deadline = time.monotonic() + timeout_s
+            while not pending.done.wait(REQUEST_POLL_S):
+                if ctx.cancelled:
+                    return None
+                if time.monotonic() >= deadline:
+                    raise RequestTimeout(f"request {request} was sent to {record.reply_to!r}")
+            return pending.values
+        finally:
+            with self._lock:
+                self._requests.pop(key, None)
 
     def close(self, grace_s: float) -> bool:
         """Stop accepting jobs, cancel everything, and wait up to ``grace_s`` for the running job.
@@ -280,6 +346,12 @@ class JobManager:
     def _send(self, record: JobRecord, event: Event) -> None:
         with self._emit_lock:
             self._sink(record, event)
+
+
+def _is_score(value: Any) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _update_record(record: JobRecord, event: Event) -> None:

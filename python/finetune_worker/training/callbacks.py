@@ -90,7 +90,21 @@ PREFERENCE_METRICS = (
     "kl",
     "nll_loss",
     "log_odds_ratio",
+    # GRPO: the weighted reward of the sampled completions, each reward's mean, their length
+    "reward",
+    "reward_std",
+    "completions/mean_length",
 )
+
+
+def _preference_values(logs: dict[str, Any], prefix: str = "") -> dict[str, float | None]:
+    """The trainer's preference numbers in ``logs`` (GRPO's per-reward ``rewards/<name>/mean`` too)."""
+    out = {}
+    for key, value in logs.items():
+        name = key[len(prefix) :] if key.startswith(prefix) else None
+        if name in PREFERENCE_METRICS or (name and name.startswith("rewards/") and name.endswith("/mean")):
+            out[name] = _num(value)
+    return out
 
 
 class EventCallback(TrainerCallback):
@@ -175,7 +189,7 @@ class EventCallback(TrainerCallback):
             "grad_norm": _num(logs.get("grad_norm")),
             "tokens_per_second": round(rate, 2) if rate is not None else None,
             "tokens_seen": tokens,
-            **{k: _num(logs[k]) for k in PREFERENCE_METRICS if k in logs},
+            **_preference_values(logs),
         }
         self._emit("metrics", step=state.global_step, epoch=_num(logs.get("epoch")), metrics=values)
         self._record(
@@ -196,9 +210,7 @@ class EventCallback(TrainerCallback):
         self.last_eval = {"eval_loss": loss}
         if self._language_model:
             self.last_eval["perplexity"] = perplexity(loss)
-        self.last_eval.update(
-            {k: _num(metrics[f"eval_{k}"]) for k in PREFERENCE_METRICS if f"eval_{k}" in metrics}
-        )
+        self.last_eval.update(_preference_values(metrics, "eval_"))
         self.last_eval_step = state.global_step
         # Which model the numbers are of: the base before training, the fine-tuned one after it
         # (an eval during training is the step's).

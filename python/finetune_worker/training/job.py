@@ -197,7 +197,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     trackers.extend(tracking_callbacks(cfg.tracking, ctx, out, resuming=resume_from is not None))
     if isinstance(data, PreferenceData):
         trainer = build_preference_trainer(
-            cfg, plan, model, tokenizer, train_rows, eval_rows, [callback, *trackers], out
+            cfg, ctx, plan, model, tokenizer, train_rows, eval_rows, [callback, *trackers], out
         )
     else:
         attn = str(getattr(model.config, "_attn_implementation", None) or cfg.attn_implementation)

@@ -88,9 +88,9 @@ def prepare_preference_data(
     folder = cache_dir / FOLDER
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    paired = cfg.preference.paired
-    train_sink = _Sink(folder / "train.arrow", paired)
-    eval_sink = _Sink(folder / "eval.arrow", paired)
+    row_format = cfg.preference.row_format
+    train_sink = _Sink(folder / "train.arrow", row_format)
+    eval_sink = _Sink(folder / "eval.arrow", row_format)
     held_masks = [
         held_out_mask(c.rows, s.validation_split, cfg.seed, s.index)
         for s, c in zip(sources, counts, strict=True)
@@ -173,14 +173,19 @@ def _examples(
 class _Sink:
     """Preference rows appended one at a time, written to an Arrow stream file in record batches."""
 
-    def __init__(self, target: Path, paired: bool):
+    def __init__(self, target: Path, row_format: str):
         import pyarrow as pa
 
         messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-        names = ("prompt", "chosen", "rejected") if paired else ("prompt", "completion")
-        fields = [pa.field(n, messages) for n in names]
-        if not paired:
-            fields.append(pa.field("label", pa.bool_()))
+        fields = {
+            "preference": [pa.field(n, messages) for n in ("prompt", "chosen", "rejected")],
+            "unpaired_preference": [
+                pa.field("prompt", messages),
+                pa.field("completion", messages),
+                pa.field("label", pa.bool_()),
+            ],
+            "prompts": [pa.field("prompt", messages), pa.field("reference", pa.string())],
+        }[row_format]
         self.schema = pa.schema(fields)
         self.target = target
         self._file = pa.OSFile(str(target), "wb")
@@ -218,6 +223,7 @@ class _Sink:
 
 def build_preference_trainer(
     cfg: TrainConfig,
+    ctx: Any,
     plan: Any,
     model: Any,
     tokenizer: Any,
@@ -235,25 +241,32 @@ def build_preference_trainer(
     assert pref is not None
     has_eval = eval_rows is not None and len(eval_rows) > 0
     values = training_argument_values(cfg, plan, output_dir, has_eval)
-    values.update(max_length=cfg.data.max_seq_length, beta=pref.beta)
+    values.update(beta=pref.kl_beta)
+    if pref.method != "grpo":
+        values.update(max_length=cfg.data.max_seq_length)
     extra: dict[str, Any] = {}
-    if pref.method == "dpo":
-        from trl.trainer.dpo_config import DPOConfig as Config
-        from trl.trainer.dpo_trainer import DPOTrainer as Base
+    Config, Base = _trl_classes(pref.method)
+    if pref.method == "grpo":
+        from finetune_worker.training.rewards import reward_functions
 
+        funcs, weights = reward_functions(pref.rewards, ctx)
+        extra["reward_funcs"] = funcs
+        values.update(
+            num_generations=pref.num_generations,
+            max_completion_length=pref.max_completion_length,
+            temperature=pref.temperature,
+            reward_weights=weights,
+            log_completions=False,
+        )
+    elif pref.method == "dpo":
         values.update(loss_type=[pref.loss_type], label_smoothing=pref.label_smoothing)
     elif pref.method == "kto":
-        from trl.trainer.kto_config import KTOConfig as Config  # type: ignore[assignment]
-        from trl.trainer.kto_trainer import KTOTrainer as Base  # type: ignore[assignment]
-
         values.update(desirable_weight=pref.desirable_weight, undesirable_weight=pref.undesirable_weight)
-    else:
-        from trl.experimental.orpo import ORPOConfig as Config  # type: ignore[assignment]
-        from trl.experimental.orpo import ORPOTrainer as Base  # type: ignore[assignment]
-
-        # Its batches have no input_ids (chosen_/rejected_input_ids): the Trainer cannot count them.
+    if pref.method in ("orpo", "grpo"):
+        # Their batches have no input_ids (ORPO: chosen_/rejected_input_ids; GRPO: prompt_ids and
+        # completion_ids): the Trainer cannot count tokens in them.
         values.update(include_num_input_tokens_seen="no")
-    if pref.method != "orpo" and not _is_peft(model):
+    if pref.method in ("dpo", "kto") and not _is_peft(model):
         # Full fine-tuning: the reference is the model as it starts, frozen (TRL would load a
         # second copy from the model's path, in its default dtype and on no particular device).
         ref = copy.deepcopy(model).eval()
@@ -272,6 +285,28 @@ def build_preference_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _trl_classes(method: str) -> tuple[Any, Any]:
+    """``(config class, trainer class)`` of TRL for ``method``, imported only when used."""
+    if method == "grpo":
+        from trl.trainer.grpo_config import GRPOConfig
+        from trl.trainer.grpo_trainer import GRPOTrainer
+
+        return GRPOConfig, GRPOTrainer
+    if method == "dpo":
+        from trl.trainer.dpo_config import DPOConfig
+        from trl.trainer.dpo_trainer import DPOTrainer
+
+        return DPOConfig, DPOTrainer
+    if method == "kto":
+        from trl.trainer.kto_config import KTOConfig
+        from trl.trainer.kto_trainer import KTOTrainer
+
+        return KTOConfig, KTOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    return ORPOConfig, ORPOTrainer
 
 
 class _TrainedAdapterOnly:
@@ -370,6 +405,16 @@ class PreferenceScorer:
     def run(self, stage: str, model: Any, step: int, reference: dict[str, Any] | None = None) -> None:
         if not self.examples:
             return
+        if self.method == "grpo":
+            # The held-out prompts' sampled completions were just scored by the Trainer's evaluation,
+            # with the job's own rewards (a BEAM reward included): those are the scores.
+            scores = {
+                k: v
+                for k, v in (reference or {}).items()
+                if k in ("reward", "reward_std", "completions/mean_length") or k.startswith("rewards/")
+            }
+            self.metrics[stage] = {"rows": len(self.examples), **scores}  # its eval event is out already
+            return
         started = time.monotonic()
         unit = "pairs" if self.examples[0].kind == "preference" else "rows"
         scores = preference_scores(
@@ -395,7 +440,7 @@ class PreferenceScorer:
         if base and tuned:
             out["improvement"] = {
                 k: round(tuned[k] - base[k], 6)
-                for k in ("accuracy", "margin")
+                for k in ("accuracy", "margin", "reward")
                 if isinstance(base.get(k), (int, float)) and isinstance(tuned.get(k), (int, float))
             }
         return out

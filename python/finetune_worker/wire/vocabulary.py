@@ -43,6 +43,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
         "checkpoint",  # path, step (sent only once the checkpoint is completely on disk)
         "log",  # level, message
         "token",  # index, text (generation streaming)
+        "reward_request",  # request, step, prompts, completions, references (answered by rewards/3)
         "completed",  # outputs, summary
         "failed",  # error, message, hint
         "cancelled",  # step, checkpoint
@@ -91,6 +92,8 @@ RECORD_KEYS: frozenset[str] = frozenset(
         "final_perplexity", "improvement_pct", "train_loss", "steps", "epochs", "tokens_seen",
         "train_examples", "runtime_s", "resumed_from", "data", "config", "evaluation", "tracking",
         "best_step", "best_metric", "best_checkpoint", "already_complete", "preference", "labels",
+        # reward_request
+        "request", "references",
         # train summary: data
         "rows", "dropped", "eval_rows", "format_counts", "mask_method", "batching", "max_seq_length",
         "train_rows", "train_tokens", "trained_tokens", "truncated", "warnings",
