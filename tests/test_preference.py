@@ -171,7 +171,7 @@ def test_configs_check_preference_data_and_sections_before_the_model_loads(
         parse_job_config(sft)
     # A supervised row format under a preference section, and preference rows without one.
     with pytest.raises(
-        ConfigError, match='preference.method dpo trains on preference rows; leave format "auto"'
+        ConfigError, match=r'preference\.method dpo trains on preference rows; leave format "auto"'
     ):
         parse_job_config({**pref_config(tiny_model_dir, tmp_path / "o2"), "data": {"format": "qa"}})
     with pytest.raises(ConfigError, match='add a "preference" section'):
@@ -239,7 +239,10 @@ def test_dpo_makes_the_chosen_answers_the_likelier_ones(tiny_model_dir: Path, tm
     # The outputs hold the trained adapter only (TRL's frozen "ref" copy stays out of them).
     assert not (out / "ref").exists() and not any((c / "ref").exists() for c in out.glob("checkpoint-*"))
     card = (out / "README.md").read_text()
-    assert "DPO (beta 0.1)" in card and f"| accuracy | {base['accuracy']:.4g} | {tuned['accuracy']:.4g} |" in card
+    assert (
+        "DPO (beta 0.1)" in card
+        and f"| accuracy | {base['accuracy']:.4g} | {tuned['accuracy']:.4g} |" in card
+    )
     assert f"<td>accuracy</td><td>{base['accuracy']:g}</td>" in (out / "report.html").read_text()
 
     # Independently: plain transformers + peft on the saved adapter, every row of the file.
@@ -348,3 +351,212 @@ def test_a_cancelled_dpo_run_resumes_to_the_uninterrupted_adapter(
     assert a.keys() == b.keys()
     for name in a:
         assert (a[name] - b[name]).abs().max() < 1e-5, name
+
+
+# ---- GRPO -------------------------------------------------------------------------------------------
+
+
+def grpo_config(
+    model: Path, out: Path, data: Path, rewards: list[dict[str, Any]], **over: Any
+) -> dict[str, Any]:
+    cfg = tiny_config(
+        model,
+        out,
+        preference={"method": "grpo", "num_generations": 4, "max_completion_length": 16, "rewards": rewards},
+        training_parameters={"epochs": 3, "batch_size": 32, "learning_rate": 3e-3, "logging_steps": 10},
+        max_steps=90,
+        checkpoint={"every_steps": 1000, "keep": 1},
+    )
+    cfg["dataset"] = {"path": str(data), "validation_split": 0}
+    cfg.update(over)
+    return cfg
+
+
+def test_grpo_rewards_are_what_the_config_says() -> None:
+    from finetune_worker.config.preference import PreferenceSection
+    from finetune_worker.context import JobContext
+    from finetune_worker.training.rewards import reward_functions
+
+    section = PreferenceSection.model_validate(
+        {
+            "method": "grpo",
+            "rewards": [
+                {"type": "exact_match"},
+                {"type": "exact_match", "normalize": False, "weight": 0.5},
+                {"type": "f1"},
+                {"type": "regex", "pattern": r"\d+"},
+                {"type": "regex", "pattern": r"\d+", "full": True},
+                {"type": "length", "max_tokens": 4},
+            ],
+        }
+    )
+    funcs, weights = reward_functions(section.rewards, JobContext())
+    assert [f.__name__ for f in funcs] == ["exact_match", "exact_match_2", "f1", "regex", "regex_2", "length"]
+    assert weights == [1.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+    completions = [[{"role": "assistant", "content": c}] for c in ("The sky is Blue!", "42", "sky blue")]
+    reference = ["the sky is blue", "42", None]
+    ids = [[1] * 4, [1] * 6, [1] * 8]
+    got = [
+        f(prompts=[None] * 3, completions=completions, reference=reference, completion_ids=ids) for f in funcs
+    ]
+    assert got[0] == [1.0, 1.0, None]  # SQuAD normalization; no reference: no opinion
+    assert got[1] == [0.0, 1.0, None]
+    assert got[2][0] == 1.0 and got[2][2] is None
+    assert got[3] == [0.0, 1.0, 0.0] and got[4] == [0.0, 1.0, 0.0]
+    assert got[5] == [-0.0, -0.5, -1.0]
+
+
+def test_grpo_configs_are_checked(tiny_model_dir: Path, tmp_path: Path) -> None:
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(
+        '{"prompt": "Hi?", "answer": "Hello."}\n{"question": "Bye?"}\n{"prompt": [], "answer": "x"}\n'
+    )
+    cfg = grpo_config(
+        tiny_model_dir, tmp_path / "out", rows, [{"type": "exact_match"}, {"type": "regex", "pattern": "("}]
+    )
+    cfg["training_parameters"]["batch_size"] = 6
+    with pytest.raises(ConfigError) as info:
+        parse_job_config(cfg)
+    text = str(info.value)
+    assert "preference.rewards[1].regex.pattern" in text and "not a valid regular expression" in text
+    cfg["preference"]["rewards"] = [{"type": "exact_match"}]
+    with pytest.raises(ConfigError) as info:
+        parse_job_config(cfg)
+    text = str(info.value)
+    assert "training_parameters.batch_size: grpo samples preference.num_generations (4)" in text
+    assert "row 2: missing key 'answer' (the reference answer that preference.rewards compare with" in text
+    rows.write_text('{"prompt": "Hi?", "answer": "Hello."}\n{"prompt": [], "answer": "x"}\n')
+    with pytest.raises(ConfigError, match="row 2: key 'prompt' must be a string or a non-empty list"):
+        parse_job_config(cfg)
+    cfg["preference"]["rewards"] = []
+    with pytest.raises(ConfigError, match="grpo needs at least one reward"):
+        parse_job_config(cfg)
+    dpo = pref_config(tiny_model_dir, tmp_path / "dpo")
+    dpo["preference"]["rewards"] = [{"type": "length", "max_tokens": 3}]
+    with pytest.raises(ConfigError, match=r"preference.rewards: applies to grpo only \(method is dpo\)"):
+        parse_job_config(dpo)
+
+
+@pytest.fixture(scope="module")
+def answering_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model after a short supervised run on the demo's Q&A: it answers some questions
+    right, so an exact-match reward has something to reinforce."""
+    out = tmp_path_factory.mktemp("sft") / "model"
+    cfg = tiny_config(
+        tiny_model_dir,
+        out,
+        "qa.jsonl",
+        peft={"method": "full"},
+        data={"max_seq_length": 64},
+        training_parameters={"epochs": 5, "batch_size": 16, "learning_rate": 1e-3, "logging_steps": 20},
+        max_steps=80,
+        checkpoint={"every_steps": 1000, "keep": 1},
+        seed=1,
+    )
+    cfg["dataset"]["validation_split"] = 0
+    assert run_job(cfg).terminal.type == "completed"
+    return out
+
+
+def colour_questions(path: Path) -> Path:
+    rows = [json.loads(line) for line in (DATA / "qa.jsonl").read_text().splitlines()]
+    colours = [r for r in rows if r["question"].startswith("What colour")]
+    picked = list({r["question"]: r for r in colours}.values())[:10]
+    path.write_text(
+        "".join(json.dumps({"prompt": r["question"], "answer": r["answer"]}) + "\n" for r in picked * 30)
+    )
+    return path
+
+
+def test_grpo_with_an_exact_match_reward_raises_the_mean_reward(
+    answering_model: Path, tmp_path: Path
+) -> None:
+    data = colour_questions(tmp_path / "colours.jsonl")
+    run = run_job(
+        grpo_config(answering_model, tmp_path / "grpo", data, [{"type": "exact_match"}]), timeout=600
+    )
+    assert run.terminal.type == "completed", run.terminal.payload
+    rewards = [m["metrics"]["reward"] for m in run.of("metrics")]
+    assert len(rewards) == 9
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.1, rewards
+    assert all("rewards/exact_match/mean" in m["metrics"] for m in run.of("metrics"))
+    assert (tmp_path / "grpo" / "adapter_model.safetensors").exists()
+
+
+# ---- rewards from the BEAM --------------------------------------------------------------------------
+
+
+def test_a_beam_process_scores_grpo_completions(answering_model: Path, tmp_path: Path) -> None:
+    """Through the real worker process: the harness plays the BEAM process that scores."""
+    from finetune_worker.testing import RemoteError, WorkerHarness
+
+    data = colour_questions(tmp_path / "colours.jsonl")
+    cfg = grpo_config(
+        answering_model,
+        tmp_path / "beam",
+        data,
+        [{"type": "beam", "timeout_s": 30}, {"type": "exact_match", "weight": 0.5}],
+        max_steps=3,
+        training_parameters={"epochs": 1, "batch_size": 8, "learning_rate": 2e-3, "logging_steps": 1},
+    )
+    with WorkerHarness() as w:
+        ok, job_id = w.call("submit", json.dumps(cfg), w.pid)
+        assert ok == "ok"
+        requests = []
+        while True:
+            event = w.next_event(job_id, timeout=300)
+            if event.terminal:
+                break
+            if event.type != "reward_request":
+                continue
+            p = event.payload
+            requests.append(p)
+            assert event.to == w.pid
+            assert len(p["prompts"]) == len(p["completions"]) == len(p["references"]) == 8
+            assert p["prompts"][0].startswith("What colour") and p["references"][0].startswith("The ")
+            if len(requests) == 1:  # the wrong count is refused, the request still waits
+                with pytest.raises(RemoteError, match="asked for 8 values, got 2"):
+                    w.call("rewards", job_id, p["request"], [1.0, 2.0])
+                with pytest.raises(RemoteError, match="value 1 is 'x'"):
+                    w.call("rewards", job_id, p["request"], ["x"] * 8)
+            scores = [1.0 if c.startswith("The ") else 0.0 for c in p["completions"]]
+            assert w.call("rewards", job_id, p["request"], scores) == "ok"
+            assert w.call("rewards", job_id, p["request"], scores) == ("error", "not_found")  # once only
+        assert event.type == "completed", event.payload
+        assert [r["step"] for r in requests] == [1, 2, 3]
+        beam = [e.payload["metrics"]["rewards/beam/mean"] for e in w.events(job_id) if e.type == "metrics"]
+        assert len(beam) == 3
+        assert w.call("ping") == "pong"
+
+
+def test_an_unanswered_reward_request_fails_the_job_not_the_worker(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from finetune_worker.testing import WorkerHarness
+
+    data = colour_questions(tmp_path / "colours.jsonl")
+    cfg = grpo_config(
+        tiny_model_dir,
+        tmp_path / "silent",
+        data,
+        [{"type": "beam", "timeout_s": 1}],
+        max_steps=3,
+        training_parameters={"epochs": 1, "batch_size": 8, "learning_rate": 2e-3, "logging_steps": 1},
+    )
+    with WorkerHarness() as w:
+        events = w.submit_and_wait(json.dumps(cfg), timeout=300)
+        failed = events[-1]
+        assert failed.type == "failed", failed.payload
+        assert failed.payload["error"] == "reward_failed"
+        assert (
+            "no answer to the reward request for step 1 (8 completions) within 1 s"
+            in failed.payload["message"]
+        )
+        assert "rewards(JobId, Request, Rewards)" in failed.payload["hint"]
+        assert [e.type for e in events].count("reward_request") == 1
+        assert w.call("ping") == "pong"
+    # Submitted with no subscriber at all (the standalone CLI), it fails at once with the reason.
+    run = run_job({**cfg, "output_dir": str(tmp_path / "nobody")})
+    assert run.terminal.type == "failed"
+    assert "submitted without a subscriber" in run.terminal.payload["message"]

@@ -656,9 +656,17 @@ class TrainConfig(_Section):
         try:
             dataset = DatasetSection.model_validate(raw.get("dataset"))
             data = DataConfig.model_validate(raw.get("data") or {})
+            # The rows' format depends on the preference section: without a valid one, no row check.
+            preference = (
+                PreferenceSection.model_validate(raw["preference"])
+                if raw.get("preference") is not None
+                else None
+            )
         except ValidationError:
             return issues  # the schema errors already name them
-        probe = cls.model_construct(dataset=dataset, data=data, model_name="", output_dir="")
+        probe = cls.model_construct(
+            dataset=dataset, data=data, preference=preference, model_name="", output_dir=""
+        )
         return issues + probe.data_issues()
 
     def data_issues(self) -> list[ConfigIssue]:
