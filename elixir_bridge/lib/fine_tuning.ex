@@ -105,6 +105,20 @@ defmodule FineTuning do
     do: call(worker, :cancel, [job_id], opts)
 
   @doc """
+  Answer a GRPO job's reward request: the job's subscribers receive
+  `{:fine_tuning, job_id, :reward_request, %{request: n, step: s, prompts: [...], completions: [...],
+  references: [...]}}` for a reward of type `"beam"`, and one of them answers with a number (or
+  `nil`) per completion, in order. `:ok`, or `{:error, :not_found}` when no such request waits
+  (answered already, or timed out: the job then failed). A wrong count or a value that is not a
+  finite number is refused with `{:error, {:python, ...}}` and the request keeps waiting.
+  """
+  @spec rewards(worker(), job_id(), pos_integer(), [number() | nil], keyword()) ::
+          :ok | {:error, :not_found} | call_error()
+  def rewards(worker, job_id, request, rewards, opts \\ [])
+      when is_binary(job_id) and is_integer(request) and is_list(rewards),
+      do: call(worker, :rewards, [job_id, request, rewards], opts)
+
+  @doc """
   Ask the worker to exit gracefully. The `FineTuning.Worker` then stops with reason
   `:normal` (a `:permanent` child is restarted by its supervisor all the same).
   """

@@ -139,4 +139,56 @@ defmodule FineTuning.TrainingTest do
     assert ["base", "fine_tuned"] ==
              for({:eval, %{model: m, metrics: %{"accuracy" => _}}} <- events, do: m)
   end
+
+  test "GRPO rewards computed by an Elixir process", %{dir: dir, model: model, worker: w} do
+    out = Path.join(dir, "grpo")
+    prompts = Path.join(dir, "prompts.jsonl")
+
+    rows =
+      for q <- ["What colour is the sky?", "What colour is the grass?"],
+          do: ~s({"prompt": "#{q}"}\n)
+
+    File.write!(prompts, String.duplicate(Enum.join(rows), 8))
+
+    config =
+      lora_config(model, out)
+      |> Map.put("dataset", %{"path" => prompts, "validation_split" => 0})
+      |> Map.put("preference", %{
+        "method" => "grpo",
+        "num_generations" => 4,
+        "max_completion_length" => 8,
+        "rewards" => [%{"type" => "beam", "timeout_s" => 60}]
+      })
+      |> Map.put("max_steps", 2)
+
+    # The application's own scoring: the subscriber answers every reward request of the job.
+    test_pid = self()
+
+    scorer =
+      spawn_link(fn ->
+        score_loop = fn loop ->
+          receive do
+            {:fine_tuning, job_id, :reward_request, %{request: request, completions: completions}} ->
+              scores = Enum.map(completions, &(String.length(&1) / 100))
+              send(test_pid, {:scored, request, FineTuning.rewards(w, job_id, request, scores)})
+              loop.(loop)
+
+            {:fine_tuning, _job_id, type, payload}
+            when type in [:completed, :failed, :cancelled] ->
+              send(test_pid, {:done, type, payload})
+
+            {:fine_tuning, _job_id, _type, _payload} ->
+              loop.(loop)
+          end
+        end
+
+        score_loop.(score_loop)
+      end)
+
+    assert {:ok, job_id} = FineTuning.submit(w, config, subscriber: scorer)
+    assert_receive {:done, :completed, %{summary: _}}, 240_000
+    assert_received {:scored, 1, :ok}
+    assert_received {:scored, 2, :ok}
+    assert FineTuning.rewards(w, job_id, 1, [0.0]) == {:error, :not_found}
+  end
 end
