@@ -131,6 +131,16 @@ def test_every_event_and_reply_follows_the_map_rule(
         "output_dir": str(tmp_path / "kto"),
         "max_steps": 2,
     }
+    unanswered = {  # a GRPO job whose reward_request nobody answers: failed after 1 s
+        **kto,
+        "dataset": {"path": str(DATA / "qa.jsonl"), "validation_split": 0},
+        "preference": {
+            "method": "grpo",
+            "max_completion_length": 4,
+            "rewards": [{"type": "beam", "timeout_s": 1}],
+        },
+        "output_dir": str(tmp_path / "grpo"),
+    }
     bad_rows = rows_with_bad_row(tmp_path / "bad.jsonl", {"question": "no answer"})
     failing = {
         **train,
@@ -144,12 +154,12 @@ def test_every_event_and_reply_follows_the_map_rule(
         terms: list[tuple[str, Any]] = []
         ends = []
         # One at a time: the later jobs read the adapter the first one writes (checked at submit).
-        for config in (train, evaluate, generate, merge_lora, mergekit, kto, failing):
+        for config in (train, evaluate, generate, merge_lora, mergekit, kto, unanswered, failing):
             reply = _call_raw(w, "submit", json.dumps(config), w.pid)
             terms.append(("submit reply", reply))
             assert reply[2][0] == "ok", reply
             ends.append(w.wait_for(reply[2][1], "terminal", timeout=600)[-1])
-        assert [e.type for e in ends] == ["completed"] * 6 + ["failed"], [e.payload for e in ends]
+        assert [e.type for e in ends] == ["completed"] * 6 + ["failed"] * 2, [e.payload for e in ends]
         long = _call_raw(
             w, "submit", json.dumps({"job": "test_steps", "steps": 10_000, "step_seconds": 0.01}), w.pid
         )
