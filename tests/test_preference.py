@@ -286,7 +286,8 @@ def test_our_scorer_equals_a_plain_computation(tiny_model_dir: Path) -> None:
 @pytest.mark.parametrize("method", ["orpo", "kto"])
 def test_orpo_and_kto_train_the_adapter(tiny_model_dir: Path, tmp_path: Path, method: str) -> None:
     out = tmp_path / method
-    run = run_job(pref_config(tiny_model_dir, out, method, max_steps=12))
+    tracking = {"tensorboard": True} if method == "kto" else None
+    run = run_job(pref_config(tiny_model_dir, out, method, max_steps=12, tracking=tracking))
     assert run.terminal.type == "completed", run.terminal.payload
     adapter = tensors(out / "adapter_model.safetensors")
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
@@ -294,6 +295,21 @@ def test_orpo_and_kto_train_the_adapter(tiny_model_dir: Path, tmp_path: Path, me
     pref = run.terminal.payload["summary"]["preference"]
     assert pref["method"] == method and set(pref["metrics"]) == {"base", "fine_tuned"}
     if method == "kto":
+        pytest.importorskip("tensorboard")
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(run.terminal.payload["summary"]["tracking"]["tensorboard"]["log_dir"])
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {
+            "train/loss",
+            "train/rewards/margins",
+            "train/kl",
+            "eval/loss",
+            "eval/rewards/margins",
+        } <= tags
+        assert "eval/perplexity" not in tags  # a KTO loss has no perplexity
+        assert "preference/fine_tuned/margin" in tags
         labels = run.terminal.payload["summary"]["data"]["labels"]
         assert sum(labels.values()) == 270 and min(labels.values()) > 100
         assert {"desirable_logp", "undesirable_logp", "margin"} <= set(pref["metrics"]["fine_tuned"])

@@ -97,7 +97,7 @@ PREFERENCE_METRICS = (
 )
 
 
-def _preference_values(logs: dict[str, Any], prefix: str = "") -> dict[str, float | None]:
+def preference_values(logs: dict[str, Any], prefix: str = "") -> dict[str, float | None]:
     """The trainer's preference numbers in ``logs`` (GRPO's per-reward ``rewards/<name>/mean`` too)."""
     out = {}
     for key, value in logs.items():
@@ -189,7 +189,7 @@ class EventCallback(TrainerCallback):
             "grad_norm": _num(logs.get("grad_norm")),
             "tokens_per_second": round(rate, 2) if rate is not None else None,
             "tokens_seen": tokens,
-            **_preference_values(logs),
+            **preference_values(logs),
         }
         self._emit("metrics", step=state.global_step, epoch=_num(logs.get("epoch")), metrics=values)
         self._record(
@@ -210,7 +210,7 @@ class EventCallback(TrainerCallback):
         self.last_eval = {"eval_loss": loss}
         if self._language_model:
             self.last_eval["perplexity"] = perplexity(loss)
-        self.last_eval.update(_preference_values(metrics, "eval_"))
+        self.last_eval.update(preference_values(metrics, "eval_"))
         self.last_eval_step = state.global_step
         # Which model the numbers are of: the base before training, the fine-tuned one after it
         # (an eval during training is the step's).

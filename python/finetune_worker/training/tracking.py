@@ -42,6 +42,7 @@ from transformers import TrainerCallback
 from finetune_worker.config.tracking import MlflowSection, TensorboardSection, TrackingConfig, WandbSection
 from finetune_worker.context import JobContext
 from finetune_worker.security import redact
+from finetune_worker.training.callbacks import preference_values
 
 #: Files of output_dir that are not the trained model: tracking stores, run bookkeeping.
 _NOT_ARTIFACTS = re.compile(r"^(\.|mlflow\.db|checkpoint-|runs$|wandb$|mlartifacts$)")
@@ -105,13 +106,17 @@ def finish_tracking(
 def final_metrics(summary: dict[str, Any]) -> list[tuple[dict[str, float], int]]:
     """``(metrics, step)`` of the run's result: the base model's scores at step 0, the fine-tuned
     model's at the last step. ``base/``/``final/`` are the loss and perplexity on the held-out
-    split; ``evaluation/base/``/``evaluation/fine_tuned/`` the evaluation section's scores."""
-    section = (summary.get("evaluation") or {}).get("metrics") or {}
+    split; ``evaluation/base/``/``evaluation/fine_tuned/`` the evaluation section's scores, and
+    ``preference/base/``/``preference/fine_tuned/`` a preference run's."""
 
     def scores(stage: str) -> dict[str, Any]:
-        return {
-            f"evaluation/{stage}/{k}": v for k, v in (section.get(stage) or {}).items() if k not in _COUNTS
-        }
+        out = {}
+        for name in ("evaluation", "preference"):
+            section = (summary.get(name) or {}).get("metrics") or {}
+            out.update(
+                {f"{name}/{stage}/{k}": v for k, v in (section.get(stage) or {}).items() if k not in _COUNTS}
+            )
+        return out
 
     base = {
         "base/eval_loss": summary.get("base_eval_loss"),
@@ -182,6 +187,8 @@ class Tracker(TrainerCallback):
         self.active = False
         self.error: str | None = None
         self.may_resume = True
+        #: A preference run's loss is not a language-modelling loss: no perplexity from it.
+        self._language_model = getattr(ctx.config, "preference", None) is None
 
     # ---- lifecycle, every call guarded ------------------------------------------------------
 
@@ -233,7 +240,9 @@ class Tracker(TrainerCallback):
     ) -> None:
         logs = logs or {}
         if "loss" in logs:
-            self.log_metrics(_numbers({f"train/{k}": logs.get(k) for k in _TRAIN_KEYS}), state.global_step)
+            values = {f"train/{k}": logs.get(k) for k in _TRAIN_KEYS}
+            values.update({f"train/{k}": v for k, v in preference_values(logs).items()})
+            self.log_metrics(_numbers(values), state.global_step)
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kw: Any
@@ -245,7 +254,7 @@ class Tracker(TrainerCallback):
         Trainer's (through on_evaluate), or the evaluation section's when it stands in for it."""
         values = {f"eval/{k.removeprefix('eval_')}": v for k, v in metrics.items() if k.startswith("eval_")}
         loss = metrics.get("eval_loss")
-        if isinstance(loss, (int, float)) and loss < 700:
+        if isinstance(loss, (int, float)) and loss < 700 and self._language_model:
             values["eval/perplexity"] = math.exp(loss)
         self.log_metrics(_numbers(values), step)
 
