@@ -123,6 +123,18 @@ def test_erlport_client_end_to_end(
         tmp_path / "long.json",
         _train_config(tiny_model_dir, tmp_path / "long", max_steps=400, checkpoint={"every_steps": 1000}),
     )
+    grpo_config = _train_config(
+        tiny_model_dir,
+        tmp_path / "grpo",
+        dataset={"path": str(DATA / "qa.jsonl"), "validation_split": 0},
+        preference={
+            "method": "grpo",
+            "max_completion_length": 6,
+            "rewards": [{"type": "beam", "timeout_s": 60}],
+        },
+        max_steps=2,
+    )
+    grpo = _write(tmp_path / "grpo.json", grpo_config)
     done = _run(
         [
             *_erl_command(otp, otp28, erlport_ebin, suite_ebin),
@@ -132,6 +144,7 @@ def test_erlport_client_end_to_end(
             WORKER,
             train,
             long,
+            grpo,
         ],
         timeout=600,
     )

@@ -333,6 +333,18 @@ def test_full_dpo_keeps_a_frozen_reference_and_qlora_dpo_trains(tiny_model_dir: 
     assert qlora.terminal.type == "completed", qlora.terminal.payload
     assert (tmp_path / "qlora" / "adapter_model.safetensors").exists()
 
+    # The other methods on the other weights: KTO fully fine-tuned, ORPO on a 4-bit base.
+    kto = run_job(
+        pref_config(tiny_model_dir, tmp_path / "kto-full", "kto", peft={"method": "full"}, max_steps=4)
+    )
+    assert kto.terminal.type == "completed", kto.terminal.payload
+    moved = tensors(tmp_path / "kto-full" / "model.safetensors")
+    assert any(not (base[k] == moved[k]).all() for k in base if k in moved)
+    orpo = run_job(
+        pref_config(tiny_model_dir, tmp_path / "orpo-4bit", "orpo", quantization={"bits": 4}, max_steps=4)
+    )
+    assert orpo.terminal.type == "completed", orpo.terminal.payload
+
 
 # ---- cancel and resume -----------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 %% python:cast/2, python:stop/1), as an ErlPort user's code would drive it.
 %%
 %% Run by tests/test_erlport.py on OTP 25 and OTP 28:
-%%   erl -noshell -pa ERLPORT_EBIN -pa THIS_EBIN -run erlport_suite main WORKER TRAIN_JSON LONG_JSON
-%% TRAIN_JSON is a short training job, LONG_JSON one long enough to be cancelled mid-run. Prints
+%%   erl -noshell -pa ERLPORT_EBIN -pa THIS_EBIN -run erlport_suite main WORKER TRAIN_JSON LONG_JSON GRPO_JSON
+%% TRAIN_JSON is a short training job, LONG_JSON one long enough to be cancelled mid-run, GRPO_JSON
+%% a GRPO job whose rewards this Erlang process computes (reward_request events, rewards/3 calls). Prints
 %% "PASS name" or "FAIL name: reason" per case and "DONE passed/total"; halts 0 when all pass.
 -module(erlport_suite).
 -export([main/1]).
@@ -11,9 +12,10 @@
 -define(EVENT_TIMEOUT, 300000).
 -define(CALL_OPTS, [{timeout, 60000}]).
 
-main([Worker, TrainFile, LongFile]) ->
+main([Worker, TrainFile, LongFile, GrpoFile]) ->
     {ok, Train} = file:read_file(TrainFile),
     {ok, Long} = file:read_file(LongFile),
+    {ok, Grpo} = file:read_file(GrpoFile),
     {ok, P} = python:start([{python, Worker}, {start_timeout, 60000}]),
     Cases = [
         {ping, fun() -> pong = python:call(P, finetune_worker, ping, [], ?CALL_OPTS), ok end},
@@ -21,6 +23,7 @@ main([Worker, TrainFile, LongFile]) ->
         {train_events_in_order, fun() -> train(P, Train) end},
         {cancel_by_call, fun() -> cancel(P, Long, call) end},
         {cancel_by_cast, fun() -> cancel(P, Long, cast) end},
+        {grpo_rewards_from_erlang, fun() -> grpo(P, Grpo) end},
         {bad_config_then_alive, fun() -> bad_config(P) end},
         {undecodable_args_answered, fun() -> undecodable_args(P) end},
         {status_after_jobs, fun() -> statuses(P) end},
@@ -81,6 +84,30 @@ cancel(P, Config, How) ->
     true = filelib:is_dir(binary_to_list(Checkpoint)),
     #{state := <<"cancelled">>} = python:call(P, finetune_worker, status, [JobId], ?CALL_OPTS),
     ok.
+
+grpo(P, Config) ->
+    {ok, JobId} = python:call(P, finetune_worker, submit, [Config, self()], ?CALL_OPTS),
+    {Requests, Last} = score(P, JobId, 0),
+    {completed, #{summary := #{steps := Steps}}} = Last,
+    true = Requests >= Steps andalso Steps >= 1,
+    {error, not_found} = python:call(P, finetune_worker, rewards, [JobId, 1, [0.0]], ?CALL_OPTS),
+    ok.
+
+%% Answer every reward request of JobId with the completions' lengths (an application's own
+%% scoring); returns the number answered and the terminal event.
+score(P, JobId, Answered) ->
+    receive
+        {fine_tuning, JobId, reward_request, #{request := Req, completions := Completions}} ->
+            Scores = [byte_size(C) / 100 || C <- Completions],
+            ok = python:call(P, finetune_worker, rewards, [JobId, Req, Scores], ?CALL_OPTS),
+            score(P, JobId, Answered + 1);
+        {fine_tuning, JobId, Type, Payload} when Type =:= completed; Type =:= failed; Type =:= cancelled ->
+            {Answered, {Type, Payload}};
+        {fine_tuning, JobId, _, _} ->
+            score(P, JobId, Answered)
+    after ?EVENT_TIMEOUT ->
+        error({no_event_within, ?EVENT_TIMEOUT, JobId})
+    end.
 
 bad_config(P) ->
     {error, [_ | _] = Issues} =
