@@ -63,7 +63,7 @@ def test_design_data_section_validates_as_written() -> None:
     with pytest.raises(ValidationError, match="max_seq_length"):
         DataConfig(max_seq_length=0)
     with pytest.raises(ValidationError, match="one of our column names"):
-        DataConfig(columns={"prompt": "completion"})
+        DataConfig(columns={"input_text": "target_text"})
     assert DataConfig(columns={"question": "prompt", "completion": "answer"}).column_renames() == {
         "prompt": "question",
         "completion": "answer",
@@ -454,7 +454,7 @@ def test_template_problems_are_named(tok: Any) -> None:
         + CHAT_TEMPLATE
     )
     with pytest.raises(JobFailed) as err:
-        ChatEncoder(tok, DataConfig(chat_template=strict)).encode_chat(CONVERSATION, row=9)
+        ChatEncoder(tok, DataConfig(chat_template=strict)).encode_chat(CONVERSATION, where="row 9")
     assert err.value.error == "bad_dataset_row"
     assert err.value.message.startswith("row 9: the chat template cannot render this conversation")
     assert "no system role" in err.value.message

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from cli_helpers import run_cli
 from finetune_worker.config import parse_job_config
 from finetune_worker.data.rows import PreferenceExample, RowError, RowSpec, normalize
 from finetune_worker.errors import ConfigError
@@ -371,6 +372,7 @@ def test_a_cancelled_dpo_run_resumes_to_the_uninterrupted_adapter(
         run.close()
     assert done.type == "cancelled", done.payload
     assert done.payload["step"] < 10
+    assert not (tmp_path / "split" / "README.md").exists()  # no card (TRL's) before the run completes
     again = run_job({**cfg, "resume": "auto"})
     assert again.terminal.type == "completed", again.terminal.payload
     assert again.terminal.payload["summary"]["resumed_from"] == done.payload["checkpoint"]
@@ -548,6 +550,12 @@ def test_a_beam_process_scores_grpo_completions(answering_model: Path, tmp_path:
                     w.call("rewards", job_id, p["request"], [1.0, 2.0])
                 with pytest.raises(RemoteError, match="value 1 is 'x'"):
                     w.call("rewards", job_id, p["request"], ["x"] * 8)
+                with pytest.raises(
+                    RemoteError, match=r"value 2 is an integer of 1329 bits: each must be a number within"
+                ):
+                    w.call("rewards", job_id, p["request"], [1, 10**400, *[0] * 6])  # an Erlang bignum
+                with pytest.raises(RemoteError, match=r"value 1 is 1e\+300"):
+                    w.call("rewards", job_id, p["request"], [1e300] * 8)  # infinite in float32
             scores = [1.0 if c.startswith("The ") else 0.0 for c in p["completions"]]
             assert w.call("rewards", job_id, p["request"], scores) == "ok"
             assert w.call("rewards", job_id, p["request"], scores) == ("error", "not_found")  # once only
@@ -584,7 +592,100 @@ def test_an_unanswered_reward_request_fails_the_job_not_the_worker(
         assert "rewards(JobId, Request, Rewards)" in failed.payload["hint"]
         assert [e.type for e in events].count("reward_request") == 1
         assert w.call("ping") == "pong"
-    # Submitted with no subscriber at all (the standalone CLI), it fails at once with the reason.
+    # Submitted with no subscriber at all, it is refused at submit (and by the standalone CLI);
+    # a job queued with none all the same fails at its first request, with the reason.
+    with WorkerHarness() as w:
+        ok, issues = w.call("submit", json.dumps(cfg), None)
+        assert ok == "error" and issues[0]["path"] == "preference.rewards[0]"
+        assert "a beam reward is computed by the BEAM process" in issues[0]["message"]
+    config_file = tmp_path / "grpo.json"
+    config_file.write_text(json.dumps(cfg))
+    cli = run_cli("run", str(config_file), cwd=tmp_path)
+    assert (
+        cli.returncode == 2 and "preference.rewards[0]: a beam reward is computed by the BEAM" in cli.stderr
+    )
     run = run_job({**cfg, "output_dir": str(tmp_path / "nobody")})
     assert run.terminal.type == "failed"
     assert "submitted without a subscriber" in run.terminal.payload["message"]
+
+
+def test_a_cancel_while_a_reward_request_waits_stops_the_job_untrained(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from finetune_worker.testing import WorkerHarness
+
+    data = colour_questions(tmp_path / "colours.jsonl")
+    out = tmp_path / "cancelled"
+    cfg = grpo_config(
+        tiny_model_dir,
+        out,
+        data,
+        [{"type": "beam", "timeout_s": 120}],
+        max_steps=6,
+        checkpoint={"every_steps": 1, "keep": 1},
+        training_parameters={"epochs": 1, "batch_size": 8, "learning_rate": 2e-3, "logging_steps": 1},
+    )
+    with WorkerHarness() as w:
+        _, job_id = w.call("submit", json.dumps(cfg), w.pid)
+        first = w.wait_for(job_id, "reward_request", timeout=300)[-1]
+        assert w.call("rewards", job_id, first.payload["request"], [0.5] * 8) == "ok"  # step 1 trains
+        second = w.wait_for(job_id, "reward_request", timeout=300)[-1]
+        assert second.payload["step"] == 2
+        assert w.call("cancel", job_id) == "ok"  # while step 2 waits for its rewards
+        events = w.wait_for(job_id, "terminal", timeout=60)
+        assert events[-1].type == "cancelled", events[-1].payload
+        assert events[-1].payload == {"step": 1, "checkpoint": str(out / "checkpoint-1")}
+        assert "reward_request" not in [e.type for e in events]
+        assert w.call("rewards", job_id, second.payload["request"], [0.5] * 8) == ("error", "not_found")
+        assert w.call("ping") == "pong"
+
+
+def test_grpo_reads_references_when_present_and_requires_them_for_match_rewards() -> None:
+    row = {"prompt": "Capital of France?", "answer": "Paris."}
+    optional = RowSpec("prompts", reference="answer")
+    assert normalize(1, row, optional).reference == "Paris."  # type: ignore[union-attr]
+    assert normalize(1, {"question": "Capital of France?"}, optional).reference is None  # type: ignore[union-attr]
+    with pytest.raises(RowError, match="missing key 'answer'"):
+        normalize(1, {"prompt": "q"}, RowSpec("prompts", reference="answer", reference_required=True))
+    with pytest.raises(RowError, match="the prompt must end with the user's turn"):
+        normalize(1, {"prompt": [{"role": "system", "content": "Be brief."}]}, optional)
+
+
+def test_settings_of_another_method_and_what_trl_would_refuse_late(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    def issues(**over: Any) -> str:
+        cfg = pref_config(tiny_model_dir, tmp_path / "o", **over)
+        with pytest.raises(ConfigError) as info:
+            parse_job_config(cfg)
+        return str(info.value)
+
+    assert "preference.loss_type: applies to dpo only (method is kto)" in issues(
+        preference={"method": "kto", "loss_type": "ipo"}, dataset={"path": str(DATA / "kto.jsonl")}
+    )
+    assert "exo_pair needs a label_smoothing above 0" in issues(
+        preference={"method": "dpo", "loss_type": "exo_pair"}
+    )
+    assert "kto estimates its KL term from the other rows of a batch" in issues(
+        preference={"method": "kto"},
+        dataset={"path": str(DATA / "kto.jsonl")},
+        training_parameters={"batch_size": 1},
+    )
+    assert "pissa rewrites the base weights" in issues(peft={"method": "pissa"})
+    assert "dpo needs a beta above 0" in issues(preference={"method": "dpo", "beta": 0})
+
+
+def test_column_renames_onto_preference_names_leave_supervised_ones_as_they_were() -> None:
+    from finetune_worker.config.data import DataConfig
+
+    # TRL's prompt/completion columns as Q&A, written either way round: read as before.
+    assert DataConfig(columns={"completion": "answer", "prompt": "question"}).column_renames() == {
+        "completion": "answer",
+        "prompt": "question",
+    }
+    assert DataConfig(columns={"question": "prompt"}).column_renames() == {"prompt": "question"}
+    # Preference names are ours too, for the file's own column names.
+    assert DataConfig(columns={"chosen": "better", "worse": "rejected"}).column_renames() == {
+        "better": "chosen",
+        "worse": "rejected",
+    }

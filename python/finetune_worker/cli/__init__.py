@@ -329,6 +329,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         kind, model = _load(args.config, args.set)
+        unanswerable: list[Any] = getattr(model, "subscriber_issues", list)()  # standalone: no BEAM to ask
+        if unanswerable:
+            raise ConfigError(unanswerable)
     except ConfigError as exc:
         print(f"{args.config}: {len(exc.issues)} problem(s)", file=sys.stderr)
         for issue in exc.issues:

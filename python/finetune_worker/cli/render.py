@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
+from finetune_worker.training.report import PREFERENCE_SCORES, score_keys
 from finetune_worker.wire.vocabulary import Event, plain
 
 
@@ -37,25 +38,7 @@ class JsonLines:
 #: A completion being generated, by (prompt_index, sequence); sequence is None with one per prompt.
 StreamKey = tuple[Any, Any]
 #: The scores of an evaluation, in the order the tables show them.
-SCORE_KEYS = (
-    "eval_loss",
-    "perplexity",
-    "exact_match",
-    "f1",
-    "bleu",
-    "rouge_l",
-    # a preference run's held-out scores (training/preference.py)
-    "accuracy",
-    "margin",
-    "reward_accuracy",
-    "reward_margin",
-    "chosen_logp",
-    "rejected_logp",
-    "desirable_logp",
-    "undesirable_logp",
-    "reward",
-    "reward_std",
-)
+SCORE_KEYS = ("eval_loss", "perplexity", "exact_match", "f1", "bleu", "rouge_l", *PREFERENCE_SCORES)
 #: How many lines of a completion still being generated the live region shows (its tail).
 LIVE_TEXT_LINES = 6
 
@@ -334,10 +317,8 @@ class Renderer:
         scores = Table(title=title)
         for column in ("metric", *columns):
             scores.add_column(column, justify="left" if column == "metric" else "right")
-        others = sorted(k for k in set(first) | set(second) if k.startswith("rewards/"))  # GRPO's, per reward
-        for key in (*SCORE_KEYS, *others):
-            if key in first or key in second:
-                scores.add_row(key, _cell(first.get(key)), _cell(second.get(key)))
+        for key in score_keys(first, second, SCORE_KEYS):
+            scores.add_row(key, _cell(first.get(key)), _cell(second.get(key)))
         self.console.print(scores)
 
     def _print_comparison(self, summary: dict[str, Any], compare: dict[str, Any]) -> None:

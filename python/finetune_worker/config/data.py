@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from finetune_worker.config.base import StrictModel
 from finetune_worker.data.readers import FILE_FORMATS
-from finetune_worker.data.rows import KNOWN_COLUMNS, ROW_FORMATS, RowSpec
+from finetune_worker.data.rows import KNOWN_COLUMNS, PREFERENCE_COLUMNS, ROW_FORMATS, RowSpec
 from finetune_worker.data.sources import Source
 
 DataFormat = Literal[
@@ -28,11 +28,12 @@ def columns_issue(value: dict[str, str] | None) -> str | None:
     """Why a ``columns`` mapping is wrong: each entry must name one of our columns on one side."""
     if not value:
         return None
-    bad = [f"{k!r}: {v!r}" for k, v in value.items() if k not in KNOWN_COLUMNS and v not in KNOWN_COLUMNS]
+    ours = KNOWN_COLUMNS | PREFERENCE_COLUMNS
+    bad = [f"{k!r}: {v!r}" for k, v in value.items() if k not in ours and v not in ours]
     if not bad:
         return None
     return (
-        f"each mapping needs one of our column names ({', '.join(sorted(KNOWN_COLUMNS))}) "
+        f"each mapping needs one of our column names ({', '.join(sorted(ours))}) "
         f"on one side; got {', '.join(bad)}"
     )
 
@@ -41,13 +42,19 @@ def column_renames(columns: dict[str, str] | None) -> dict[str, str]:
     """``{file column: our column}`` whichever direction the user wrote the mapping in."""
     renames: dict[str, str] = {}
     for key, value in (columns or {}).items():
-        if value in KNOWN_COLUMNS and key not in KNOWN_COLUMNS:
-            renames[key] = value
-        elif key in KNOWN_COLUMNS and value not in KNOWN_COLUMNS:
-            renames[value] = key
-        elif key != value:
-            # Both sides are our names ({"question": "instruction"}): the documented {ours: file} reading.
-            renames[value] = key
+        # The supervised names decide first: {"completion": "answer"} (TRL's prompt/completion
+        # columns as Q&A) reads as it did before preference rows had names of their own.
+        for ours in (KNOWN_COLUMNS, PREFERENCE_COLUMNS):
+            if value in ours and key not in ours:
+                renames[key] = value
+            elif key in ours and value not in ours:
+                renames[value] = key
+            elif key in ours and key != value:
+                # Both sides are our names ({"question": "instruction"}): the documented {ours: file} reading.
+                renames[value] = key
+            else:
+                continue
+            break
     return renames
 
 

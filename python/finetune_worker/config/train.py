@@ -32,6 +32,19 @@ from finetune_worker.errors import ConfigIssue
 from finetune_worker.kinds import JobKind
 from finetune_worker.outputs import resume_checkpoint_issue, run_folder_issue
 
+#: Preference settings that belong to some methods only (setting them for another is refused).
+METHOD_ONLY = {
+    "loss_type": ("dpo",),
+    "label_smoothing": ("dpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "rewards": ("grpo",),
+    "num_generations": ("grpo",),
+    "max_completion_length": ("grpo",),
+    "temperature": ("grpo",),
+    "reference_column": ("grpo",),
+}
+
 PeftMethod = Literal[
     "lora", "dora", "rslora", "loftq", "pissa", "full", "ia3", "prefix_tuning", "prompt_tuning"
 ]
@@ -400,9 +413,10 @@ class TrainConfig(_Section):
                         system_prompt=entry.system_prompt or data.system_prompt,
                         reference=(
                             self.preference.reference_column
-                            if self.preference is not None and self.preference.needs_reference
+                            if self.preference is not None and self.preference.method == "grpo"
                             else None
                         ),
+                        reference_required=self.preference is not None and self.preference.needs_reference,
                     ),
                     file_format=entry.file_format or data.file_format,
                     split=entry.split,
@@ -567,6 +581,14 @@ class TrainConfig(_Section):
         if missing is not None:
             issues.append(ConfigIssue("preference.method", missing, pref.method))
         issues += self._method_issues(pref)
+        if self.peft.method == "pissa":
+            issues.append(
+                ConfigIssue(
+                    "peft.method",
+                    "pissa rewrites the base weights, which a preference run's reference must keep: use lora",
+                    self.peft.method,
+                )
+            )
         if self.peft.method in VIRTUAL_TOKEN_METHODS:
             issues.append(
                 ConfigIssue(
@@ -580,24 +602,32 @@ class TrainConfig(_Section):
 
     def _method_issues(self, pref: PreferenceSection) -> list[ConfigIssue]:
         """What one preference method needs of the others' settings."""
+        issues = [
+            ConfigIssue(
+                f"preference.{key}", f"applies to {' and '.join(methods)} only (method is {pref.method})"
+            )
+            for key, methods in METHOD_ONLY.items()
+            if key in pref.model_fields_set and pref.method not in methods
+        ]
+        tp = self.training_parameters
+        if pref.method != "grpo" and pref.beta == 0:
+            issues.append(ConfigIssue("preference.beta", f"{pref.method} needs a beta above 0", pref.beta))
+        if pref.method == "dpo" and pref.loss_type == "exo_pair" and pref.label_smoothing == 0:
+            issues.append(
+                ConfigIssue(
+                    "preference.label_smoothing", "exo_pair needs a label_smoothing above 0 (1e-3 is EXO's)"
+                )
+            )
+        if pref.method == "kto" and tp.batch_size < 2:
+            issues.append(
+                ConfigIssue(
+                    "training_parameters.batch_size",
+                    "kto estimates its KL term from the other rows of a batch: use a batch_size of 2 or more",
+                    tp.batch_size,
+                )
+            )
         if pref.method != "grpo":
-            issues = [
-                ConfigIssue(f"preference.{key}", f"applies to grpo only (method is {pref.method})")
-                for key in (
-                    "rewards",
-                    "num_generations",
-                    "max_completion_length",
-                    "temperature",
-                    "reference_column",
-                )
-                if key in pref.model_fields_set
-            ]
-            if pref.beta == 0:
-                issues.append(
-                    ConfigIssue("preference.beta", f"{pref.method} needs a beta above 0", pref.beta)
-                )
             return issues
-        issues = []
         if not pref.rewards:
             issues.append(
                 ConfigIssue(
@@ -605,11 +635,10 @@ class TrainConfig(_Section):
                     "grpo needs at least one reward: exact_match, f1, regex, length or beam",
                 )
             )
-        tp = self.training_parameters
-        for where, size in (
-            ("training_parameters.batch_size", tp.batch_size * tp.gradient_accumulation_steps),
-            ("eval.batch_size", self.eval.batch_size or tp.batch_size),
-        ):
+        batches = [("training_parameters.batch_size", tp.batch_size * tp.gradient_accumulation_steps)]
+        if self.holds_out:
+            batches.append(("eval.batch_size", self.eval.batch_size or tp.batch_size))
+        for where, size in batches:
             if size % pref.num_generations:
                 issues.append(
                     ConfigIssue(
@@ -620,6 +649,20 @@ class TrainConfig(_Section):
                     )
                 )
         return issues
+
+    def subscriber_issues(self) -> list[ConfigIssue]:
+        """Why this job cannot run without a subscriber to ask (a GRPO ``beam`` reward)."""
+        if self.preference is None:
+            return []
+        return [
+            ConfigIssue(
+                f"preference.rewards[{i}]",
+                "a beam reward is computed by the BEAM process the job's reward requests go to: submit it "
+                "with a subscriber pid (submit/2 in port mode), not standalone or with ReplyTo nil",
+            )
+            for i, reward in enumerate(self.preference.rewards)
+            if reward.type == "beam"
+        ]
 
     def _best_model_issues(self) -> list[ConfigIssue]:
         where = "eval.load_best_model_at_end"

@@ -51,14 +51,10 @@ KNOWN_COLUMNS = frozenset(
         "conversations",
         "messages",
         "tools",
-        # preference rows (TRL's shapes)
-        "prompt",
-        "chosen",
-        "rejected",
-        "completion",
-        "label",
     }
 )
+#: The preference rows' columns (TRL's names); a ``columns`` mapping may rename onto these too.
+PREFERENCE_COLUMNS = frozenset({"prompt", "chosen", "rejected", "completion", "label"})
 
 ROLE_MAP = {
     "system": "system",
@@ -96,8 +92,10 @@ class RowSpec:
     format: str = "auto"
     renames: Mapping[str, str] = field(default_factory=dict)
     system_prompt: str | None = None
-    #: The column each row must have as its reference answer (GRPO's match rewards), if any.
+    #: The column holding each row's reference answer (GRPO's prompts), if any, and whether every
+    #: row must have it (a match reward compares with it).
     reference: str | None = None
+    reference_required: bool = False
 
 
 @dataclass
@@ -508,24 +506,13 @@ def normalize_preference(number: int, row: dict[str, Any], spec: RowSpec) -> Pre
     else:
         prompt = _implicit_prompt(where, turns["chosen"], turns["rejected"])
         turns = {key: value[len(prompt) :] for key, value in turns.items()}
-    if prompt[0]["role"] != "system":
-        system = _optional_string(where, present, "system") or spec.system_prompt
-        if system:
-            prompt = [{"role": "system", "content": system}, *prompt]
-    if prompt[-1]["role"] == "assistant" or all(m["role"] == "system" for m in prompt):
-        raise RowError(
-            f"{where}: the prompt must end with the user's turn (its last turn is {prompt[-1]['role']})"
-        )
+    prompt = _finish_prompt(where, prompt, present, spec)
     for key, value in turns.items():
         if value[0]["role"] != "assistant":
             raise RowError(
                 f"{where}: {key!r} must be the assistant's answer (its first turn is {value[0]['role']})"
             )
-    size = sum(len(m["content"]) for part in (prompt, *turns.values()) for m in part)
-    if size > MAX_CHAT_ROW_CHARS:
-        raise RowError(
-            f"{where}: its messages hold {size:,} characters, over the {MAX_CHAT_ROW_CHARS:,} a chat row may have"
-        )
+    _check_size(where, [prompt, *turns.values()])
     if kind == "unpaired_preference":
         label = present["label"]
         if label in (0, 1) and not isinstance(label, float):
@@ -547,17 +534,10 @@ def _prompt_row(number: int, where: str, row: dict[str, Any], spec: RowSpec) -> 
         raise RowError(
             f"{where}: missing key 'prompt' ({PREFERENCE_NEEDS['prompts']}; the row has {_keys(row)})"
         )
-    prompt = _preference_turns(where, row[key], "prompt")
-    if prompt[0]["role"] != "system":
-        system = _optional_string(where, row, "system") or spec.system_prompt
-        if system:
-            prompt = [{"role": "system", "content": system}, *prompt]
-    if prompt[-1]["role"] == "assistant":
-        raise RowError(
-            f"{where}: the prompt must end with the user's turn (its last turn is the assistant's)"
-        )
+    prompt = _finish_prompt(where, _preference_turns(where, row[key], "prompt"), row, spec)
+    _check_size(where, [prompt])
     reference = None
-    if spec.reference is not None:
+    if spec.reference is not None and (spec.reference in row or spec.reference_required):
         if spec.reference not in row:
             raise RowError(
                 f"{where}: missing key {spec.reference!r} (the reference answer that preference.rewards "
@@ -567,6 +547,30 @@ def _prompt_row(number: int, where: str, row: dict[str, Any], spec: RowSpec) -> 
         if not isinstance(reference, str):
             reference = json.dumps(reference) if isinstance(reference, (list, dict)) else str(reference)
     return PreferenceExample(number, "prompts", prompt, reference=reference)
+
+
+def _finish_prompt(
+    where: str, prompt: list[dict[str, Any]], row: dict[str, Any], spec: RowSpec
+) -> list[dict[str, Any]]:
+    """The row's system prompt first (its ``system`` key, else data.system_prompt), and a prompt that
+    ends with the user's turn."""
+    if prompt[0]["role"] != "system":
+        system = _optional_string(where, row, "system") or spec.system_prompt
+        if system:
+            prompt = [{"role": "system", "content": system}, *prompt]
+    if prompt[-1]["role"] in ("assistant", "system"):
+        raise RowError(
+            f"{where}: the prompt must end with the user's turn (its last turn is {prompt[-1]['role']})"
+        )
+    return prompt
+
+
+def _check_size(where: str, parts: list[list[dict[str, Any]]]) -> None:
+    size = sum(len(m["content"]) for part in parts for m in part)
+    if size > MAX_CHAT_ROW_CHARS:
+        raise RowError(
+            f"{where}: its messages hold {size:,} characters, over the {MAX_CHAT_ROW_CHARS:,} a chat row may have"
+        )
 
 
 def _preference_turns(where: str, value: Any, key: str) -> list[dict[str, Any]]:

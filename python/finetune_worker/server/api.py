@@ -97,6 +97,9 @@ def submit(rt: Runtime, config: Any, reply_to: Any = None) -> Any:
         kind, model = _parse(config)
     except ConfigError as exc:
         return (ERROR, [payload_term(issue) for issue in exc.to_terms()])
+    unanswerable: list[Any] = getattr(model, "subscriber_issues", list)() if reply_to is None else []
+    if unanswerable:
+        return (ERROR, [payload_term(issue) for issue in ConfigError(unanswerable).to_terms()])
     try:
         job_id = rt.manager.submit(kind, model, reply_to)
     except RuntimeError:

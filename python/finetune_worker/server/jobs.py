@@ -203,7 +203,11 @@ class JobManager:
                 return f"request {request} asked for {pending.size} values, got {len(values)}"
             bad = next((i for i, v in enumerate(values) if not _is_score(v)), None)
             if bad is not None:
-                return f"value {bad + 1} is {values[bad]!r}: each must be a finite number or nil"
+                value = values[bad]
+                # repr() of an int over 4,300 digits raises: name its size instead
+                big = isinstance(value, int) and not isinstance(value, bool)
+                shown = f"an integer of {value.bit_length()} bits" if big else repr(value)[:80]
+                return f"value {bad + 1} is {shown}: each must be a number within ±1e30, or nil"
             del self._requests[(job_id, request)]
             pending.values = list(values)
             pending.done.set()
@@ -230,10 +234,14 @@ class JobManager:
             self._emit(record, type, {"request": request, **payload})
             deadline = time.monotonic() + timeout_s
             while not pending.done.wait(REQUEST_POLL_S):
-                if ctx.cancelled:
-                    return None
-                if time.monotonic() >= deadline:
-                    raise RequestTimeout(f"request {request} was sent to {record.reply_to!r}")
+                with self._lock:  # settled under the lock that answer() takes: never both
+                    if pending.done.is_set():
+                        break
+                    if ctx.cancelled or time.monotonic() >= deadline:
+                        self._requests.pop(key, None)  # a late answer now gets not_found
+                        if ctx.cancelled:
+                            return None
+                        raise RequestTimeout(f"request {request} was sent to {record.reply_to!r}")
             return pending.values
         finally:
             with self._lock:
@@ -348,10 +356,19 @@ class JobManager:
             self._sink(record, event)
 
 
+#: Largest reward magnitude taken: TRL sums rewards in float32, where 3.4e38 is already infinite.
+MAX_SCORE = 1e30
+
+
 def _is_score(value: Any) -> bool:
     if value is None:
         return True
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and abs(float(value)) <= MAX_SCORE
+    except OverflowError:  # an Erlang bignum beyond any float
+        return False
 
 
 def _update_record(record: JobRecord, event: Event) -> None:

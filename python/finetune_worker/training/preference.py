@@ -136,6 +136,10 @@ def prepare_preference_data(
         p["share"] = round(p["sequences"] / total, 4)  # of the training rows (tokens come from TRL)
     train_ds = train_sink.close()
     eval_ds = eval_sink.close() if eval_sink.rows else None
+    if eval_ds is not None and cfg.preference.method == "grpo" and len(eval_ds) > cfg.preference.eval_rows:
+        # GRPO's evaluation samples and scores num_generations answers per prompt (BEAM rewards
+        # included): the scored rows are the first eval_rows, as for the other methods.
+        eval_ds = eval_ds.select(range(cfg.preference.eval_rows))
     format_counts: Counter[str] = Counter()
     for c in counts:
         format_counts.update(c.formats)

@@ -244,21 +244,30 @@ def comparison(summary: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     ):
         by_model = (summary.get(section) or {}).get("metrics") or {}
         base, tuned = by_model.get("base") or {}, by_model.get("fine_tuned") or {}
-        for key in keys:
-            if key in base or key in tuned:
-                rows.append((key, base.get(key), tuned.get(key)))
+        rows += [(key, base.get(key), tuned.get(key)) for key in score_keys(base, tuned, keys)]
     return rows
 
 
-#: A preference run's held-out scores (``training/preference.py``), in the order tables show them.
+#: A preference run's held-out scores (``training/preference.py``), in the order tables show them
+#: (the CLI's tables too); GRPO's per-reward means (``rewards/<name>/mean``) follow them.
 PREFERENCE_SCORES = (
     "accuracy",
     "margin",
+    "reward_accuracy",
+    "reward_margin",
     "chosen_logp",
     "rejected_logp",
     "desirable_logp",
     "undesirable_logp",
+    "reward",
+    "reward_std",
 )
+
+
+def score_keys(first: dict[str, Any], second: dict[str, Any], known: tuple[str, ...]) -> list[str]:
+    """The scores either model has, ``known`` ones in their order, then GRPO's per-reward means."""
+    per_reward = sorted(k for k in set(first) | set(second) if k.startswith("rewards/"))
+    return [k for k in (*known, *per_reward) if k in first or k in second]
 
 
 def _table(header: list[str], rows: list[list[Any]], ident: str) -> str:

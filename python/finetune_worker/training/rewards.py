@@ -11,6 +11,8 @@ Its ``__name__`` names the reward in the logs (``rewards/<name>/mean``).
 - ``length``: 0 up to ``max_tokens`` completion tokens, falling to -1 at twice that;
 - ``beam``: a BEAM process scores: the worker sends the job's subscriber a ``reward_request``
   event and waits for the answer (``rewards/3``), at most ``timeout_s`` (``JobContext.request``).
+  A cancel while it waits stops the job inside that step, untrained (``JobCancelled`` with the
+  last checkpoint): no step trains on rewards nobody gave.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from finetune_worker.config.preference import BeamReward, LengthReward, MatchReward, RegexReward, Reward
 from finetune_worker.context import JobContext, RequestTimeout
-from finetune_worker.errors import JobFailed
+from finetune_worker.errors import JobCancelled, JobFailed
 from finetune_worker.evaluation import metrics
 
 RewardFunc = Callable[..., list[float | None]]
@@ -93,6 +95,8 @@ def _beam(spec: BeamReward, ctx: JobContext) -> RewardFunc:
     ) -> list[float | None]:
         n = len(completions)
         step = int(getattr(trainer_state, "global_step", 0) or 0) + 1
+        if ctx.cancelled:
+            raise _cancelled(ctx, step - 1)  # no request for a step that will not train
         payload = {
             "step": step,
             "prompts": [text_of(p) for p in prompts],
@@ -111,10 +115,16 @@ def _beam(spec: BeamReward, ctx: JobContext) -> RewardFunc:
                 "raise preference.rewards[].timeout_s if scoring takes longer.",
                 details={"step": step},
             ) from None
-        if (
-            values is None
-        ):  # cancelled while waiting: equal rewards train nothing; the job stops at the step's end
-            return [0.0] * n
+        if values is None:  # cancelled while it waited: the step is not trained
+            raise _cancelled(ctx, step - 1)
         return [None if v is None else float(v) for v in values]
 
     return beam
+
+
+def _cancelled(ctx: JobContext, step: int) -> JobCancelled:
+    """A cancel inside a step: it stops there, untrained; the last checkpoint is where to resume."""
+    from finetune_worker.training.checkpoints import latest_checkpoint
+
+    last = latest_checkpoint(ctx.config.paths.output)
+    return JobCancelled(step=step, checkpoint=str(last) if last else None)

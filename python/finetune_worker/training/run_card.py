@@ -179,17 +179,17 @@ def _method(cfg: TrainConfig) -> str:
         bits = f", {cfg.quantization.bits}-bit base" if cfg.quantization else ""
         method = f"{peft.method}{f' ({detail}{bits})' if detail or bits else ''}"
     if cfg.preference is not None:
-        method += f", {cfg.preference.method.upper()} (beta {cfg.preference.beta})"
+        method += f", {cfg.preference.method.upper()} (beta {cfg.preference.kl_beta:g})"
     return method
 
 
 def _trained(cfg: TrainConfig) -> str:
     if cfg.preference is not None:
-        return (
-            "the preferred vs the rejected answers"
-            if cfg.preference.paired
-            else "answers labelled desirable or not"
-        )
+        return {
+            "preference": "the preferred vs the rejected answers",
+            "unpaired_preference": "answers labelled desirable or not",
+            "prompts": "its own sampled answers, ranked by their rewards",
+        }[cfg.preference.row_format]
     return "the responses only" if cfg.data.train_on_responses_only else "every token"
 
 

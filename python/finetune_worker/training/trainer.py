@@ -87,6 +87,10 @@ class AtomicCheckpoints(_TrainerBase):
             raise diverged(f"the training loss became {float(loss):g} at step {self.state.global_step + 1}")
         return loss
 
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """No card from the Trainer (TRL's write one into output_dir at every checkpoint): the run's
+        card is ours, written from its results once it completes (``run_card``)."""
+
     def check_finite_weights(self) -> None:
         """Refuse to save weights that are no longer numbers (an update can overflow while the loss
         that led to it was still finite)."""
