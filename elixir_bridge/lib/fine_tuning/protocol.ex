@@ -52,8 +52,8 @@ defmodule FineTuning.Protocol do
 
   # Mirrors of python/finetune_worker/wire/vocabulary.py and errors.py, for the functions below;
   # test/vocabulary_test.exs checks that they stay equal.
-  @event_types ~w(queued started phase progress metrics eval checkpoint log token completed
-                  failed cancelled)a
+  @event_types ~w(queued started phase progress metrics eval checkpoint log token reward_request
+                  completed failed cancelled)a
   @terminal_types ~w(completed failed cancelled)a
   @phases ~w(loading_model preparing_data training evaluating saving loading merging generating
              launching)a
@@ -61,7 +61,7 @@ defmodule FineTuning.Protocol do
   @error_codes ~w(out_of_memory model_not_found dataset_not_found bad_dataset_row
                   unsupported_model output_dir_not_writable output_dir_conflict disk_full
                   adapter_mismatch invalid_merge_config invalid_config distributed_failure
-                  training_diverged worker_exit internal_error)a
+                  training_diverged reward_failed worker_exit internal_error)a
   @error_classes [
     :"finetune_worker.errors.ProtocolError",
     :"finetune_worker.errors.CallError",

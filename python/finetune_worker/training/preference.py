@@ -135,7 +135,11 @@ def prepare_preference_data(
     for p in per_source:
         p["share"] = round(p["sequences"] / total, 4)  # of the training rows (tokens come from TRL)
     train_ds = train_sink.close()
-    eval_ds = eval_sink.close() if eval_sink.rows else None
+    eval_ds = None
+    if eval_sink.rows:
+        eval_ds = eval_sink.close()
+    else:
+        eval_sink.finish()
     if eval_ds is not None and cfg.preference.method == "grpo" and len(eval_ds) > cfg.preference.eval_rows:
         # GRPO's evaluation samples and scores num_generations answers per prompt (BEAM rewards
         # included): the scored rows are the first eval_rows, as for the other methods.
@@ -212,13 +216,17 @@ class _Sink:
             self._writer.write_batch(pa.RecordBatch.from_pylist(self._rows, schema=self.schema))
             self._rows = []
 
+    def finish(self) -> None:
+        """Write what is left and close the file."""
+        self._flush()
+        self._writer.close()
+        self._file.close()
+
     def close(self) -> Any:
         """The rows as a ``datasets.Dataset`` memory-mapped from the file."""
         import datasets
 
-        self._flush()
-        self._writer.close()
-        self._file.close()
+        self.finish()
         return datasets.Dataset.from_file(str(self.target))
 
 
