@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from finetune_worker.config.train import TrainConfig
+from finetune_worker.config.train import VIRTUAL_TOKEN_METHODS, TrainConfig
 from finetune_worker.hf import load_tokenizer
 from finetune_worker.training.data import build_datasets, make_collator
 from finetune_worker.training.data_collate import choose_batching
@@ -30,6 +30,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "ia3": {"peft": {"method": "ia3"}},
     "prompt_tuning": {"peft": {"method": "prompt_tuning", "num_virtual_tokens": 4}},
     "prefix_tuning": {"peft": {"method": "prefix_tuning", "num_virtual_tokens": 4}},
+    "p_tuning": {"peft": {"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 32}},
+    "adalora": {"peft": {"method": "adalora", "r": 4, "adalora_init_r": 8}},
     "full": {"peft": {"method": "full", "freeze_embeddings": True}},
     "qlora-4bit": {"quantization": {"bits": 4, "use_double_quant": True}},
     "qlora-8bit": {"quantization": {"bits": 8}},
@@ -43,13 +45,13 @@ def train_in_memory(raw: dict[str, Any], out: Path) -> tuple[Any, Any, dict[str,
     set_seed(cfg.seed)
     plan = plan_hardware(cfg, print)
     tokenizer = load_tokenizer(Path(cfg.model_name), "model_name")
-    model = load_model(cfg, plan, print)
+    model = load_model(cfg, plan, print, total_steps=cfg.max_steps)
     initial = save_initial_adapter(cfg, model, out)
     train_rows, eval_rows, _ = build_datasets(
         cfg.data, tokenizer, cfg.dataset.path, validation_split=cfg.dataset.validation_split, seed=cfg.seed
     )
     mode = choose_batching(
-        cfg.data.packing, cfg.attn_implementation, cfg.peft.method in ("prompt_tuning", "prefix_tuning")
+        cfg.data.packing, cfg.attn_implementation, cfg.peft.method in VIRTUAL_TOKEN_METHODS
     ).mode
     collator = make_collator(tokenizer, mode)
     trainer = build_trainer(cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [], out)
@@ -112,6 +114,6 @@ def test_saved_outputs_reload_to_the_trained_logits(
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(cfg.model_name, dtype=torch.float32).eval()
-    if method not in ("prompt_tuning", "prefix_tuning"):  # those add positions; compare shapes only
+    if method not in VIRTUAL_TOKEN_METHODS:  # those add positions; compare shapes only
         with torch.no_grad():
             assert not torch.allclose(base(**batch).logits, expected, atol=1e-4)

@@ -46,10 +46,20 @@ METHOD_ONLY = {
 }
 
 PeftMethod = Literal[
-    "lora", "dora", "rslora", "loftq", "pissa", "full", "ia3", "prefix_tuning", "prompt_tuning"
+    "lora",
+    "dora",
+    "rslora",
+    "loftq",
+    "pissa",
+    "adalora",
+    "full",
+    "ia3",
+    "prefix_tuning",
+    "prompt_tuning",
+    "p_tuning",
 ]
 LORA_FAMILY = frozenset({"lora", "dora", "rslora", "loftq", "pissa"})
-VIRTUAL_TOKEN_METHODS = frozenset({"prefix_tuning", "prompt_tuning"})
+VIRTUAL_TOKEN_METHODS = frozenset({"prefix_tuning", "prompt_tuning", "p_tuning"})
 
 
 class _Section(StrictModel):
@@ -241,7 +251,33 @@ class PeftSection(_Section):
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="Modules to adapt: 'all-linear' (every linear but the LM head) or names."
     )
-    num_virtual_tokens: int = Field(20, gt=0, description="Prefix/prompt tuning: learned virtual tokens.")
+    num_virtual_tokens: int = Field(20, gt=0, description="Prefix/prompt/P-tuning: learned virtual tokens.")
+    encoder_hidden_size: int = Field(
+        128,
+        gt=0,
+        description="P-tuning: hidden size of the prompt encoder (an MLP) that makes the virtual tokens.",
+    )
+    adalora_init_r: int = Field(
+        12,
+        gt=0,
+        description="AdaLoRA: the rank every module starts with; the budget then shrinks to r on average, "
+        "kept where it matters most (importance scores).",
+    )
+    adalora_tinit: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="AdaLoRA: share of the run's steps before the rank budget starts to shrink.",
+    )
+    adalora_tfinal: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="AdaLoRA: share of the run's steps at the end with the final ranks fixed.",
+    )
+    orth_reg_weight: float = Field(
+        0.5, ge=0, description="AdaLoRA: weight of the orthogonality regulariser added to the training loss."
+    )
     loftq_bits: Literal[4, 8] = Field(
         4, description="LoftQ: bits of the quantization its init compensates for."
     )
@@ -544,6 +580,53 @@ class TrainConfig(_Section):
         if self.distributed is not None:
             issues.extend(self.distributed.issues())
         issues.extend(self._preference_issues())
+        if peft.method == "adalora":
+            issues.extend(self._adalora_issues())
+        return issues
+
+    def _adalora_issues(self) -> list[ConfigIssue]:
+        """AdaLoRA's regulariser rides on the model's own loss, and its schedule on one process's steps."""
+        peft, tp = self.peft, self.training_parameters
+        issues = []
+        if peft.adalora_tinit + peft.adalora_tfinal >= 1:
+            issues.append(
+                ConfigIssue(
+                    "peft.adalora_tfinal",
+                    "adalora_tinit + adalora_tfinal must leave steps between them (< 1)",
+                )
+            )
+        if peft.adalora_init_r < peft.r:
+            issues.append(
+                ConfigIssue(
+                    "peft.adalora_init_r",
+                    f"the starting rank must be at least r ({peft.r})",
+                    peft.adalora_init_r,
+                )
+            )
+        if tp.chunked_loss is True:
+            issues.append(
+                ConfigIssue(
+                    "training_parameters.chunked_loss",
+                    "adalora adds its orthogonality regulariser to the model's own loss: leave chunked_loss auto",
+                )
+            )
+        weighted = [s.where for s in self.sources if s.loss_weight != 1.0]
+        issues += [
+            ConfigIssue(
+                f"{where}.loss_weight",
+                "adalora adds its regulariser to the model's own loss, which loss weights replace",
+            )
+            for where in weighted
+        ]
+        why = {
+            "preference": "TRL computes its loss from the logits, without adalora's regulariser",
+            "distributed": "its rank allocation is not synchronized across processes",
+        }
+        issues += [
+            ConfigIssue(key, f"not available with adalora: {why[key]}")
+            for key, value in (("preference", self.preference), ("distributed", self.distributed))
+            if value is not None
+        ]
         return issues
 
     def _preference_issues(self) -> list[ConfigIssue]:

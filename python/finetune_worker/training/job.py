@@ -130,7 +130,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     from finetune_worker.training.callbacks import METRICS_FILE, EventCallback, MetricsHistory
     from finetune_worker.training.data import PreparedData, prepare_data
     from finetune_worker.training.data_collate import choose_batching, flat_batch_tokens, make_collator
-    from finetune_worker.training.model import load_model, plan_hardware, trainable_parameters
+    from finetune_worker.training.model import load_model, plan_hardware, planned_steps, trainable_parameters
     from finetune_worker.training.preference import (
         PreferenceData,
         PreferenceScorer,
@@ -182,7 +182,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     ctx.phase("loading_model")
     set_seed(cfg.seed)  # adapter init is random: seed it like the Trainer seeds everything else
     plan = plan_hardware(cfg, warn)
-    model = load_model(cfg, plan, warn)
+    model = load_model(cfg, plan, warn, planned_steps(cfg, len(train_rows)))
     initial_adapter = save_initial_adapter(cfg, model, out) if rank in (None, 0) else None
     trainable, total = trainable_parameters(model)
     ctx.log(

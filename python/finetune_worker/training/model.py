@@ -8,6 +8,7 @@ and what the machine has.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,8 +70,10 @@ def plan_hardware(cfg: TrainConfig, warn: Warn) -> Plan:
     return Plan(device=device, precision=precision, load_dtype=load_dtype, optimizer=optimizer)
 
 
-def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
-    """The base model on its device, quantized if asked, with adapters attached (or frozen parts)."""
+def load_model(cfg: TrainConfig, plan: Plan, warn: Warn, total_steps: int | None = None) -> nn.Module:
+    """The base model on its device, quantized if asked, with adapters attached (or frozen parts).
+
+    ``total_steps`` is the run's optimizer steps (AdaLoRA schedules its rank budget over them)."""
     from transformers import AutoModelForCausalLM
 
     path = cfg.paths.model  # checked by the job (hf.check_causal_lm) before the tokenizer loads
@@ -117,22 +120,45 @@ def load_model(cfg: TrainConfig, plan: Plan, warn: Warn) -> nn.Module:
     if gc and q is None:
         # Checkpointed blocks must see an input that requires grad, or adapters get no gradient.
         model.enable_input_require_grads()
-    peft_model: nn.Module = get_peft_model(model, peft_config(cfg))
+    peft_model: nn.Module = get_peft_model(model, peft_config(cfg, total_steps))
     return peft_model
 
 
-def peft_config(cfg: TrainConfig) -> Any:
+def peft_config(cfg: TrainConfig, total_steps: int | None = None) -> Any:
     from peft import (
+        AdaLoraConfig,
         IA3Config,
         LoftQConfig,
         LoraConfig,
         PrefixTuningConfig,
+        PromptEncoderConfig,
         PromptTuningConfig,
         TaskType,
     )
 
     p = cfg.peft
     targets: Any = p.target_modules
+    if p.method == "adalora":
+        if not total_steps:
+            raise ValueError("adalora needs the run's total optimizer steps (load_model(total_steps=...))")
+        return AdaLoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            target_r=p.r,
+            init_r=p.adalora_init_r,
+            lora_alpha=p.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale works
+            lora_dropout=p.dropout,
+            target_modules=targets,
+            total_step=total_steps,
+            tinit=int(p.adalora_tinit * total_steps),
+            tfinal=int(p.adalora_tfinal * total_steps),
+            orth_reg_weight=p.orth_reg_weight,
+        )
+    if p.method == "p_tuning":
+        return PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=p.num_virtual_tokens,
+            encoder_hidden_size=p.encoder_hidden_size,
+        )
     if p.method in LORA_FAMILY:
         extra: dict[str, Any] = {}
         if p.method == "dora":
@@ -196,6 +222,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
     return None
+
+
+def planned_steps(cfg: TrainConfig, rows: int, world_size: int = 1) -> int:
+    """The optimizer steps the Trainer will run for ``rows`` training rows, as it counts them."""
+    tp = cfg.training_parameters
+    if cfg.max_steps:
+        return cfg.max_steps
+    batches = math.ceil(rows / (tp.batch_size * world_size))
+    per_epoch = max(batches // tp.gradient_accumulation_steps, 1)
+    return max(1, math.ceil(tp.epochs * per_epoch))
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from finetune_worker.config.train import DEFAULT_DECAY_FRACTION, TrainConfig, scheduler_kwargs
 from finetune_worker.errors import JobFailed
@@ -253,6 +253,8 @@ class AtomicCheckpointTrainer(AtomicCheckpoints, Trainer):
         mode = self._chunked_loss
         if mode is False or "labels" not in inputs or self.args.world_size > 1:
             return None  # under DDP the head must run inside the wrapped forward
+        if adalora_config(model) is not None:
+            return None  # its orthogonality regulariser is added to the model's own loss
         unwrapped = self.accelerator.unwrap_model(model)
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -305,11 +307,19 @@ class AtomicCheckpointTrainer(AtomicCheckpoints, Trainer):
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
         device = self.args.device
         self._eval_sums = [torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)]
+        # The held-out loss is the language-modelling loss: AdaLoRA's regulariser, which its model
+        # adds to every loss it returns, stays out of it.
+        adalora = adalora_config(self.model)
+        reg_weight = adalora.orth_reg_weight if adalora is not None else 0.0
+        if adalora is not None:
+            adalora.orth_reg_weight = 0.0
         try:
             output = super().evaluation_loop(*args, **kwargs)
             total, count = (self.accelerator.reduce(t, reduction="sum") for t in self._eval_sums)
         finally:
             self._eval_sums = None
+            if adalora is not None:
+                adalora.orth_reg_weight = reg_weight
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         if int(count) > 0 and output.metrics is not None and f"{prefix}_loss" in output.metrics:
             output.metrics[f"{prefix}_loss"] = float(total) / int(count)
@@ -491,13 +501,32 @@ def build_trainer(
 
 
 def run_callbacks(cfg: TrainConfig, callbacks: list[Any], has_eval: bool) -> list[Any]:
-    """``callbacks`` plus early stopping when the config asks for it and there is held-out data."""
-    if cfg.eval.early_stopping_patience is None or not has_eval:
-        return list(callbacks)
-    return [
-        *callbacks,
-        EarlyStoppingCallback(
-            early_stopping_patience=cfg.eval.early_stopping_patience,
-            early_stopping_threshold=cfg.eval.early_stopping_threshold,
-        ),
-    ]
+    """``callbacks`` plus early stopping when the config asks for it and there is held-out data,
+    and AdaLoRA's rank allocation."""
+    out = list(callbacks)
+    if cfg.eval.early_stopping_patience is not None and has_eval:
+        out.append(
+            EarlyStoppingCallback(
+                early_stopping_patience=cfg.eval.early_stopping_patience,
+                early_stopping_threshold=cfg.eval.early_stopping_threshold,
+            )
+        )
+    if cfg.peft.method == "adalora":
+        out.append(AdaLoraAllocation())
+    return out
+
+
+def adalora_config(model: Any) -> Any:
+    """The AdaLoRA config of a peft model being trained with it, else None."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return config if getattr(config, "peft_type", None) == "ADALORA" else None
+
+
+class AdaLoraAllocation(TrainerCallback):
+    """AdaLoRA's budget step: after each optimizer step, while the gradients are still there (the
+    Trainer zeroes them after ``on_optimizer_step``), score each rank's importance and prune."""
+
+    def on_optimizer_step(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
+        model.base_model.update_and_allocate(state.global_step)  # 0-based: the step being finished
