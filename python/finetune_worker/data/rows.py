@@ -98,8 +98,20 @@ class RowSpec:
     reference_required: bool = False
 
 
+class _Located:
+    """A row that knows where it came from: ``row`` (1-based) and ``origin`` (its file's label)."""
+
+    row: int
+    origin: str
+
+    @property
+    def where(self) -> str:
+        """``"FILE row N"``, as every row error names it."""
+        return f"{self.origin} row {self.row}" if self.origin else f"row {self.row}"
+
+
 @dataclass
-class Example:
+class Example(_Located):
     """One validated row: ``text`` for plain text, ``messages`` for everything chat-like.
 
     ``trained`` holds each message's explicit training flag (None: the default, which is the
@@ -117,17 +129,12 @@ class Example:
     origin: str = ""
 
     @property
-    def where(self) -> str:
-        """``"FILE row N"``, as every row error names it."""
-        return f"{self.origin} row {self.row}" if self.origin else f"row {self.row}"
-
-    @property
     def has_tool_use(self) -> bool:
         return bool(self.tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in self.messages)
 
 
 @dataclass
-class PreferenceExample:
+class PreferenceExample(_Located):
     """One validated preference row, as chat messages: a ``prompt`` (ending on the user's turn)
     and either a ``chosen`` and a ``rejected`` answer (DPO, ORPO), one ``completion`` with its
     ``label``, desirable or not (KTO), or nothing more than an optional ``reference`` answer
@@ -142,10 +149,6 @@ class PreferenceExample:
     label: bool | None = None
     reference: str | None = None  # prompts (GRPO): the answer match rewards compare with
     origin: str = ""
-
-    @property
-    def where(self) -> str:
-        return f"{self.origin} row {self.row}" if self.origin else f"row {self.row}"
 
 
 AnyExample = Example | PreferenceExample

@@ -51,13 +51,9 @@ def text_of(item: Any) -> str:
 
 def _build(spec: Reward, ctx: JobContext) -> RewardFunc:
     if isinstance(spec, MatchReward):
-        score = (
-            metrics.exact_match
-            if spec.type == "exact_match" and spec.normalize
-            else (lambda a, b: float(a.strip() == b.strip()))
-            if spec.type == "exact_match"
-            else metrics.token_f1
-        )
+        score: Callable[[str, str], float] = metrics.token_f1
+        if spec.type == "exact_match":
+            score = metrics.exact_match if spec.normalize else _strict_match
 
         def match(completions: list[Any], reference: list[str | None], **_: Any) -> list[float | None]:
             return [
@@ -83,6 +79,10 @@ def _build(spec: Reward, ctx: JobContext) -> RewardFunc:
         return length
     assert isinstance(spec, BeamReward)
     return _beam(spec, ctx)
+
+
+def _strict_match(prediction: str, reference: str) -> float:
+    return float(prediction.strip() == reference.strip())
 
 
 def _beam(spec: BeamReward, ctx: JobContext) -> RewardFunc:
