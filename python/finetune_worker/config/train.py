@@ -13,7 +13,7 @@ import hashlib
 import importlib.util
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -24,6 +24,7 @@ from finetune_worker.config.base import MAX_SEED, StrictModel, schema_also
 from finetune_worker.config.data import DataConfig, DatasetSection, column_renames
 from finetune_worker.config.distributed import DistributedConfig
 from finetune_worker.config.generation import TrainingEvaluation
+from finetune_worker.config.methods import ContinualSection, LossWeights, UnfreezePhase
 from finetune_worker.config.preference import PreferenceSection
 from finetune_worker.config.tracking import TrackingConfig
 from finetune_worker.data.rows import PREFERENCE_FORMATS, RowSpec
@@ -283,6 +284,14 @@ class PeftSection(_Section):
     )
     freeze_layers: int = Field(0, ge=0, description="Full fine-tuning: freeze the first N decoder layers.")
     freeze_embeddings: bool = Field(False, description="Full fine-tuning: freeze the input embeddings.")
+    unfreeze: list[UnfreezePhase] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Full fine-tuning: progressive unfreezing, a list of phases in order of their start "
+        "(the first at 0), each training the last N layers (or all) at its own learning rate; a phase "
+        "event marks each boundary.",
+    )
 
 
 class EvalSection(_Section):
@@ -408,6 +417,14 @@ class TrainConfig(_Section):
     distributed: DistributedConfig | None = Field(
         None, description="Train as a torchrun process group (several GPUs or nodes); null: in the worker."
     )
+    continual: ContinualSection | None = Field(
+        None,
+        description="Continual learning against forgetting: a penalty that keeps the weights near the "
+        "base (L2 or EWC), replayed general rows, and the reference data's loss before and after.",
+    )
+    loss_weights: LossWeights | None = Field(
+        None, description="Per-token and per-class weights in the training loss."
+    )
 
     # ---- derived values -------------------------------------------------------------------
 
@@ -466,6 +483,9 @@ class TrainConfig(_Section):
                     ),
                 )
             )
+        replay = self.replay_source
+        if replay is not None:
+            out.append(replace(replay, index=len(out), name=f"replay: {replay.name}"))
         return out
 
     def row_format(self, format: str) -> str:
@@ -582,6 +602,90 @@ class TrainConfig(_Section):
         issues.extend(self._preference_issues())
         if peft.method == "adalora":
             issues.extend(self._adalora_issues())
+        issues += self._unfreeze_issues() + self._continual_issues() + self._loss_weight_issues()
+        return issues
+
+    def _refused_with(
+        self, key: str, what: str, sections: tuple[str, ...] = ("preference", "distributed")
+    ) -> list[ConfigIssue]:
+        """``key`` is not available with preference training or a distributed run."""
+        why = {
+            "preference": "TRL's trainers compute their own loss and own the optimizer",
+            "distributed": "it runs in one process for now",
+        }
+        return [
+            ConfigIssue(key, f"{what} is not available with {section} training: {why[section]}")
+            for section, value in (("preference", self.preference), ("distributed", self.distributed))
+            if value is not None and section in sections
+        ]
+
+    def _unfreeze_issues(self) -> list[ConfigIssue]:
+        phases = self.peft.unfreeze
+        if phases is None:
+            return []
+        where = "peft.unfreeze"
+        issues = []
+        if self.peft.method != "full":
+            issues.append(
+                ConfigIssue(
+                    where,
+                    "progressive unfreezing is for full fine-tuning (peft.method full)",
+                    self.peft.method,
+                )
+            )
+        units = {phase.start[0] for phase in phases}
+        if len(units) > 1:
+            issues.append(ConfigIssue(where, "give every phase's start in one unit: all epoch or all step"))
+        starts = [phase.start[1] for phase in phases]
+        if starts[0] != 0:
+            issues.append(ConfigIssue(f"{where}[0]", "the first phase starts at 0", starts[0]))
+        issues += [
+            ConfigIssue(f"{where}[{i}]", "phases must start in increasing order", starts[i])
+            for i in range(1, len(starts))
+            if starts[i] <= starts[i - 1]
+        ]
+        return issues + self._refused_with(where, "progressive unfreezing")
+
+    def _continual_issues(self) -> list[ConfigIssue]:
+        c = self.continual
+        if c is None:
+            return []
+        issues = []
+        if c.ewc and c.reference is None:
+            issues.append(
+                ConfigIssue(
+                    "continual.ewc", "EWC estimates its Fisher on reference data: set continual.reference"
+                )
+            )
+        if c.replay is not None and c.replay.dataset is None and c.reference is None:
+            issues.append(
+                ConfigIssue(
+                    "continual.replay.dataset",
+                    "replay needs general rows: set continual.replay.dataset or continual.reference",
+                )
+            )
+        if c.reference is None and c.replay is None and not c.l2_to_base:
+            issues.append(
+                ConfigIssue(
+                    "continual",
+                    "sets nothing: give a reference, a penalty strength (l2_to_base, ewc) or replay",
+                )
+            )
+        return issues + self._refused_with("continual", "continual learning")
+
+    def _loss_weight_issues(self) -> list[ConfigIssue]:
+        if self.loss_weights is None:
+            return []
+        if not self.loss_weights.active:
+            return [ConfigIssue("loss_weights", "sets no weight: give tokens or classes")]
+        issues = self._refused_with("loss_weights", "loss weighting", ("preference",))
+        if self.peft.method == "adalora":
+            issues.append(
+                ConfigIssue(
+                    "loss_weights",
+                    "adalora adds its regulariser to the model's own loss, which loss weights replace",
+                )
+            )
         return issues
 
     def _adalora_issues(self) -> list[ConfigIssue]:
@@ -805,7 +909,41 @@ class TrainConfig(_Section):
             issues += [
                 ConfigIssue("evaluation.dataset.path", message) for message in preview_issues(held_out)
             ]
+        reference = self.reference_source  # the replayed rows are one of self.sources
+        if reference is not None:
+            issues += [
+                ConfigIssue(f"{reference.where}.path", message) for message in preview_issues(reference)
+            ]
         return issues
+
+    @property
+    def reference_source(self) -> Source | None:
+        """The ``continual`` section's reference rows (measured before and after; EWC's Fisher)."""
+        ref = self.continual.reference if self.continual is not None else None
+        if ref is None:
+            return None
+        return self.data.source(
+            self.resolved(ref.path), "continual.reference", split=ref.split, file_format=ref.file_format
+        )
+
+    @property
+    def replay_source(self) -> Source | None:
+        """The replayed general rows, as a source of the mixture whose share of the rows is fixed."""
+        replay = self.continual.replay if self.continual is not None else None
+        if replay is None:
+            return None
+        if replay.dataset is None:
+            ref = self.reference_source  # None only in a config semantic_issues refuses
+            return replace(ref, share=replay.share) if ref is not None else None
+        return replace(
+            self.data.source(
+                self.resolved(replay.dataset.path),
+                "continual.replay.dataset",
+                split=replay.dataset.split,
+                file_format=replay.dataset.file_format,
+            ),
+            share=replay.share,
+        )
 
     @property
     def evaluation_source(self) -> Source | None:
@@ -820,6 +958,33 @@ class TrainConfig(_Section):
             file_format=held_out.file_format,
         )
 
+    def _layer_issues(self, layers: int | None) -> list[ConfigIssue]:
+        """What freeze_layers and the unfreezing phases ask of a model with ``layers`` decoder layers."""
+        peft = self.peft
+        if layers is None:
+            return []
+        if peft.freeze_layers >= layers:
+            return [
+                ConfigIssue(
+                    "peft.freeze_layers",
+                    f"the model has {layers} decoder layers: freezing {peft.freeze_layers} would leave "
+                    f"none to train (at most {layers - 1})",
+                    peft.freeze_layers,
+                )
+            ]
+        free = layers - peft.freeze_layers
+        return [
+            ConfigIssue(
+                f"peft.unfreeze[{i}].layers",
+                f"the model has {layers} decoder layers"
+                + (f", {free} of them not frozen by peft.freeze_layers" if peft.freeze_layers else "")
+                + f": a phase can train at most {free} (or 'all')",
+                phase.layers,
+            )
+            for i, phase in enumerate(peft.unfreeze or [])
+            if isinstance(phase.layers, int) and phase.layers > free
+        ]
+
     def environment_issues(self) -> list[ConfigIssue]:
         """Problems a glance at the file system reveals; run at submit, before anything heavy."""
         issues = self.semantic_issues() + quantization_issues(self.quantization)
@@ -827,17 +992,8 @@ class TrainConfig(_Section):
         missing = _missing_model(self.model_name)
         if missing is not None:
             issues.append(missing)
-        elif self.peft.method == "full" and self.peft.freeze_layers:
-            layers = _layer_count(model)
-            if layers is not None and self.peft.freeze_layers >= layers:
-                issues.append(
-                    ConfigIssue(
-                        "peft.freeze_layers",
-                        f"the model has {layers} decoder layers: freezing {self.peft.freeze_layers} would leave "
-                        f"none to train (at most {layers - 1})",
-                        self.peft.freeze_layers,
-                    )
-                )
+        elif self.peft.method == "full":
+            issues += self._layer_issues(_layer_count(model))
         issues += self.data_issues()
         problem = run_folder_issue(
             self.resolved(self.output_dir),

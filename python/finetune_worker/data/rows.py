@@ -132,6 +132,18 @@ class Example(_Located):
     def has_tool_use(self) -> bool:
         return bool(self.tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in self.messages)
 
+    @property
+    def answer(self) -> str | None:
+        """The text of the last assistant turn, stripped (its class, for ``loss_weights.classes``);
+        None for plain text or a row without one."""
+        for message in reversed(self.messages):
+            if message["role"] == "assistant":
+                content = message.get("content")
+                if isinstance(content, list):  # content parts: their text
+                    content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+                return content.strip() if isinstance(content, str) else None
+        return None
+
 
 @dataclass
 class PreferenceExample(_Located):

@@ -40,6 +40,8 @@ class Source:
     repeat: float | None = None
     loss_weight: float = 1.0
     validation_split: float = 0.0
+    #: A fixed share of all training rows (continual learning's replayed rows), whatever the others'.
+    share: float | None = None
 
     def files(self) -> list[DataFile]:
         return resolve_files(self.path, file_format=self.file_format, split=self.split)

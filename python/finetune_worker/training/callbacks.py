@@ -191,6 +191,8 @@ class EventCallback(TrainerCallback):
             "tokens_seen": tokens,
             **preference_values(logs),
         }
+        if "penalty" in logs:  # continual learning's, included in the loss
+            values["penalty"] = _num(logs["penalty"])
         self._emit("metrics", step=state.global_step, epoch=_num(logs.get("epoch")), metrics=values)
         self._record(
             args, {"kind": "train", "step": state.global_step, "epoch": _num(logs.get("epoch")), **values}

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,14 +112,19 @@ def split_examples(
 
 
 def mixture_targets(sources: list[Source], train_counts: list[int]) -> list[int]:
-    """Training rows each source contributes: ``weight`` shares of the total, or ``repeat`` times its own."""
-    if all(s.weight is not None for s in sources):
-        total_weight = sum(float(s.weight or 0) for s in sources)
-        total = sum(train_counts)
-        return [max(1, round(float(s.weight or 0) / total_weight * total)) for s in sources]
+    """Training rows each source contributes: ``weight`` shares of the total, or ``repeat`` times its
+    own; a source with a fixed ``share`` (replay) then gets that share of all the rows."""
+    mixed = [(s, c) for s, c in zip(sources, train_counts, strict=True) if s.share is None]
+    if all(s.weight is not None for s, _ in mixed):
+        total_weight = sum(float(s.weight or 0) for s, _ in mixed)
+        total = sum(c for _, c in mixed)
+        targets = [max(1, round(float(s.weight or 0) / total_weight * total)) for s, _ in mixed]
+    else:
+        targets = [max(1, round(c * (s.repeat if s.repeat is not None else 1.0))) for s, c in mixed]
+    rest = sum(targets)
+    shared = iter(targets)
     return [
-        max(1, round(c * (s.repeat if s.repeat is not None else 1.0)))
-        for s, c in zip(sources, train_counts, strict=True)
+        next(shared) if s.share is None else max(1, round(rest * s.share / (1 - s.share))) for s in sources
     ]
 
 
@@ -166,8 +171,12 @@ def prepare_data(
     keep_examples: int = 0,
     check_cancelled: Callable[[], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    class_weights: Mapping[str, float] | None = None,
 ) -> PreparedData:
     """Read, check, split, mix and tokenize ``sources`` (see the module doc).
+
+    ``class_weights`` (``loss_weights.classes``) multiply the ``loss_weight`` of the training rows
+    whose answer is one of their keys; ``stats["class_counts"]`` counts those rows per class.
 
     ``progress(rows_done, rows)`` is called about once a second while the rows are tokenized,
     when there are at least PROGRESS_ROWS of them (a small dataset is ready before it matters).
@@ -188,14 +197,25 @@ def prepare_data(
                 f'training. Set split to read one (e.g. "split": "{"train" if "train" in splits else splits[0]}")'
             )
     encoder = ChatEncoder(tokenizer, data_cfg)
-    key = _cache_key(data_cfg, tokenizer, encoder.template, sources, files, seed, keep_examples)
+    classes = dict(class_weights or {})
+    key = _cache_key(data_cfg, tokenizer, encoder.template, sources, files, seed, keep_examples, classes)
 
     def build(folder: Path | None) -> PreparedData:
         counts = scan_sources(sources, files, label_files, check_cancelled)
         total = sum(c.rows for c in counts)
         ticker = _Ticker(progress, total) if progress is not None and total >= PROGRESS_ROWS else None
         return _build(
-            encoder, sources, files, counts, seed, folder, label_files, keep_examples, check_cancelled, ticker
+            encoder,
+            sources,
+            files,
+            counts,
+            seed,
+            folder,
+            label_files,
+            keep_examples,
+            check_cancelled,
+            ticker,
+            classes,
         )
 
     result = _cached_or_built(cache_dir, key, build)
@@ -349,18 +369,26 @@ class _ChunkWriter:
         loss_weight: float,
         totals: Counter[str],
         check_cancelled: Callable[[], None] | None,
+        class_weights: Mapping[str, float],
+        class_counts: Counter[str],
     ):
         self.encoder, self.train_sink, self.eval_sink = encoder, train_sink, eval_sink
         self.loss_weight, self.totals, self.check_cancelled = loss_weight, totals, check_cancelled
+        self.class_weights, self.class_counts = class_weights, class_counts
         self.stat: Counter[str] = Counter(sequences=0, tokens=0, trained_tokens=0, eval_rows=0)
         self.chunk: list[tuple[Example, int]] = []  # (example, copies; 0 = held out)
 
     def flush(self) -> None:
         stat = self.stat
         encoded = self.encoder.encode_each([e for e, _ in self.chunk])
-        for (_, copies), (rows, counted) in zip(self.chunk, encoded, strict=True):
+        for (example, copies), (rows, counted) in zip(self.chunk, encoded, strict=True):
             self.totals["truncated"] += counted["truncated"]
             self.totals["dropped"] += counted["dropped"]
+            weight = self.loss_weight
+            answer = example.answer if self.class_weights and copies and rows else None
+            if answer is not None and answer in self.class_weights:
+                weight *= self.class_weights[answer]
+                self.class_counts[answer] += copies * len(rows)
             for row in rows:
                 trained = sum(1 for label in row["labels"][1:] if label != IGNORE_INDEX)
                 if copies == 0:
@@ -370,7 +398,7 @@ class _ChunkWriter:
                     stat["eval_trained_tokens"] += trained
                     continue
                 for _ in range(copies):
-                    self.train_sink.add(row, self.loss_weight)
+                    self.train_sink.add(row, weight)
                 stat["sequences"] += copies
                 stat["tokens"] += copies * len(row["input_ids"])
                 stat["trained_tokens"] += copies * trained
@@ -390,9 +418,12 @@ def _build(
     keep_examples: int,
     check_cancelled: Callable[[], None] | None,
     ticker: _Ticker | None = None,
+    class_weights: Mapping[str, float] | None = None,
 ) -> PreparedData:
     """Pass 2: split, mix, tokenize and write (see the module doc)."""
-    weighted = any(s.loss_weight != 1.0 for s in sources)
+    class_weights = class_weights or {}
+    class_counts: Counter[str] = Counter()
+    weighted = any(s.loss_weight != 1.0 for s in sources) or bool(class_weights)
     train_sink = _ArrowSink(folder / "train.arrow" if folder else None, weighted)
     eval_sink = _ArrowSink(folder / "eval.arrow" if folder else None, False)
     held_masks = [
@@ -409,7 +440,16 @@ def _build(
         sources, files, counts, held_masks, train_counts, targets, strict=True
     ):
         uses = row_multiplicity(n_train, target, seed, source.index)
-        writer = _ChunkWriter(encoder, train_sink, eval_sink, source.loss_weight, totals, check_cancelled)
+        writer = _ChunkWriter(
+            encoder,
+            train_sink,
+            eval_sink,
+            source.loss_weight,
+            totals,
+            check_cancelled,
+            class_weights,
+            class_counts,
+        )
         stat = writer.stat
         chunk = writer.chunk
         flush = writer.flush
@@ -463,6 +503,8 @@ def _build(
     train_ds = train_sink.close()
     eval_ds = eval_sink.close() if eval_sink.rows else None
     stats = _stats(encoder, sources, counts, per_source, totals)
+    if class_weights:
+        stats["class_counts"] = {name: class_counts[name] for name in class_weights}
     result = PreparedData(train_ds, eval_ds, stats, held_examples, train_examples)
     if folder is not None:
         meta = {
@@ -552,9 +594,12 @@ def _cache_key(
     files: list[list[DataFile]],
     seed: int,
     keep_examples: int,
+    class_weights: Mapping[str, float] | None = None,
 ) -> str:
-    """What the token rows depend on: the data settings, each file's identity, the tokenizer."""
+    """What the token rows depend on: the data settings, each file's identity, the tokenizer
+    (and the class weights, which are in the rows' loss_weight column)."""
     parts: dict[str, Any] = {
+        "classes": dict(class_weights or {}),
         "format": CACHE_FORMAT,
         "version": __version__,
         "data": data_cfg.model_dump(mode="json", exclude={"packing"}),  # batching is not in the rows

@@ -128,8 +128,15 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
 
     from finetune_worker.hf import check_causal_lm, load_tokenizer
     from finetune_worker.training.callbacks import METRICS_FILE, EventCallback, MetricsHistory
+    from finetune_worker.training.continual import (
+        ContinualPenalty,
+        diagonal_fisher,
+        reference_loss,
+        reference_rows,
+    )
     from finetune_worker.training.data import PreparedData, prepare_data
     from finetune_worker.training.data_collate import choose_batching, flat_batch_tokens, make_collator
+    from finetune_worker.training.loss_weights import token_weight_ids, token_weight_table
     from finetune_worker.training.model import load_model, plan_hardware, planned_steps, trainable_parameters
     from finetune_worker.training.preference import (
         PreferenceData,
@@ -139,6 +146,7 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     )
     from finetune_worker.training.tracking import finish_tracking, tracking_callbacks, tracking_summary
     from finetune_worker.training.trainer import build_trainer, read_run_state
+    from finetune_worker.training.unfreeze import ProgressiveUnfreezing
 
     def warn(message: str) -> None:
         ctx.log(message, level="warning")
@@ -148,6 +156,9 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     ctx.phase("preparing_data")
     check_causal_lm(cfg.paths.model, "model_name")  # once: load_model trusts it
     tokenizer = load_tokenizer(cfg.paths.model, "model_name")
+    weighting = cfg.loss_weights
+    token_ids = token_weight_ids(weighting.tokens, tokenizer) if weighting is not None else {}
+    reference = reference_rows(cfg, tokenizer) if cfg.reference_source is not None else None
     keep = cfg.evaluation.max_rows if cfg.evaluation is not None and cfg.evaluation.dataset is None else 0
     data_started = time.monotonic()
     data: PreparedData | PreferenceData
@@ -164,7 +175,9 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
             keep_examples=keep,
             check_cancelled=ctx.check_cancelled_alone,  # one rank builds while the others wait
             progress=lambda done, total: ctx.progress(done, total, unit="rows", started=data_started),
+            class_weights=weighting.classes if weighting is not None else None,
         )
+        _check_classes(data.stats, warn)
     train_rows, eval_rows, stats = data.train, data.eval, data.stats
     has_eval = eval_rows is not None and len(eval_rows) > 0
     reused = " (tokenized earlier: reused from the data cache)" if data.from_cache else ""
@@ -192,6 +205,25 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     )
     ctx.check_cancelled()
 
+    continual = cfg.continual
+    penalty, reference_before = None, None
+    if reference is not None:
+        ctx.phase("evaluating")
+        batch = cfg.eval.batch_size or cfg.training_parameters.batch_size
+        reference_before = reference_loss(model, reference, tokenizer, batch, ctx.check_cancelled)
+        ctx.log(f"reference data: {len(reference)} rows, loss {_rounded(reference_before)} before training")
+    if continual is not None and (continual.l2_to_base or continual.ewc):
+        fisher = None
+        if continual.ewc and reference is not None:
+            fisher = diagonal_fisher(model, reference, tokenizer, ctx.check_cancelled)
+        penalty = ContinualPenalty(model, continual.l2_to_base, continual.ewc, fisher)
+    extra_callbacks: list[Any] = []
+    if cfg.peft.unfreeze:
+        phases = cfg.peft.unfreeze
+        extra_callbacks.append(
+            ProgressiveUnfreezing(model, phases, cfg.training_parameters.learning_rate, ctx.emit)
+        )
+
     history = MetricsHistory(out / METRICS_FILE)
     callback = EventCallback(ctx.emit, ctx.cancel_event, out, history, language_model=cfg.preference is None)
     trackers.extend(tracking_callbacks(cfg.tracking, ctx, out, resuming=resume_from is not None))
@@ -210,8 +242,19 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         (warn if slow else ctx.log)(f"batches: {why}")
         stats["batching"] = batching
         collator = make_collator(tokenizer, batching)
+        vocabulary = max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0))
         trainer = build_trainer(
-            cfg, plan, model, tokenizer, train_rows, eval_rows, collator, [callback, *trackers], out
+            cfg,
+            plan,
+            model,
+            tokenizer,
+            train_rows,
+            eval_rows,
+            collator,
+            [callback, *trackers, *extra_callbacks],
+            out,
+            token_weights=token_weight_table(token_ids, vocabulary) if token_ids else None,
+            penalty=penalty,
         )
     finished = resume_from is not None and _already_trained(trainer, resume_from)
     if finished and resume_from is not None:
@@ -287,6 +330,11 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
             for tracker in trackers:
                 tracker.log_eval(final_eval, step)
 
+    reference_after = None
+    if reference is not None:
+        batch = cfg.eval.batch_size or cfg.training_parameters.batch_size
+        reference_after = reference_loss(trainer.model, reference, tokenizer, batch, ctx.check_cancelled)
+
     ctx.phase("saving")
     trainer.check_finite_weights()
     save_outputs(trainer, tokenizer, out, initial_adapter)
@@ -301,6 +349,8 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         summary["evaluation"] = evaluator.summary()
     if scorer is not None:
         summary["preference"] = scorer.summary()
+    if continual is not None:
+        summary["continual"] = _continual_summary(cfg, reference, reference_before, reference_after)
     if trackers:
         summary["tracking"] = tracking_summary(trackers)
     summary_path = out / SUMMARY
@@ -321,6 +371,44 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         "outputs": {"output_dir": str(out), weights_key: str(out), "summary_path": str(summary_path)},
         "summary": summary,
     }
+
+
+def _check_classes(stats: dict[str, Any], warn: Any) -> None:
+    """``loss_weights.classes`` that no training row's answer matched: a warning for some, a
+    failure for all (the weights would do nothing)."""
+    counts = stats.get("class_counts")
+    if counts is None:
+        return
+    unmatched = [name for name, n in counts.items() if not n]
+    if len(unmatched) == len(counts):
+        raise JobFailed(
+            "invalid_config",
+            f"loss_weights.classes: no training row's answer is any of {sorted(counts)[:10]}",
+            hint="A class is the text of a row's last assistant turn, stripped of surrounding spaces and "
+            "compared exactly (case included); plain-text rows have none.",
+        )
+    if unmatched:
+        warn(f"loss_weights.classes: no training row's answer is {', '.join(map(repr, unmatched[:10]))}")
+
+
+def _continual_summary(
+    cfg: TrainConfig, reference: list[Any] | None, before: float | None, after: float | None
+) -> dict[str, Any]:
+    c = cfg.continual
+    assert c is not None
+    return {
+        "reference_rows": len(reference) if reference is not None else 0,
+        "reference_loss_before": _rounded(before),
+        "reference_loss_after": _rounded(after),
+        "forgetting": _rounded(after - before) if before is not None and after is not None else None,
+        "l2_to_base": c.l2_to_base,
+        "ewc": c.ewc,
+        "replay_share": c.replay.share if c.replay is not None else None,
+    }
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 6) if value is not None else None
 
 
 def save_initial_adapter(cfg: TrainConfig, model: Any, out: Path) -> Path | None:

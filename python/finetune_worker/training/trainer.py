@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -164,9 +165,22 @@ class AtomicCheckpointTrainer(AtomicCheckpoints, Trainer):
     """The supervised trainer: atomic checkpoints, plus length-grouped batches, the token-weighted
     eval loss, per-source loss weights and the chunked LM-head loss (see the module doc)."""
 
-    def __init__(self, *args: Any, keep: int, chunked_loss: str | bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        keep: int,
+        chunked_loss: str | bool = False,
+        token_weights: torch.Tensor | None = None,
+        penalty: Callable[[], torch.Tensor] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, keep=keep, **kwargs)
         self._chunked_loss = chunked_loss
+        #: loss_weights.tokens as a vocabulary-sized table (training.loss_weights), or None.
+        self._token_table = token_weights
+        #: continual learning's penalty (training.continual.ContinualPenalty), or None.
+        self.penalty = penalty
+        self._penalties: list[float] = []  # its values since the last log
         self._group_by_length = bool(getattr(self.data_collator, "groups_by_length", False))
         self._eval_sums: list[torch.Tensor] | None = None
 
@@ -192,7 +206,36 @@ class AtomicCheckpointTrainer(AtomicCheckpoints, Trainer):
     # ---- token-weighted eval loss ------------------------------------------------------------
 
     def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        out = self._language_model_loss(model, inputs, *args, **kwargs)
+        if self.penalty is None or not model.training:
+            return out
+        # Added once per optimizer step: each micro-batch's loss is a 1/accumulation share of the
+        # step's when the Trainer does not divide it by the accumulation steps itself.
+        num_items = kwargs.get("num_items_in_batch", args[1] if len(args) > 1 else None)
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (
+                self.model_accepts_loss_kwargs and num_items is not None
+            ) or self.compute_loss_func is not None
+        term = self.penalty()
+        self._penalties.append(float(term.detach()))
+        if scaled:
+            term = term / self.current_gradient_accumulation_steps
+        if isinstance(out, tuple):
+            return (out[0] + term.to(out[0].device), *out[1:])
+        return out + term.to(out.device)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # The training loss includes the penalty; its own mean goes beside it.
+        if "loss" in logs and self._penalties:
+            logs["penalty"] = sum(self._penalties) / len(self._penalties)
+            self._penalties.clear()
+        super().log(logs, *args, **kwargs)
+
+    def _language_model_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         weights = inputs.pop("token_weights", None)
+        if self._token_table is not None and model.training:
+            weights = self._with_token_weights(weights, inputs["labels"])
         head = self._chunked_head(model, inputs)
         if head is not None:
             return self._chunked_head_loss(
@@ -212,6 +255,15 @@ class AtomicCheckpointTrainer(AtomicCheckpoints, Trainer):
             self._eval_sums[0] += loss.detach().float() * count
             self._eval_sums[1] += count
         return out
+
+    def _with_token_weights(self, weights: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """Each position's weight times its label's ``loss_weights.tokens`` weight (labels are the
+        targets, aligned as the row weights are: both are read shifted by one)."""
+        assert self._token_table is not None
+        if self._token_table.device != labels.device:
+            self._token_table = self._token_table.to(labels.device)
+        per_token = self._token_table[labels.clamp(min=0)]
+        return per_token if weights is None else per_token * weights.to(per_token.device)
 
     def _weighted_loss(
         self,
@@ -481,6 +533,9 @@ def build_trainer(
     collator: Any,
     callbacks: list[Any],
     output_dir: Path,
+    *,
+    token_weights: torch.Tensor | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> AtomicCheckpointTrainer:
     has_eval = eval_rows is not None and len(eval_rows) > 0
     args = training_arguments(cfg, plan, output_dir, has_eval)
@@ -494,6 +549,8 @@ def build_trainer(
         callbacks=run_callbacks(cfg, callbacks, has_eval),
         keep=cfg.checkpoint.keep,
         chunked_loss=cfg.training_parameters.chunked_loss,
+        token_weights=token_weights,
+        penalty=penalty,
     )
     # With tqdm off the Trainer prints every log dict; our events already carry them.
     trainer.remove_callback(PrinterCallback)

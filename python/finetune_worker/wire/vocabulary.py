@@ -63,6 +63,8 @@ PHASES: frozenset[str] = frozenset(
         "merging",
         "generating",
         "launching",
+        "exporting",
+        "verifying",
     }
 )
 
@@ -94,6 +96,10 @@ RECORD_KEYS: frozenset[str] = frozenset(
         "best_step", "best_metric", "best_checkpoint", "already_complete", "preference", "labels",
         # reward_request
         "request", "references",
+        # phase (progressive unfreezing) / train summary: continual learning
+        "stage", "stages", "layers", "trainable_parameters", "learning_rate", "continual",
+        "reference_rows", "reference_loss_before", "reference_loss_after", "forgetting", "l2_to_base",
+        "ewc", "replay_share", "class_counts",
         # train summary: data
         "rows", "dropped", "eval_rows", "format_counts", "mask_method", "batching", "max_seq_length",
         "train_rows", "train_tokens", "trained_tokens", "truncated", "warnings",
@@ -107,9 +113,16 @@ RECORD_KEYS: frozenset[str] = frozenset(
         "dataset_path", "compare",
         # distributed: another node's summary
         "ranks",
+        # sweep: every event of a trial carries its number; the summary's trials table and best trial
+        "trial", "trials", "params", "eval_loss", "best_trial", "best_params", "best_eval_loss",
+        "trials_path",
         # merge summaries
         "size_bytes", "dtype", "tensors", "base_model_path", "merged_modules", "tokenizer_from",
         "merge_method", "models", "tasks",
+        # export summary: per format its file and its verification against the PyTorch model
+        "formats", "onnx", "gguf", "onnx_path", "gguf_path", "opset", "verification", "passed",
+        "max_abs_diff", "mean_abs_diff", "top1_agreement", "tolerance", "min_top1_agreement",
+        "reference_max_abs",
         # replies: validate / status / jobs / info
         "value", "job_id", "state", "submitted_at", "started_at", "finished_at",
         "version", "python", "torch", "transformers", "peft", "devices", "queue_length", "running",
@@ -120,8 +133,11 @@ RECORD_KEYS: frozenset[str] = frozenset(
 #: Record keys whose value is a table (its keys, and those of every map below it, are binaries);
 #: ``prompt`` echoes the user's own data (a chat prompt is a list of message maps).
 TABLE_KEYS: frozenset[str] = frozenset(
-    {"metrics", "improvement", "config", "format_counts", "tracking", "details", "prompt", "labels"}
-)
+    {
+        "metrics", "improvement", "config", "format_counts", "tracking", "details", "prompt", "labels",
+        "class_counts", "params", "best_params",
+    }
+)  # fmt: skip
 
 #: Payload keys whose (string) values are sent as atoms, each from a fixed list.
 ATOM_VALUES: dict[str, frozenset[str]] = {
