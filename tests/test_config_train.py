@@ -214,6 +214,22 @@ def test_tiny_examples_validate_fully(
     (tmp_path / "configs").symlink_to(CONFIGS)
     monkeypatch.chdir(tmp_path)
     shipped = ("tiny-lora.json", "tiny-qlora.json", "tiny-full.json", "tiny-mixture.yaml")
-    for name in (*shipped, *(f"tiny-{m}.json" for m in ("dpo", "orpo", "kto", "grpo", "adalora", "ptuning"))):
+    for name in (
+        *shipped,
+        *(
+            f"tiny-{m}.json"
+            for m in (
+                "dpo",
+                "orpo",
+                "kto",
+                "grpo",
+                "adalora",
+                "ptuning",
+                "unfreeze",
+                "continual",
+                "loss-weights",
+            )
+        ),
+    ):
         kind, _ = parse_job_config(("file", f"configs/{name}"))
         assert kind == "train"

@@ -376,3 +376,25 @@ def test_the_penalty_is_its_formula(tiny_model_dir: Path) -> None:
     n = model.model.norm.weight.numel()
     assert float(penalty()) == pytest.approx(0.5 * (0.5 + 3.0 * 2.0) * n * 0.01, rel=1e-4)
     assert "model.embed_tokens.weight" not in names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-unfreeze", "tiny-continual", "tiny-loss-weights"])
+def test_the_shipped_examples_run(name: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = json.loads((DATA.parent / f"{name}.json").read_text())
+    config["model_name"] = str(tiny_model_dir)
+    config["output_dir"] = str(tmp_path / "out")
+    for section in ("dataset", "continual"):
+        _absolute(config.get(section))
+    run = run_job(config)
+    assert run.terminal.type == "completed", run.terminal.payload
+
+
+def _absolute(section: Any) -> None:
+    """The example's data paths (relative to the repository) made absolute, in place."""
+    if isinstance(section, dict):
+        for key, value in section.items():
+            if key == "path" and isinstance(value, str):
+                section[key] = str(DATA.parents[1] / value)
+            else:
+                _absolute(value)
