@@ -89,6 +89,7 @@ def test_every_event_and_reply_follows_the_map_rule(
         "eval": {"every_steps": 2},
         "evaluation": {"max_rows": 2, "samples": 1, "generation": {"max_new_tokens": 3}},
         "tracking": {"tensorboard": True},
+        "loss_weights": {"classes": {"The lime is green.": 0.5}},  # its class_counts table
         "seed": 3,
     }
     evaluate = {
@@ -125,7 +126,7 @@ def test_every_event_and_reply_follows_the_map_rule(
         "cpu_offload": True,
     }
     kto = {  # a preference run: its scores and the data's label counts
-        **{k: v for k, v in train.items() if k not in ("evaluation", "tracking", "eval")},
+        **{k: v for k, v in train.items() if k not in ("evaluation", "tracking", "eval", "loss_weights")},
         "dataset": {"path": str(DATA / "kto.jsonl"), "validation_split": 0.05},
         "preference": {"method": "kto", "eval_rows": 4},
         "output_dir": str(tmp_path / "kto"),
