@@ -10,7 +10,9 @@ FW := $(VENV)/bin/finetune-worker
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 #: What the tests, benchmarks and lint need on top of the demo's install (see pyproject.toml).
-DEV_EXTRAS := test,dev,bench,tracking,merge,qlora,preference
+DEV_EXTRAS := test,dev,bench,tracking,merge,qlora,preference,sweep,export,llamacpp
+#: llama-cpp-python (the llamacpp extra) compiles llama.cpp: the library only, no OpenMP runtime to clash with torch's.
+LLAMACPP_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF
 TINY := .tiny/model
 PYTEST_ARGS ?=
 export PYTHONUNBUFFERED := 1
@@ -35,7 +37,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[$(DEV_EXTRAS)]'
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS) $$CMAKE_ARGS" $(PY) -m pip install -q -e '.[$(DEV_EXTRAS)]'
 	touch $(DEV_STAMP)
 
 # Erlang/Elixir from the distribution (hex.pm is not needed: the bridge has no hex deps).

@@ -22,19 +22,19 @@ from finetune_worker.testing import WorkerHarness
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "finetune_worker"
 
 #: Layer of each part of the package, lowest first: a module may import its own part and any
-#: lower layer. The features (training, merging, evaluation) share a layer with the server but
+#: lower layer. The features (training, merging, evaluation, export) share a layer with the server but
 #: never import it, nor it them (the server runs them by name, through ``kinds``).
 LAYERS: dict[str, int] = {
     "": 0, "errors": 0,  # the package itself holds only its version
     "wire": 1, "files": 1, "security": 1, "context": 1, "failures": 1, "kinds": 1, "extras": 1,
     "outputs": 2, "data": 2,
     "config": 3, "hf": 3,
-    "server": 4, "training": 4, "merging": 4, "evaluation": 4,
+    "server": 4, "training": 4, "merging": 4, "evaluation": 4, "export": 4,
     "testing": 5,
     "cli": 6,
     "__main__": 7,
 }  # fmt: skip
-FEATURES = {"training", "merging", "evaluation"}
+FEATURES = {"training", "merging", "evaluation", "export"}
 
 
 def modules() -> dict[str, Path]:

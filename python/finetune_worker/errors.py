@@ -82,6 +82,7 @@ ERROR_CODES = frozenset(
         "disk_full",
         "adapter_mismatch",
         "invalid_merge_config",
+        "export_mismatch",
         "invalid_config",
         "distributed_failure",
         "training_diverged",

@@ -10,6 +10,12 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "mergekit": ("merge", "MergeKit merges"),
     "bitsandbytes": ("qlora", "4-bit and 8-bit loading (quantization)"),
     "trl": ("preference", "Preference training (DPO, ORPO, KTO)"),
+    "onnx": ("export", "ONNX exports"),
+    "onnxscript": ("export", "ONNX exports (torch.onnx)"),
+    "onnxruntime": ("export", "Verifying ONNX exports"),
+    "gguf": ("export", "GGUF exports"),
+    "llama_cpp": ("llamacpp", "Verifying GGUF exports (llama.cpp)"),
+    "optuna": ("sweep", "Hyperparameter sweeps"),
 }
 
 

@@ -56,12 +56,13 @@ defmodule FineTuning.Protocol do
                   completed failed cancelled)a
   @terminal_types ~w(completed failed cancelled)a
   @phases ~w(loading_model preparing_data training evaluating saving loading merging generating
-             launching)a
+             launching exporting verifying)a
   @log_levels ~w(debug info warning error)a
   @error_codes ~w(out_of_memory model_not_found dataset_not_found bad_dataset_row
                   unsupported_model output_dir_not_writable output_dir_conflict disk_full
-                  adapter_mismatch invalid_merge_config invalid_config distributed_failure
-                  training_diverged reward_failed worker_exit internal_error)a
+                  adapter_mismatch invalid_merge_config export_mismatch invalid_config
+                  distributed_failure training_diverged reward_failed worker_exit
+                  internal_error)a
   @error_classes [
     :"finetune_worker.errors.ProtocolError",
     :"finetune_worker.errors.CallError",

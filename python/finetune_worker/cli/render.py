@@ -130,7 +130,15 @@ class Renderer:
 
     def _on_phase(self, job_id: str, p: dict[str, Any]) -> None:
         self.phase = str(p.get("phase"))
-        self._line(f"[magenta]▸ {self.phase}")
+        if "stage" in p:  # progressive unfreezing: a new stage of training
+            self._line(
+                f"[magenta]▸ {self.phase} stage {p['stage']}/{p.get('stages')}: "
+                + ("all layers, " if p.get("layers") == "all" else f"last {p.get('layers')} layer(s), ")
+                + f"{p.get('trainable_parameters', 0):,} parameters, lr {p.get('learning_rate'):g}"
+            )
+            return
+        trial = f"trial {p['trial']}: " if "trial" in p else ""  # a sweep's trial
+        self._line(f"[magenta]▸ {trial}{self.phase}")
         if STEPS in self.tasks:
             self.progress.update(self.tasks[STEPS], description=self.phase)
             self._hide_finished(keep=STEPS)
@@ -147,7 +155,8 @@ class Renderer:
         eta = _duration(p.get("eta_s"))
         if p.get("unit") == "prompts":  # a generate job: the prompts before `done` are answered
             self._finish_streams(lambda key: isinstance(key[0], int) and key[0] < int(done))
-        unit = STEPS if "step" in p else str(p.get("unit") or "items")
+        # A sweep counts its trials on a bar of their own; each trial's steps go on the steps bar.
+        unit = STEPS if "step" in p and p.get("unit") != "trials" else str(p.get("unit") or "items")
         task = self.tasks.get(unit)
         if task is None:
             self._start_live()
@@ -194,6 +203,7 @@ class Renderer:
         # The Trainer's held-out loss carries its step; an evaluation block's scores, how many rows.
         where = ", ".join(
             [
+                *([f"trial {p['trial']}"] if p.get("trial") is not None else []),
                 *([f"step {p['step']}"] if p.get("step") is not None else []),
                 *([f"{rows} rows scored"] if isinstance(rows, int) and not isinstance(rows, bool) else []),
             ]
@@ -248,7 +258,7 @@ class Renderer:
         table.add_column("value")
         compare = summary.get("compare")
         # Shown below as tables of their own, not as "N entries" cells.
-        apart = {"evaluation", "preference", "completions"} | (
+        apart = {"evaluation", "preference", "completions", "trials", "continual"} | (
             {"metrics", "compare", "improvement"} if compare else set()
         )
         for section in ("summary", "outputs"):
@@ -266,9 +276,36 @@ class Renderer:
             self._print_evaluation(preference, title)
         if isinstance(compare, dict):
             self._print_comparison(summary, compare)
+        continual = summary.get("continual")
+        if isinstance(continual, dict) and continual.get("reference_loss_before") is not None:
+            self.console.print(
+                f"reference data ({continual.get('reference_rows')} rows): loss "
+                f"{_cell(continual.get('reference_loss_before'))} before training, "
+                f"{_cell(continual.get('reference_loss_after'))} after (forgetting {_cell(continual.get('forgetting'))})"
+            )
         if isinstance(summary.get("completions"), list):
             self._print_completions(summary["completions"])
+        if isinstance(summary.get("trials"), list):
+            self._print_trials(summary["trials"])
         self._print_next_steps(p.get("outputs") or {})
+
+    def _print_trials(self, trials: list[Any]) -> None:
+        """A sweep's trials: each one's values, how it ended and its held-out loss."""
+        rows = [t for t in trials if isinstance(t, dict)]
+        keys = list(dict.fromkeys(k for t in rows for k in (t.get("params") or {})))
+        leaves = [k.rsplit(".", 1)[-1] for k in keys]  # peft.r -> r, when that names one key
+        names = leaves if len(set(leaves)) == len(leaves) else keys
+        table = Table(title="trials")
+        for column in ("trial", "state", *names, "eval_loss", "steps"):
+            table.add_column(column, justify="left" if column == "state" else "right")
+        for t in rows:
+            params = t.get("params") or {}
+            table.add_row(
+                *(_cell(v) for v in (t.get("trial"), t.get("state"), *(params.get(k) for k in keys))),
+                _cell(t.get("eval_loss")),
+                _cell(t.get("steps")),
+            )
+        self.console.print(table)
 
     def _print_completions(self, completions: list[Any]) -> None:
         """A generate job's prompts, each with its completion(s) in full."""
@@ -291,8 +328,8 @@ class Renderer:
 
     def _print_next_steps(self, outputs: dict[str, Any]) -> None:
         """A training run's next steps, with the commands (the configs are in its ``next/``)."""
-        out = outputs.get("output_dir")
         key = next((k for k in ("adapter_path", "model_path") if k in outputs), None)
+        out = outputs.get(key) if key is not None else None  # a sweep's: its best trial's folder
         if not isinstance(out, str) or key is None:
             return
         from pathlib import Path

@@ -44,34 +44,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         )
     inputs = [("base_model_path", base_dir), ("adapter_path", adapter_dir)]
     check_destination(out, overwrite=cfg.overwrite, key="output_path", inputs=inputs)
-    base_cfg = compat.read_json(base_dir / "config.json")
-    adapter_cfg = compat.read_json(adapter_dir / "adapter_config.json")
-    for warning in compat.check_config(adapter_cfg, base_cfg, base_dir):
-        ctx.log(warning, level="warning")
-
-    ctx.phase("loading")
-    model = load_base(ctx, cfg, base_dir, base_cfg, adapter_dir)
-    ctx.check_cancelled()
-    shapes = compat.adapter_shapes(adapter_dir)
-    rows = int(model.get_input_embeddings().weight.shape[0])
-    resize = compat.resized_vocab(adapter_dir, rows, shapes)
-    if resize is not None:
-        ctx.log(
-            f"the adapter extends the vocabulary: resizing the base's embeddings from {rows} to {resize} rows"
-        )
-        model.resize_token_embeddings(resize)
-        base_cfg = {**base_cfg, "vocab_size": resize}
-        rows = resize
-    compat.check_shapes(model, shapes, adapter_cfg, base_cfg)
-    compat.check_vocab(adapter_dir, rows)
-    model = apply_adapter(model, adapter_dir)
-
-    ctx.phase("merging")
-    merged_modules = merge_modules(ctx, model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "already merged" for every module merged above
-        model = model.merge_and_unload(safe_merge=True)  # folds modules_to_save / trainable tokens too
-    ctx.check_cancelled(step=merged_modules)
+    model, merged_modules = fold_adapter(ctx, base_dir, adapter_dir, cfg.precision)
 
     ctx.phase("saving")
     with StagedOutput(out, overwrite=cfg.overwrite, key="output_path", inputs=inputs) as stage:
@@ -93,25 +66,60 @@ def run(ctx: JobContext) -> dict[str, Any]:
     return {"outputs": {"output_path": str(out), "model_path": str(out)}, "summary": summary}
 
 
+def fold_adapter(ctx: JobContext, base_dir: Path, adapter_dir: Path, precision: str) -> tuple[Any, int]:
+    """The base in ``precision`` with the adapter merged into its weights, in memory, and the number
+    of modules merged: the checks, phases ``loading`` and ``merging``, progress and cancel of this
+    job, for any job that needs a merged model (``export`` too)."""
+    base_cfg = compat.read_json(base_dir / "config.json")
+    adapter_cfg = compat.read_json(adapter_dir / "adapter_config.json")
+    for warning in compat.check_config(adapter_cfg, base_cfg, base_dir):
+        ctx.log(warning, level="warning")
+
+    ctx.phase("loading")
+    model = load_base(ctx, precision, base_dir, base_cfg, adapter_dir)
+    ctx.check_cancelled()
+    shapes = compat.adapter_shapes(adapter_dir)
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    resize = compat.resized_vocab(adapter_dir, rows, shapes)
+    if resize is not None:
+        ctx.log(
+            f"the adapter extends the vocabulary: resizing the base's embeddings from {rows} to {resize} rows"
+        )
+        model.resize_token_embeddings(resize)
+        base_cfg = {**base_cfg, "vocab_size": resize}
+        rows = resize
+    compat.check_shapes(model, shapes, adapter_cfg, base_cfg)
+    compat.check_vocab(adapter_dir, rows)
+    model = apply_adapter(model, adapter_dir)
+
+    ctx.phase("merging")
+    merged_modules = merge_modules(ctx, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "already merged" for every module merged above
+        model = model.merge_and_unload(safe_merge=True)  # folds modules_to_save / trainable tokens too
+    ctx.check_cancelled(step=merged_modules)
+    return model, merged_modules
+
+
 def load_base(
-    ctx: JobContext, cfg: MergeLoraConfig, base_dir: Path, base_cfg: dict[str, Any], adapter_dir: Path
+    ctx: JobContext, precision: str, base_dir: Path, base_cfg: dict[str, Any], adapter_dir: Path
 ) -> Any:
-    """The base in ``cfg.precision`` on the CPU, never quantized (a pre-quantized base is dequantized)."""
+    """The base in ``precision`` on the CPU, never quantized (a pre-quantized base is dequantized)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, DTYPES[cfg.precision])
+    dtype = getattr(torch, DTYPES[precision])
     trained_cfg = (compat.read_json(adapter_dir / "summary.json").get("config") or {}).get("quantization")
     if trained_cfg:
         ctx.log(
             f"the adapter was trained on a {trained_cfg.get('bits', '?')}-bit base (QLoRA); merging it into the "
-            f"unquantized base in {cfg.precision}"
+            f"unquantized base in {precision}"
         )
     try:
         if base_cfg.get("quantization_config"):
             ctx.log(
                 "base_model_path holds a quantized checkpoint; dequantizing it to "
-                f"{cfg.precision} before merging (the merged weights inherit its rounding)",
+                f"{precision} before merging (the merged weights inherit its rounding)",
                 level="warning",
             )
             model = dequantized_base(base_dir, dtype)

@@ -1,0 +1,325 @@
+"""The ``export`` job config: a model (or a training run's adapter, merged first) to ONNX and GGUF.
+
+Everything checked here reads JSON files only (config.json, adapter_config.json, tokenizer.json):
+nothing imports torch, onnx, gguf or llama.cpp, so ``submit`` answers at once. What can only be
+known once the model is loaded (a graph torch cannot trace, logits that differ) fails the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from finetune_worker.config.base import StrictModel
+from finetune_worker.errors import ConfigIssue
+from finetune_worker.kinds import JobKind
+from finetune_worker.outputs import destination_issue
+
+Format = Literal["onnx", "gguf"]
+GgufType = Literal["f32", "f16", "q8_0"]
+ALL_FORMATS: tuple[Format, ...] = ("onnx", "gguf")
+
+#: transformers architectures the GGUF writer handles (llama.cpp's LLAMA architecture), verified
+#: against llama.cpp on the tiny model by the tests. Anything else is refused at validate time.
+GGUF_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
+
+#: The largest absolute logit difference accepted by default, per format and tensor type. Measured
+#: on the tiny model (docs/configs.md, "Export"): fp32 runtimes agree to ~1e-5, f16 weights to ~1e-2,
+#: q8_0 to ~0.1; a wrong export (q/k layout, a corrupt tensor) is off by whole units.
+DEFAULT_TOLERANCE: dict[str, float] = {"onnx": 1e-3, "f32": 1e-3, "f16": 5e-2, "q8_0": 0.5}
+#: The smallest share of positions whose most likely next token must agree, by default: a lossy type
+#: may flip near-ties (q8_0 agreed at 34 of 36 positions of the tiny model); a broken export agrees at
+#: about one in four.
+DEFAULT_MIN_TOP1: dict[str, float] = {"onnx": 0.95, "f32": 0.95, "f16": 0.9, "q8_0": 0.8}
+
+DEFAULT_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: what is the capital of France?\nAnswer:",
+)
+
+
+class ExportConfig(StrictModel):
+    """Export a model to ONNX and/or GGUF and check each result against the PyTorch model."""
+
+    job: Literal["export"] = Field("export", description="Job kind.")
+    model_path: str = Field(
+        ...,
+        description="Local model directory, or a training run's output_dir holding a peft adapter "
+        "(then merged onto the base its adapter_config.json names, before exporting).",
+    )
+    adapter_path: str | None = Field(
+        None, description="peft adapter directory merged onto model_path before exporting."
+    )
+    output_dir: str = Field(
+        ...,
+        description="Directory the exports are written to (model.onnx with config and tokenizer under "
+        "onnx/, model-<gguf_type>.gguf); it appears only once every format is written and verified.",
+    )
+    formats: list[Format] = Field(
+        default_factory=lambda: list(ALL_FORMATS),
+        min_length=1,
+        description='Formats to write: "onnx" (torch.onnx, logits for input_ids + attention_mask, dynamic '
+        'batch and sequence axes, no KV cache) and "gguf" (llama.cpp; Llama-family models).',
+    )
+    gguf_type: GgufType = Field(
+        "f16",
+        description="Type of the GGUF's matrices: f32, f16 or q8_0 (8-bit blocks); norms stay f32.",
+    )
+    onnx_opset: int = Field(18, ge=18, le=23, description="ONNX opset the graph is exported with.")
+    verify: bool = Field(
+        True,
+        description="Load each export back (onnxruntime; llama-cpp-python for GGUF) and compare its "
+        "logits with the PyTorch model's on verify_prompts; false skips it (not recommended).",
+    )
+    verify_prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS),
+        min_length=1,
+        max_length=16,
+        description="Texts whose next-token logits are compared at every position (1 to 16).",
+    )
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="Largest absolute logit difference accepted; null takes the default of each format "
+        "and type (onnx 1e-3, gguf f32 1e-3, f16 5e-2, q8_0 0.5).",
+    )
+    min_top1_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Smallest share of positions whose most likely next token must be the same as the "
+        "PyTorch model's; null takes the default of each format and type (onnx and gguf f32 0.95, f16 0.9, "
+        "q8_0 0.8).",
+    )
+    overwrite: bool = Field(
+        False, description="Replace a non-empty output_dir (only once the new exports are complete)."
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _once_each(cls, formats: list[Format]) -> list[Format]:
+        if len(set(formats)) != len(formats):
+            raise ValueError("names a format twice")
+        return formats
+
+    @field_validator("verify_prompts")
+    @classmethod
+    def _not_blank(cls, prompts: list[str]) -> list[str]:
+        for i, prompt in enumerate(prompts):
+            if not prompt.strip():
+                raise ValueError(f"prompt {i} is empty; every prompt needs some text to compare logits on")
+        return prompts
+
+    def tolerance_for(self, fmt: str) -> float:
+        """The logit tolerance of ``fmt`` (``"onnx"`` or ``"gguf"``) as configured or by default."""
+        if self.tolerance is not None:
+            return self.tolerance
+        return DEFAULT_TOLERANCE["onnx" if fmt == "onnx" else self.gguf_type]
+
+    def min_top1_for(self, fmt: str) -> float:
+        """The top-1 agreement ``fmt`` must reach, as configured or by default."""
+        if self.min_top1_agreement is not None:
+            return self.min_top1_agreement
+        return DEFAULT_MIN_TOP1["onnx" if fmt == "onnx" else self.gguf_type]
+
+    def model_dirs(self) -> tuple[Path, Path | None]:
+        """(base model directory, adapter directory or None), as the job will load them."""
+        model = self.resolved(self.model_path)
+        if self.adapter_path is not None:
+            return model, self.resolved(self.adapter_path)
+        if not (model / "config.json").is_file() and (model / "adapter_config.json").is_file():
+            base = _read_json(model / "adapter_config.json").get("base_model_name_or_path")
+            return (self.resolved(str(base)) if base else model), model
+        return model, None
+
+    def inputs(self) -> list[tuple[str, Path]]:
+        """The folders the job reads, named as the config names them (outputs may not touch them)."""
+        base, adapter = self.model_dirs()
+        if adapter is None:
+            return [("model_path", base)]
+        if self.adapter_path is None:  # model_path is a training run's adapter
+            return [("model_path", adapter), ("model_path's base model", base)]
+        return [("model_path", base), ("adapter_path", adapter)]
+
+    def environment_issues(self) -> list[ConfigIssue]:
+        from finetune_worker.extras import missing_extra
+
+        issues: list[ConfigIssue] = []
+        for module in _needed_modules(self.formats, self.verify):
+            missing = missing_extra(module)
+            if missing is not None and not any(i.message == missing for i in issues):
+                if module in _VERIFIERS:
+                    missing += ' (or set "verify": false to skip loading the export back)'
+                issues.append(ConfigIssue("job", missing))
+        model_issues = self._model_issues()
+        issues += model_issues
+        if "gguf" in self.formats and not model_issues:
+            issues += [ConfigIssue("formats", m) for m in gguf_support_issues(*self.model_dirs())]
+        return issues + self._output_issues(self.inputs())
+
+    def _model_issues(self) -> list[ConfigIssue]:
+        model = self.resolved(self.model_path)
+        if not model.is_dir():
+            return [
+                ConfigIssue(
+                    "model_path",
+                    f"no local model at '{self.model_path}'; this worker loads models from local paths "
+                    "(no hub access)",
+                )
+            ]
+        has_model = (model / "config.json").is_file()
+        if not has_model and not (model / "adapter_config.json").is_file():
+            return [
+                ConfigIssue(
+                    "model_path",
+                    f"'{self.model_path}' holds neither a model (config.json) nor an adapter "
+                    "(adapter_config.json)",
+                )
+            ]
+        if self.adapter_path is not None:
+            adapter = self.resolved(self.adapter_path)
+            if not has_model:
+                return [
+                    ConfigIssue(
+                        "adapter_path",
+                        f"model_path '{self.model_path}' is itself an adapter; point model_path at its base "
+                        "model, or drop adapter_path",
+                    )
+                ]
+            if not (adapter / "adapter_config.json").is_file():
+                return [
+                    ConfigIssue(
+                        "adapter_path",
+                        f"no peft adapter (adapter_config.json) at '{self.adapter_path}'",
+                    )
+                ]
+        base, _ = self.model_dirs()
+        if not (base / "config.json").is_file():
+            return [
+                ConfigIssue(
+                    "model_path",
+                    f"'{self.model_path}' is an adapter whose base model '{base}' is not a local model "
+                    "directory; set model_path to the base and adapter_path to the adapter",
+                )
+            ]
+        return []
+
+    def _output_issues(self, inputs: list[tuple[str, Path]]) -> list[ConfigIssue]:
+        out = self.resolved(self.output_dir)
+        if out.exists() and not out.is_dir():
+            return [ConfigIssue("output_dir", "exists and is not a directory", self.output_dir)]
+        problem = destination_issue(out, inputs)
+        if problem is not None:
+            return [ConfigIssue("output_dir", problem, self.output_dir)]
+        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
+            return [
+                ConfigIssue(
+                    "output_dir",
+                    'is a non-empty directory; choose a new path or set "overwrite": true to replace it',
+                    self.output_dir,
+                )
+            ]
+        parent = next((p for p in out.parents if p.exists()), None)
+        if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+            return [ConfigIssue("output_dir", f"'{parent}' is not a writable directory", self.output_dir)]
+        return []
+
+
+_VERIFIERS = frozenset({"onnxruntime", "llama_cpp"})
+
+
+def _needed_modules(formats: Sequence[str], verify: bool) -> list[str]:
+    needed = []
+    if "onnx" in formats:
+        needed += ["onnx", "onnxscript"] + (["onnxruntime"] if verify else [])
+    if "gguf" in formats:
+        needed += ["gguf"] + (["llama_cpp"] if verify else [])
+    return needed
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def tokenizer_dir(base: Path, adapter: Path | None) -> Path:
+    """Where the exported tokenizer comes from: the adapter's folder when training saved one there."""
+    if adapter is not None and (adapter / "tokenizer.json").is_file():
+        return adapter
+    return base
+
+
+def gguf_support_issues(base: Path, adapter: Path | None) -> list[str]:
+    """Why this model cannot be written as GGUF here (architecture, RoPE, biases, tokenizer), or []."""
+    config = _read_json(base / "config.json")
+    arch = (config.get("architectures") or ["(none)"])[0]
+    if arch not in GGUF_ARCHITECTURES:
+        return [
+            f"gguf: the model is a {arch}; the GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))} "
+            '(llama.cpp\'s "llama" architecture) only. Drop "gguf" from formats, or convert with llama.cpp\'s '
+            "convert_hf_to_gguf.py"
+        ]
+    problems = []
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type != "default":
+        problems.append(
+            f"gguf: RoPE type {rope_type!r} (rope_parameters) is not supported by this exporter (default RoPE only)"
+        )
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        problems.append("gguf: attention_bias/mlp_bias models are not supported by this exporter")
+    if config.get("quantization_config"):
+        problems.append(
+            "gguf: the model is a quantized checkpoint (quantization_config); export an unquantized one"
+        )
+    problems += [f"gguf: {m}" for m in tokenizer_issues(tokenizer_dir(base, adapter))]
+    return problems
+
+
+def tokenizer_issues(folder: Path) -> list[str]:
+    """Why the tokenizer in ``folder`` has no GGUF form here ([] when :func:`gguf_pre_tokenizer` knows it)."""
+    try:
+        gguf_pre_tokenizer(_read_json(folder / "tokenizer.json"))
+    except ValueError as exc:
+        return [f"the tokenizer in '{folder}' {exc}"]
+    return []
+
+
+def gguf_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
+    """llama.cpp's name (``tokenizer.ggml.pre``) for a byte-level BPE tokenizer.json's pre-tokenizer.
+
+    Only the byte-level BPE whose pre-tokenizer is GPT-2's own regex (``ByteLevel`` with
+    ``use_regex``) is recognised: llama.cpp's ``gpt-2`` pre-tokenizer uses the same regex. The
+    job checks that llama.cpp then tokenizes the verify prompts as transformers does.
+    """
+    if not tokenizer_json:
+        raise ValueError("has no tokenizer.json (a byte-level BPE tokenizer is needed for GGUF)")
+    model = tokenizer_json.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ValueError(
+            f"is a {model.get('type')} tokenizer{' with byte fallback' if model.get('byte_fallback') else ''}; "
+            "the GGUF export supports byte-level BPE (GPT-2 style) tokenizers only"
+        )
+    if (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(
+            "does not decode byte-level; the GGUF export supports byte-level BPE tokenizers only"
+        )
+    if tokenizer_json.get("normalizer"):
+        raise ValueError("has a normalizer, which llama.cpp's BPE tokenizer does not apply")
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return "gpt-2"
+    raise ValueError(
+        f"has a pre-tokenizer ({pre.get('type')}) this exporter cannot name for llama.cpp (GPT-2's only)"
+    )
+
+
+KINDS = (JobKind("export", ExportConfig, run="finetune_worker.export.job:run", order=90),)
