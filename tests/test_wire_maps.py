@@ -142,6 +142,16 @@ def test_every_event_and_reply_follows_the_map_rule(
         },
         "output_dir": str(tmp_path / "grpo"),
     }
+    sweep = {  # a sweep's trials table and best values (tables: the keys are config keys)
+        "job": "sweep",
+        "train": {
+            **{k: v for k, v in train.items() if k not in ("evaluation", "tracking", "loss_weights", "job")},
+            "output_dir": str(tmp_path / "sweep"),
+            "max_steps": 2,
+        },
+        "search_space": {"training_parameters.learning_rate": {"type": "categorical", "choices": [1e-3]}},
+        "trials": 1,
+    }
     bad_rows = rows_with_bad_row(tmp_path / "bad.jsonl", {"question": "no answer"})
     failing = {
         **train,
@@ -155,12 +165,12 @@ def test_every_event_and_reply_follows_the_map_rule(
         terms: list[tuple[str, Any]] = []
         ends = []
         # One at a time: the later jobs read the adapter the first one writes (checked at submit).
-        for config in (train, evaluate, generate, merge_lora, mergekit, kto, unanswered, failing):
+        for config in (train, evaluate, generate, merge_lora, mergekit, kto, sweep, unanswered, failing):
             reply = _call_raw(w, "submit", json.dumps(config), w.pid)
             terms.append(("submit reply", reply))
             assert reply[2][0] == "ok", reply
             ends.append(w.wait_for(reply[2][1], "terminal", timeout=600)[-1])
-        assert [e.type for e in ends] == ["completed"] * 6 + ["failed"] * 2, [e.payload for e in ends]
+        assert [e.type for e in ends] == ["completed"] * 7 + ["failed"] * 2, [e.payload for e in ends]
         long = _call_raw(
             w, "submit", json.dumps({"job": "test_steps", "steps": 10_000, "step_seconds": 0.01}), w.pid
         )

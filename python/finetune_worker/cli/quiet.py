@@ -50,6 +50,8 @@ def keep_log(log: Path, model: Any, outcome: str | None) -> Path:
 
     logging.shutdown()
     out = getattr(model, "output_dir", None) or getattr(model, "output_path", None)
+    if out is None and hasattr(model, "train"):  # a sweep: its folder is its train config's
+        out = getattr(model.train, "output_dir", None)
     if not isinstance(out, str):
         return log
     folder = StrictModel.resolved(out)  # as the job resolved it
