@@ -28,20 +28,7 @@ defmodule FineTuning.LibraryTest do
   end
 
   setup_all do
-    unless Code.ensure_loaded?(:telemetry) do
-      Code.compile_string("""
-      defmodule :telemetry do
-        def attach(id, event, fun, config), do: put({id, event, fun, config})
-        def detach(id), do: :persistent_term.put(__MODULE__, Enum.reject(handlers(), &(elem(&1, 0) == id)))
-        def execute(event, measurements, metadata) do
-          for {_id, ^event, fun, config} <- handlers(), do: fun.(event, measurements, metadata, config)
-          :ok
-        end
-        defp handlers, do: :persistent_term.get(__MODULE__, [])
-        defp put(h), do: :persistent_term.put(__MODULE__, [h | handlers()])
-      end
-      """)
-    end
+    ensure_telemetry!()
 
     dir = tmp_dir!("ft-library")
     model = Path.join(dir, "model")

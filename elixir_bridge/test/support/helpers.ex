@@ -77,6 +77,31 @@ defmodule FineTuning.TestHelpers do
     dir
   end
 
+  @doc """
+  Make `:telemetry` loadable: it is a hex package and hex.pm is unreachable here, so a stand-in
+  with telemetry's own API (attach/4, detach/1, execute/3) is compiled when it is missing; what
+  the tests check is that the bridge calls it, with the events and fields it documents. Call it
+  before the workers or pools under test start (they look for :telemetry once, at start).
+  """
+  def ensure_telemetry! do
+    unless Code.ensure_loaded?(:telemetry) do
+      Code.compile_string("""
+      defmodule :telemetry do
+        def attach(id, event, fun, config), do: put({id, event, fun, config})
+        def detach(id), do: :persistent_term.put(__MODULE__, Enum.reject(handlers(), &(elem(&1, 0) == id)))
+        def execute(event, measurements, metadata) do
+          for {_id, ^event, fun, config} <- handlers(), do: fun.(event, measurements, metadata, config)
+          :ok
+        end
+        defp handlers, do: :persistent_term.get(__MODULE__, [])
+        defp put(h), do: :persistent_term.put(__MODULE__, [h | handlers()])
+      end
+      """)
+    end
+
+    :ok
+  end
+
   @doc "Receive the events of `job_id` until its terminal event; returns them in order."
   def collect_events(job_id, timeout) do
     receive do
