@@ -134,6 +134,28 @@ defmodule FineTuning.Pool.Server do
   def handle_call({:call, :jobs, [], _timeout}, _from, state),
     do: {:reply, Enum.map(sorted_jobs(state), &job_map(state, &1)), state}
 
+  # A GRPO job's reward answer goes to the worker that runs it, under that worker's job id.
+  def handle_call({:call, :rewards, [id, request, rewards], timeout}, from, state) do
+    case state.jobs[id] do
+      %{state: :running, worker: pid, worker_job: wid} ->
+        spawn(fn ->
+          reply =
+            try do
+              GenServer.call(pid, {:call, :rewards, [wid, request, rewards], timeout}, :infinity)
+            catch
+              :exit, _ -> {:error, :not_found}
+            end
+
+          GenServer.reply(from, reply)
+        end)
+
+        {:noreply, state}
+
+      _ ->
+        {:reply, {:error, :not_found}, state}
+    end
+  end
+
   def handle_call({:call, function, _args, _timeout}, _from, state),
     do: {:reply, {:error, {:not_supported_by_pool, function}}, state}
 
