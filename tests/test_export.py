@@ -3,7 +3,9 @@
 The job verifies its exports itself; these tests check the files independently (onnxruntime and
 llama.cpp loaded here, against peft's unmerged base + adapter), show that the job's verification
 fails a wrong export (q/k rows in transformers' order, a damaged tensor), cancel one through the
-real worker, and check that bad configs name their field.
+real worker, and check that bad configs name their field. Tiny random Qwen2, Mistral and Llama 3
+(RoPE scaling) models, and a Llama with biases, go through the same GGUF export and verification,
+with a wrong file of each that the verification must fail.
 """
 
 from __future__ import annotations
@@ -288,14 +290,12 @@ def test_bad_configs_name_their_field(
     assert "prompt 1 is empty" in _issues({**base, "verify_prompts": ["hi", " "]})["verify_prompts"]
     assert "tolerance" in _issues({**base, "tolerance": 0})
 
-    # An architecture llama.cpp's "llama" writer does not cover: refused for gguf, fine for onnx alone.
-    other = tmp_path / "qwen"
-    shutil.copytree(tiny_model_dir, other)
-    config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"]}))
+    # An architecture the GGUF writer does not cover: refused for gguf, fine for onnx alone.
+    other = _variant(tiny_model_dir, tmp_path / "qwen3", architectures=["Qwen3ForCausalLM"])
     message = _issues({**base, "model_path": str(other)})["formats"]
     assert message.startswith(
-        "gguf: the model is a Qwen2ForCausalLM; the GGUF export supports LlamaForCausalLM"
+        "gguf: the model is a Qwen3ForCausalLM; the GGUF export supports LlamaForCausalLM, MistralForCausalLM, "
+        "Qwen2ForCausalLM only"
     )
     parse_job_config({**base, "model_path": str(other), "formats": ["onnx"]})
 
@@ -350,3 +350,275 @@ def test_tied_head_full_attention_and_a_wide_head_dim(tiny_model_dir: Path, tmp_
     assert done.payload["summary"]["formats"]["gguf"]["tensors"] == 20  # no separate output.weight
     diff = float(np.abs(ggml_logits(out / "model-f32.gguf", BATCH) - logits_of(model_dir).numpy()).max())
     assert diff < 1e-4, diff
+
+
+# --- Qwen2, Mistral, Llama 3: each architecture the GGUF writer covers, checked in llama.cpp --------------------
+
+#: The pre-tokenizer regexes as Llama 3's and Qwen2's tokenizer.json files hold them (Qwen2 splits digits one by one).
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _tokenizer_json(tiny_model_dir: Path, style: str) -> dict[str, Any]:
+    """The tiny byte-level BPE tokenizer with the pre-tokenizer (and the rest) of ``style``'s tokenizer.json:
+    ``gpt2`` as is; ``llama3``: Llama 3's Split + ByteLevel, ignore_merges, a BOS added; ``qwen2``: Qwen2's
+    Split + ByteLevel and its NFC normalizer."""
+    tok = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    if style == "gpt2":
+        return tok
+    regex = LLAMA3_REGEX if style == "llama3" else QWEN2_REGEX
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ]}  # fmt: skip
+    if style == "qwen2":
+        tok["normalizer"] = {"type": "NFC"}
+    else:
+        bos = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
+        tok["model"]["ignore_merges"] = True
+        tok["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {
+                "<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}
+            },
+        }
+    return tok
+
+
+#: kind -> (transformers model class, its config class, config beyond the shared sizes, tokenizer style)
+ARCHS: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    # Qwen2.5-0.5B's shape: q/k/v biases, a tied LM head; llama.cpp's qwen2 rotates halves (no q/k reordering)
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {"tie_word_embeddings": True}, "qwen2"),
+    # Mistral Nemo's shape: head_dim wider than hidden / heads; no sliding window
+    "mistral": ("MistralForCausalLM", "MistralConfig", {"head_dim": 48, "sliding_window": None}, "gpt2"),
+    # Llama 3.1's RoPE scaling, its original context shrunk to 64 so that 20 positions feel it
+    "llama3": ("LlamaForCausalLM", "LlamaConfig", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, "llama3"),
+    # a Llama with every bias llama.cpp's llama architecture loads, and linear RoPE scaling
+    "llama-bias": ("LlamaForCausalLM", "LlamaConfig", {"attention_bias": True, "mlp_bias": True,
+        "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}, "gpt2"),
+}  # fmt: skip
+
+
+def make_arch_model(tiny_model_dir: Path, dest: Path, kind: str) -> Path:
+    """A tiny random model of ``kind`` (random biases too: transformers initializes them to zero) with the
+    tiny tokenizer in the matching style."""
+    import transformers
+
+    model_cls, config_cls, extra, style = ARCHS[kind]
+    sizes = {"vocab_size": 1017, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+             "rms_norm_eps": 1e-6, "initializer_range": 0.1, "bos_token_id": 0, "eos_token_id": 2,
+             "pad_token_id": 3}  # fmt: skip
+    config = getattr(transformers, config_cls)(**sizes, **extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model = getattr(transformers, model_cls)(config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0.0, 0.5)
+    model.save_pretrained(str(dest))
+    (dest / "tokenizer.json").write_text(json.dumps(_tokenizer_json(tiny_model_dir, style)))
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_model_dir / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def arch_models(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("archs")
+    return {kind: make_arch_model(tiny_model_dir, root / kind, kind) for kind in ARCHS}
+
+
+def _run(cfg: dict[str, Any]) -> dict[str, Any]:
+    done = terminal(run_job(cfg))
+    return {"type": done.type, **done.payload}
+
+
+@pytest.mark.parametrize("kind", list(ARCHS))
+def test_each_architecture_reproduces_in_llama_cpp(
+    arch_models: dict[str, Path], tmp_path: Path, kind: str
+) -> None:
+    """Through the real job, f32 to 1e-4 and the lossy types within their defaults; then the file checked
+    here: llama.cpp's logits on BATCH against transformers', its metadata, its tokenizer."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    model_dir = arch_models[kind]
+    for gguf_type, bound, min_top1 in (("f32", 1e-4, 1.0), ("f16", 5e-2, 0.9), ("q8_0", 0.5, 0.8)):
+        done = _run({"job": "export", "model_path": str(model_dir), "output_dir": str(tmp_path / gguf_type),
+                     "formats": ["gguf"], "gguf_type": gguf_type})  # fmt: skip
+        assert done["type"] == "completed", done
+        check = done["summary"]["formats"]["gguf"]["verification"]
+        assert check["passed"] and check["max_abs_diff"] < bound and check["top1_agreement"] >= min_top1, (
+            check
+        )
+
+    path = tmp_path / "f32" / "model-f32.gguf"
+    reference = logits_of(model_dir).numpy()
+    got = ggml_logits(path, BATCH)
+    assert float(np.abs(got - reference).max()) < 1e-4
+    assert (got.argmax(-1) == reference.argmax(-1)).all()
+
+    reader = GGUFReader(str(path))
+    fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("tokenizer.ggml.")
+              or key in ("tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token")}  # fmt: skip
+    tensors = {t.name: t for t in reader.tensors}
+    arch = "qwen2" if kind == "qwen2" else "llama"
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.rope.dimension_count"] == (48 if kind == "mistral" else 32)
+    assert fields["tokenizer.ggml.pre"] == {"qwen2": "qwen2", "llama3": "llama-bpe"}.get(kind, "gpt-2")
+    assert fields["tokenizer.ggml.add_bos_token"] is (kind == "llama3")
+    if kind == "qwen2":
+        assert "output.weight" not in tensors  # tied: llama.cpp reads token_embd
+        assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.1.attn_v.bias"} <= set(tensors)
+        assert "blk.0.attn_output.bias" not in tensors
+    if kind == "llama3":
+        freqs = np.asarray(tensors["rope_freqs.weight"].data)
+        assert freqs.shape == (16,) and freqs[0] == 1.0 and abs(float(freqs[-1]) - 8.0) < 1e-5
+        assert ((freqs > 1.0) & (freqs < 8.0)).sum() == 3  # the smoothed band between the two
+    else:
+        assert "rope_freqs.weight" not in tensors
+    if kind == "llama-bias":
+        assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 4.0
+        assert {"blk.0.attn_output.bias", "blk.0.ffn_gate.bias", "blk.1.ffn_down.bias"} <= set(tensors)
+
+    llm = llama_cpp.Llama(str(path), n_ctx=64, vocab_only=True, verbose=False)
+    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    text = "Hello there, how are you? I'm fine: 12345 apples.\n\n<|im_start|>x"
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == hf(text)["input_ids"]
+    llm.close()
+
+
+def _drop_biases(original: Any) -> Any:
+    return lambda model: [(name, t) for name, t in original(model) if not name.endswith(".bias")]
+
+
+def _qk_biases_unordered(original: Any) -> Any:
+    return lambda weight, heads: weight if weight.ndim == 1 else original(weight, heads)
+
+
+@pytest.mark.parametrize(
+    ("kind", "wrong"),
+    [("qwen2", "biases dropped"), ("qwen2", "q/k rows reordered as for Llama"), ("llama3", "rope_freqs omitted"),
+     ("llama-bias", "q/k biases in transformers' order"), ("llama-bias", "linear RoPE scaling omitted"),
+     ("mistral", "q/k rows in transformers' order")],
+)  # fmt: skip
+def test_a_wrong_file_of_each_architecture_fails_the_verification(
+    arch_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, wrong: str
+) -> None:
+    """Each of these files loads and runs in llama.cpp, and its logits are wrong: the job must fail it."""
+    from dataclasses import replace
+
+    from finetune_worker.config import export as export_config
+    from finetune_worker.export import gguf_writer
+
+    if wrong == "biases dropped":
+        monkeypatch.setattr(gguf_writer, "model_tensors", _drop_biases(gguf_writer.model_tensors))
+    elif wrong == "q/k rows reordered as for Llama":
+        qwen2 = export_config.GGUF_ARCHITECTURES["Qwen2ForCausalLM"]
+        monkeypatch.setitem(
+            export_config.GGUF_ARCHITECTURES, "Qwen2ForCausalLM", replace(qwen2, pair_rope=True)
+        )
+    elif wrong == "rope_freqs omitted":
+        monkeypatch.setattr(gguf_writer, "extra_tensors", lambda *args: [])
+    elif wrong == "q/k rows in transformers' order":
+        monkeypatch.setattr(gguf_writer, "ggml_rope_order", lambda weight, heads: weight)
+    elif wrong == "linear RoPE scaling omitted":
+        monkeypatch.setattr(gguf_writer, "rope_layout", lambda model, arch: {})
+    else:
+        monkeypatch.setattr(gguf_writer, "ggml_rope_order", _qk_biases_unordered(gguf_writer.ggml_rope_order))
+    out = tmp_path / "out"
+    done = _run({"job": "export", "model_path": str(arch_models[kind]), "output_dir": str(out), "formats": ["gguf"],
+                 "gguf_type": "f32"})  # fmt: skip
+    assert done["type"] == "failed" and done["error"] == "export_mismatch", done
+    details = done["details"]
+    assert details["max_abs_diff"] > 1.0 and details["top1_agreement"] < 0.6 and not details["passed"], (
+        details
+    )
+    assert not out.exists() and staging_leftovers(out) == []
+
+
+def _variant(
+    src: Path,
+    dest: Path,
+    *,
+    tokenizer: dict[str, Any] | None = None,
+    drop: tuple[str, ...] = (),
+    **config: Any,
+) -> Path:
+    """A copy of the model at ``src`` with ``config`` merged into its config.json (``drop``: keys removed)."""
+    shutil.copytree(src, dest)
+    data = json.loads((dest / "config.json").read_text())
+    data.update(config)
+    for key in drop:
+        data.pop(key, None)
+    (dest / "config.json").write_text(json.dumps(data))
+    if tokenizer is not None:
+        (dest / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return dest
+
+
+def test_what_gguf_still_refuses_is_named_at_validate(
+    tiny_model_dir: Path, arch_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Sliding windows, RoPE llama.cpp would compute otherwise, other activations, mixtures of experts and
+    tokenizers without an exact llama.cpp counterpart: each refused under `formats` before anything loads."""
+    base = {"job": "export", "formats": ["gguf"], "output_dir": str(tmp_path / "out")}
+    n = iter(range(100))
+
+    def refused(src: Path, **changes: Any) -> str:
+        model = _variant(src, tmp_path / f"m{next(n)}", **changes)
+        return _issues({**base, "model_path": str(model)})["formats"]
+
+    mistral, qwen2, llama3 = arch_models["mistral"], arch_models["qwen2"], arch_models["llama3"]
+    # Mistral 7B v0.1's window (4096 of 32768 positions): llama.cpp's llama architecture attends to everything
+    assert "sliding window of 4096 tokens, shorter than its 32768 positions" in refused(
+        mistral, sliding_window=4096, max_position_embeddings=32768
+    )
+    parse_job_config({**base, "model_path": str(_variant(mistral, tmp_path / "wide", sliding_window=4096,
+                                                         max_position_embeddings=4096))})  # fmt: skip
+    # Qwen2 with use_sliding_window (a config of an older transformers: no layer_types)
+    assert "sliding window of 64 tokens" in refused(
+        qwen2, drop=("layer_types",), use_sliding_window=True, sliding_window=64, max_window_layers=1
+    )
+    assert "sliding window" in refused(
+        qwen2, sliding_window=64, layer_types=["full_attention", "sliding_attention"]
+    )
+    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert "RoPE type 'yarn' (rope_parameters) is not supported for Qwen2ForCausalLM" in refused(
+        qwen2, rope_parameters=yarn
+    )
+    assert "RoPE type 'llama3'" in refused(qwen2, rope_parameters={"rope_type": "llama3", "factor": 8.0})
+    assert "RoPE type 'dynamic'" in refused(
+        tiny_model_dir, rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}
+    )
+    assert "head_dim 48 x 4 heads is not hidden_size 128" in refused(qwen2, head_dim=48)
+    assert "hidden_act 'gelu'" in refused(tiny_model_dir, hidden_act="gelu")
+    assert refused(tiny_model_dir, architectures=["MixtralForCausalLM"]).startswith(
+        "gguf: the model is a MixtralForCausalLM; the GGUF export supports"
+    )
+
+    # Tokenizers: SentencePiece-style BPE (Llama 2, Mistral 7B), an unknown Split regex, ignore_merges at odds
+    # with llama.cpp's pre-tokenizer of that name.
+    spm = _tokenizer_json(tiny_model_dir, "gpt2")
+    spm["model"]["byte_fallback"] = True
+    assert "is a SentencePiece-style BPE (byte fallback) tokenizer" in refused(tiny_model_dir, tokenizer=spm)
+    other = _tokenizer_json(tiny_model_dir, "llama3")
+    other["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}+|\s+|."
+    assert "has a pre-tokenizer (Split+ByteLevel) this exporter cannot name" in refused(
+        llama3, tokenizer=other
+    )
+    merging = _tokenizer_json(tiny_model_dir, "llama3")
+    merging["model"]["ignore_merges"] = False
+    assert "has ignore_merges False where llama.cpp's 'llama-bpe'" in refused(llama3, tokenizer=merging)
+    lowercase = _tokenizer_json(tiny_model_dir, "qwen2")
+    lowercase["normalizer"] = {"type": "Lowercase"}
+    assert "has a Lowercase normalizer" in refused(qwen2, tokenizer=lowercase)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,9 +25,39 @@ Format = Literal["onnx", "gguf"]
 GgufType = Literal["f32", "f16", "q8_0"]
 ALL_FORMATS: tuple[Format, ...] = ("onnx", "gguf")
 
-#: transformers architectures the GGUF writer handles (llama.cpp's LLAMA architecture), verified
-#: against llama.cpp on the tiny model by the tests. Anything else is refused at validate time.
-GGUF_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
+
+@dataclass(frozen=True)
+class GgufArchitecture:
+    """How the GGUF writer lays out one transformers architecture, as llama.cpp reads it.
+
+    Read in llama.cpp's converter and model code (vendored by llama-cpp-python 0.3.36) and verified
+    against llama.cpp on tiny random models of each architecture by the tests.
+    """
+
+    #: llama.cpp's architecture (``general.architecture``, the prefix of the hyperparameter keys).
+    arch: str
+    #: llama.cpp rotates *adjacent pairs* for this architecture (its RoPE type "norm") where
+    #: transformers rotates the two halves of each head: the q/k rows (and biases) are reordered.
+    #: False where llama.cpp rotates halves too (RoPE type "neox", Qwen2).
+    pair_rope: bool
+    #: The ``rope_type`` values it reproduces: ``llama3`` needs llama.cpp's ``rope_freqs`` tensor,
+    #: which only some of llama.cpp's graphs read.
+    rope_types: tuple[str, ...]
+    #: llama.cpp's graph assumes ``heads * head_dim == hidden_size`` (its attention output is square).
+    square_attention: bool = False
+
+
+#: transformers architectures the GGUF writer handles. Anything else is refused at validate time.
+GGUF_ARCHITECTURES: dict[str, GgufArchitecture] = {
+    "LlamaForCausalLM": GgufArchitecture("llama", pair_rope=True, rope_types=("default", "linear", "llama3")),
+    # llama.cpp's converter writes Mistral as its "llama" architecture (no sliding window there).
+    "MistralForCausalLM": GgufArchitecture(
+        "llama", pair_rope=True, rope_types=("default", "linear", "llama3")
+    ),
+    "Qwen2ForCausalLM": GgufArchitecture(
+        "qwen2", pair_rope=False, rope_types=("default", "linear"), square_attention=True
+    ),
+}
 
 #: The largest absolute logit difference accepted by default, per format and tensor type. Measured
 #: on the tiny model (docs/configs.md, "Export"): fp32 runtimes agree to ~1e-5, f16 weights to ~1e-2,
@@ -64,7 +95,7 @@ class ExportConfig(StrictModel):
         default_factory=lambda: list(ALL_FORMATS),
         min_length=1,
         description='Formats to write: "onnx" (torch.onnx, logits for input_ids + attention_mask, dynamic '
-        'batch and sequence axes, no KV cache) and "gguf" (llama.cpp; Llama-family models).',
+        'batch and sequence axes, no KV cache) and "gguf" (llama.cpp; Llama, Mistral and Qwen2 models).',
     )
     gguf_type: GgufType = Field(
         "f16",
@@ -258,30 +289,82 @@ def tokenizer_dir(base: Path, adapter: Path | None) -> Path:
 
 
 def gguf_support_issues(base: Path, adapter: Path | None) -> list[str]:
-    """Why this model cannot be written as GGUF here (architecture, RoPE, biases, tokenizer), or []."""
+    """Why this model cannot be written as GGUF here (architecture, RoPE, attention, tokenizer), or []."""
     config = _read_json(base / "config.json")
-    arch = (config.get("architectures") or ["(none)"])[0]
-    if arch not in GGUF_ARCHITECTURES:
+    problems = [f"gguf: {m}" for m in gguf_config_issues(config)]
+    if (config.get("architectures") or [None])[0] not in GGUF_ARCHITECTURES:
+        return problems  # another architecture: that says it all
+    return problems + [f"gguf: {m}" for m in tokenizer_issues(tokenizer_dir(base, adapter))]
+
+
+def gguf_config_issues(config: dict[str, Any]) -> list[str]:
+    """Why a model of this ``config.json`` (or ``config.to_dict()``) has no GGUF form here, or []."""
+    arch_name = (config.get("architectures") or ["(none)"])[0]
+    arch = GGUF_ARCHITECTURES.get(arch_name)
+    if arch is None:
         return [
-            f"gguf: the model is a {arch}; the GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))} "
-            '(llama.cpp\'s "llama" architecture) only. Drop "gguf" from formats, or convert with llama.cpp\'s '
+            f"the model is a {arch_name}; the GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))} "
+            'only (no mixture-of-experts models). Drop "gguf" from formats, or convert with llama.cpp\'s '
             "convert_hf_to_gguf.py"
         ]
     problems = []
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type != "default":
+    rope_type, rope = rope_settings(config)
+    if rope_type not in arch.rope_types:
         problems.append(
-            f"gguf: RoPE type {rope_type!r} (rope_parameters) is not supported by this exporter (default RoPE only)"
+            f"RoPE type {rope_type!r} (rope_parameters) is not supported for {arch_name} by this exporter "
+            f"({', '.join(arch.rope_types)} only)"
         )
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        problems.append("gguf: attention_bias/mlp_bias models are not supported by this exporter")
+    if rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
+        problems.append("a partial_rotary_factor other than 1 is not supported by this exporter")
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {config.get('hidden_act')!r}: llama.cpp's {arch.arch} graph uses silu")
+    window = sliding_window(config)
+    if window is not None:
+        problems.append(
+            f"the model attends through a sliding window of {window} tokens, shorter than its "
+            f"{config.get('max_position_embeddings')} positions; llama.cpp's {arch.arch} architecture attends "
+            "to the whole context, so longer texts would not match"
+        )
+    if any(config.get(key) for key in ("num_local_experts", "num_experts")):
+        problems.append("mixture-of-experts models are not supported by this exporter")
+    if arch.square_attention:
+        heads = int(config.get("num_attention_heads") or 0)
+        head_dim = config.get("head_dim")
+        if head_dim and heads and int(head_dim) * heads != config.get("hidden_size"):
+            problems.append(
+                f"head_dim {head_dim} x {heads} heads is not hidden_size {config.get('hidden_size')}, "
+                f"which llama.cpp's {arch.arch} graph assumes"
+            )
     if config.get("quantization_config"):
         problems.append(
-            "gguf: the model is a quantized checkpoint (quantization_config); export an unquantized one"
+            "the model is a quantized checkpoint (quantization_config); export an unquantized one"
         )
-    problems += [f"gguf: {m}" for m in tokenizer_issues(tokenizer_dir(base, adapter))]
     return problems
+
+
+def rope_settings(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(rope_type, its parameters) of a config dict, old (``rope_scaling``) or new (``rope_parameters``)."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if isinstance(rope.get("full_attention"), dict):  # per layer type (the sliding ones are refused)
+        rope = rope["full_attention"]
+    return str(rope.get("rope_type") or rope.get("type") or "default"), rope
+
+
+def sliding_window(config: dict[str, Any]) -> int | None:
+    """The window of layers that attend to fewer tokens than the model's context, or None."""
+    window = config.get("sliding_window")
+    context = config.get("max_position_embeddings")
+    if not window or (context and int(window) >= int(context)):
+        return None
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        return int(window) if "sliding_attention" in layer_types else None
+    if config.get("model_type") == "qwen2" or "use_sliding_window" in config:
+        # Qwen2 (before layer_types): layers from max_window_layers on, only with use_sliding_window
+        layers = int(config.get("num_hidden_layers") or 0)
+        if not config.get("use_sliding_window") or int(config.get("max_window_layers", layers)) >= layers:
+            return None
+    return int(window)
 
 
 def tokenizer_issues(folder: Path) -> list[str]:
@@ -293,32 +376,86 @@ def tokenizer_issues(folder: Path) -> list[str]:
     return []
 
 
+#: The pre-tokenizer regexes of the byte-level BPE tokenizers llama.cpp knows by name, as
+#: tokenizer.json holds them (a ``Split`` before a regex-less ``ByteLevel``), with whether llama.cpp
+#: looks a whole pre-token up in the vocabulary before merging (``ignore_merges``) under that name.
+#: The regexes are those llama.cpp quotes from the tokenizer.json files (src/llama-vocab.cpp).
+_SPLIT_PRE_TOKENIZERS: dict[str, tuple[str, bool]] = {
+    # Llama 3 and 3.x: numbers split into groups of up to three digits
+    "llama-bpe": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+        True,
+    ),
+    # Qwen2 and Qwen2.5: one digit per pre-token
+    "qwen2": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+        False,
+    ),
+}
+
+
 def gguf_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
     """llama.cpp's name (``tokenizer.ggml.pre``) for a byte-level BPE tokenizer.json's pre-tokenizer.
 
-    Only the byte-level BPE whose pre-tokenizer is GPT-2's own regex (``ByteLevel`` with
-    ``use_regex``) is recognised: llama.cpp's ``gpt-2`` pre-tokenizer uses the same regex. The
-    job checks that llama.cpp then tokenizes the verify prompts as transformers does.
+    Recognised: GPT-2's own (``ByteLevel`` with its regex: llama.cpp's ``gpt-2``), and a ``Split`` on
+    Llama 3's regex (``llama-bpe``) or Qwen2's (``qwen2``) followed by a regex-less ``ByteLevel``.
+    The only normalizer accepted is NFC (Qwen2's), which llama.cpp does not apply: text already in
+    NFC, as most text is, tokenizes the same. SentencePiece-style tokenizers (BPE with byte fallback:
+    Llama 2, Mistral 7B) are refused. The job checks that llama.cpp tokenizes the verify prompts as
+    transformers does.
     """
     if not tokenizer_json:
         raise ValueError("has no tokenizer.json (a byte-level BPE tokenizer is needed for GGUF)")
     model = tokenizer_json.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = "SentencePiece-style BPE (byte fallback)" if model.get("byte_fallback") else model.get("type")
         raise ValueError(
-            f"is a {model.get('type')} tokenizer{' with byte fallback' if model.get('byte_fallback') else ''}; "
-            "the GGUF export supports byte-level BPE (GPT-2 style) tokenizers only"
+            f"is a {kind} tokenizer; the GGUF export supports byte-level BPE (GPT-2 style: Llama 3, Qwen2) "
+            "tokenizers only"
         )
     if (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel":
         raise ValueError(
             "does not decode byte-level; the GGUF export supports byte-level BPE tokenizers only"
         )
-    if tokenizer_json.get("normalizer"):
-        raise ValueError("has a normalizer, which llama.cpp's BPE tokenizer does not apply")
+    normalizer = tokenizer_json.get("normalizer")
+    if normalizer and normalizer.get("type") != "NFC":
+        raise ValueError(
+            f"has a {normalizer.get('type')} normalizer, which llama.cpp's BPE tokenizer does not apply"
+        )
     pre = tokenizer_json.get("pre_tokenizer") or {}
+    name, ignore_merges = _pre_tokenizer_name(pre)
+    if bool(model.get("ignore_merges")) != ignore_merges:
+        raise ValueError(
+            f"has ignore_merges {bool(model.get('ignore_merges'))} where llama.cpp's {name!r} pre-tokenizer "
+            f"has {ignore_merges}"
+        )
+    return name
+
+
+def _pre_tokenizer_name(pre: dict[str, Any]) -> tuple[str, bool]:
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
-        return "gpt-2"
+        return "gpt-2", False
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") == "Sequence" and len(steps) == 2:
+        split, byte_level = steps
+        regex = (split.get("pattern") or {}).get("Regex")
+        if (
+            split.get("type") == "Split"
+            and split.get("behavior") == "Isolated"
+            and not split.get("invert")
+            and byte_level.get("type") == "ByteLevel"
+            and not byte_level.get("use_regex", True)
+            and not byte_level.get("add_prefix_space")
+        ):
+            for name, (known, ignore_merges) in _SPLIT_PRE_TOKENIZERS.items():
+                if regex == known:
+                    return name, ignore_merges
+    kinds = "+".join(str(s.get("type")) for s in steps) if steps else pre.get("type")
     raise ValueError(
-        f"has a pre-tokenizer ({pre.get('type')}) this exporter cannot name for llama.cpp (GPT-2's only)"
+        f"has a pre-tokenizer ({kinds}) this exporter cannot name for llama.cpp (GPT-2's, Llama 3's and "
+        "Qwen2's only)"
     )
 
 
