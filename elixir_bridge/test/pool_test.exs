@@ -214,6 +214,29 @@ defmodule FineTuning.PoolTest do
     assert {:ok, _} = Pool.submit(pool, train_config(model, Path.join(dir, "e"), 4))
   end
 
+  test "a job waits for a worker with its device count and labels; a queued job cancels at once",
+       %{
+         model: model,
+         dir: dir
+       } do
+    pool = start_pool(:pool_needs, dir, [Keyword.merge(worker(), devices: 1, labels: ["cpu"])])
+    {:ok, big} = Pool.submit(pool, train_config(model, Path.join(dir, "big"), 4), devices: 2)
+
+    {:ok, gpu} =
+      Pool.submit(pool, train_config(model, Path.join(dir, "gpu"), 4), labels: ["a100"])
+
+    {:ok, fits} =
+      Pool.submit(pool, train_config(model, Path.join(dir, "fits"), 4), labels: ["cpu"])
+
+    assert {:fine_tuning, ^fits, :completed, _} = FineTuning.await(pool, fits, 120_000)
+    status = Pool.status(pool)
+    assert status.queue == [big, gpu] and status.running == []
+    assert [%{devices: 1, labels: ["cpu"], job: nil}] = status.workers
+    assert :ok = FineTuning.cancel(pool, big)
+    assert_receive {:fine_tuning, ^big, :cancelled, %{step: 0}}
+    assert Pool.status(pool).queue == [gpu]
+  end
+
   test "a bad config is refused at submit, naming its field", %{dir: dir, model: model} do
     pool = start_pool(:pool_bad, dir, [worker()])
     config = Map.put(train_config(model, Path.join(dir, "bad")), "max_steps", -1)
@@ -298,7 +321,7 @@ defmodule FineTuning.PoolTest do
 
     {:ok, _} =
       :erpc.call(node, FineTuning.Pool.Member, :start, [
-        [pool: pool, labels: [label], workers: [worker()], prefix: "peer_#{label}"]
+        [pool: pool, labels: [label], workers: [worker()]]
       ])
 
     {peer, node}

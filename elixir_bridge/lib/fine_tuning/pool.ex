@@ -83,8 +83,7 @@ defmodule FineTuning.Pool do
       if workers == [],
         do: [],
         else: [
-          {FineTuning.Pool.Member,
-           pool: name, workers: workers, labels: labels, prefix: "#{inspect(name)}.worker"}
+          {FineTuning.Pool.Member, pool: name, workers: workers, labels: labels}
         ]
 
     # The workers' members depend on the scheduler being up; a scheduler restart leaves them be

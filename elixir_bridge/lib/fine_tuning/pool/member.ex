@@ -57,7 +57,6 @@ defmodule FineTuning.Pool.Member do
   def init(opts) do
     pool = Keyword.fetch!(opts, :pool)
     labels = Keyword.get(opts, :labels, [])
-    prefix = Keyword.get(opts, :prefix, "fine_tuning_pool_#{System.unique_integer([:positive])}")
 
     children =
       opts
@@ -66,11 +65,10 @@ defmodule FineTuning.Pool.Member do
       |> Enum.map(fn {worker, index} ->
         {devices, worker} = Keyword.pop(worker, :devices, 1)
         {own_labels, worker} = Keyword.pop(worker, :labels, [])
-        name = Keyword.get(worker, :name, String.to_atom("#{prefix}_worker_#{index}"))
 
         slot = [
-          {FineTuning.Worker, Keyword.put(worker, :name, name)},
-          {Joiner, pool: pool, worker: name, devices: devices, labels: labels ++ own_labels}
+          {FineTuning.Worker, Keyword.put(worker, :id, :worker)},
+          {Joiner, pool: pool, devices: devices, labels: labels ++ own_labels}
         ]
 
         %{
@@ -88,8 +86,9 @@ end
 
 defmodule FineTuning.Pool.Joiner do
   @moduledoc false
-  # Registers one worker with the pool, and again whenever the pool goes down and comes back.
-  # Started after its worker (rest_for_one), so a restarted worker joins again too.
+  # Registers one worker (its sibling under the slot's supervisor, child id :worker) with the
+  # pool, and again whenever the pool goes down and comes back. Started after its worker
+  # (rest_for_one), so a restarted worker joins again too.
   use GenServer
 
   @retry_ms 500
@@ -100,13 +99,18 @@ defmodule FineTuning.Pool.Joiner do
 
   @impl true
   def init(opts) do
+    [slot | _] = Process.get(:"$ancestors")
     send(self(), :join)
-    {:ok, %{opts: Map.new(opts), pool_ref: nil}}
+    {:ok, %{opts: Map.new(opts), slot: slot, pool_ref: nil}}
   end
 
   @impl true
   def handle_info(:join, %{opts: opts} = state) do
-    worker = Process.whereis(opts.worker)
+    worker =
+      Enum.find_value(Supervisor.which_children(state.slot), fn {id, pid, _, _} ->
+        id == :worker and pid
+      end)
+
     meta = %{devices: opts.devices, labels: opts.labels, node: node()}
 
     try do

@@ -392,7 +392,7 @@ defmodule FineTuning.Pool.Server do
           @submit_timeout + 1_000
         )
       catch
-        :exit, reason -> {:error, {:worker_unreachable, reason}}
+        :exit, reason -> {:unreachable, reason}
       end
 
     case result do
@@ -422,7 +422,7 @@ defmodule FineTuning.Pool.Server do
 
         store(put_job(state, job), job)
 
-      {:error, {:worker_unreachable, _}} ->
+      {:unreachable, _} ->
         # It went down between joining and now; its :DOWN will remove it.
         state
 
