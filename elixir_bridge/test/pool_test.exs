@@ -154,6 +154,37 @@ defmodule FineTuning.PoolTest do
     assert File.stat!(Path.join(out, "summary.json")).mtime == mtime
   end
 
+  test "a scheduler killed mid-job comes back from its store and adopts the job its worker still runs",
+       %{model: model, dir: dir} do
+    pool = start_pool(:pool_adopt, dir, [worker()])
+    out = Path.join(dir, "adopted")
+    {:ok, "adopt-me"} = Pool.submit(pool, train_config(model, out), key: "adopt-me")
+    wait_event("adopt-me", :checkpoint)
+    [%{worker: running_on}] = Pool.status(pool).running
+    Process.exit(Process.whereis(pool), :kill)
+
+    # The caller attaches again by its key once the pool is back.
+    wait_until(
+      fn -> match?({:ok, _}, safe_submit(pool, train_config(model, out), key: "adopt-me")) end,
+      30_000
+    )
+
+    # Its worker joins the new scheduler, which takes the job back from it.
+    wait_until(fn -> Pool.status(pool).running != [] end, 10_000)
+    assert [%{job_id: "adopt-me", worker: ^running_on, restarts: 0}] = Pool.status(pool).running
+
+    assert {:fine_tuning, "adopt-me", :completed, %{summary: summary}} =
+             FineTuning.await(pool, "adopt-me", 180_000)
+
+    assert summary.resumed_from == nil, "adopted, not restarted"
+  end
+
+  defp safe_submit(pool, config, opts) do
+    Pool.submit(pool, config, opts)
+  catch
+    :exit, reason -> {:exit, reason}
+  end
+
   test "a higher priority preempts a running job, which resumes from its checkpoint afterwards",
        %{
          model: model,

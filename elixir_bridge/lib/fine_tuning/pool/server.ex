@@ -19,6 +19,9 @@ defmodule FineTuning.Pool.Server do
   # is still saving its checkpoint while it dies) is tried again after this long, a few times.
   @retry_ms 1_000
   @max_conflicts 30
+  # How long a job that was running when the scheduler went down waits for its worker to join
+  # again (and be adopted) before it is placed anew.
+  @adopt_ms 5_000
 
   @compile {:no_warn_undefined, :telemetry}
 
@@ -58,18 +61,32 @@ defmodule FineTuning.Pool.Server do
   end
 
   # A job the store knew: finished ones are kept (for idempotent resubmission), the others
-  # go back to the queue (a running one resumes from its checkpoint).
+  # go back to the queue. A running one may still run on its worker (only this scheduler went
+  # down): for @adopt_ms it waits for that worker to join again and is adopted (see join/3);
+  # after that it is placed anew and resumes from its checkpoint.
   defp restore(record, state) do
     job = Map.merge(new_job_fields(), record)
 
     job =
-      if job.state in [:running, :queued],
-        do: %{
+      case job.state do
+        :running ->
+          %{
+            job
+            | state: :queued,
+              restarts: job.restarts + 1,
+              adopt: job.worker_job,
+              not_before: now() + @adopt_ms
+          }
+
+        :queued ->
           job
-          | state: :queued,
-            restarts: job.restarts + if(job.state == :running, do: 1, else: 0)
-        },
-        else: job
+
+        _ended ->
+          job
+      end
+
+    job = %{job | worker_job: nil}
+    if job.not_before, do: Process.send_after(self(), :dispatch, @adopt_ms + 10)
 
     %{state | jobs: Map.put(state.jobs, job.id, job), seq: max(state.seq, job.seq)}
   end
@@ -86,7 +103,8 @@ defmodule FineTuning.Pool.Server do
       total_steps: nil,
       percent: nil,
       conflicts: 0,
-      not_before: nil
+      not_before: nil,
+      adopt: nil
     }
   end
 
@@ -170,7 +188,58 @@ defmodule FineTuning.Pool.Server do
     state = forget_worker(state, pid, :rejoined)
     worker = Map.merge(meta, %{pid: pid, ref: Process.monitor(pid), job: nil})
     Logger.info("FineTuning.Pool: worker #{inspect(pid)} joined from #{meta.node}")
-    {:reply, :ok, dispatch(%{state | workers: Map.put(state.workers, pid, worker)})}
+    state = adopt(%{state | workers: Map.put(state.workers, pid, worker)}, pid)
+    {:reply, :ok, dispatch(state)}
+  end
+
+  # A worker that joins may be running a job this scheduler's previous life placed there: take
+  # it back (its events come here again) instead of starting it a second time.
+  defp adopt(state, pid) do
+    waiting =
+      for {id, %{adopt: wid, state: :queued}} <- state.jobs, wid != nil, into: %{}, do: {wid, id}
+
+    running =
+      if waiting == %{} do
+        []
+      else
+        try do
+          GenServer.call(pid, {:call, :jobs, [], 10_000}, 11_000)
+        catch
+          :exit, _ -> []
+        end
+      end
+
+    running
+    |> List.wrap()
+    |> Enum.filter(
+      &(is_map(&1) and &1[:state] in ["queued", "running"] and Map.has_key?(waiting, &1[:job_id]))
+    )
+    |> Enum.reduce(state, fn %{job_id: wid}, state ->
+      job = state.jobs[waiting[wid]]
+      # One that ended meanwhile: its terminal event is handled as if it had just come.
+      with {:ok, {:finished, event}} <- FineTuning.subscribe(pid, wid, self()),
+           do: send(self(), event)
+
+      job = %{
+        job
+        | state: :running,
+          worker: pid,
+          worker_job: wid,
+          adopt: nil,
+          not_before: nil,
+          restarts: job.restarts - 1
+      }
+
+      worker = %{state.workers[pid] | job: job.id}
+
+      state = %{
+        state
+        | workers: Map.put(state.workers, pid, worker),
+          by_worker_job: Map.put(state.by_worker_job, wid, job.id)
+      }
+
+      store(put_job(state, job), job)
+    end)
   end
 
   defp submit(state, config, subscriber, opts) do
@@ -627,7 +696,7 @@ defmodule FineTuning.Pool.Server do
   defp put_job(state, job), do: %{state | jobs: Map.put(state.jobs, job.id, job)}
 
   @persisted [:id, :key, :seq, :config, :priority, :needs, :state, :checkpoint, :terminal] ++
-               [:attempts, :restarts, :submitted_at]
+               [:attempts, :restarts, :submitted_at, :worker_job]
   defp store(state, job) do
     Store.put(state.store, Map.take(job, @persisted))
     state
