@@ -290,39 +290,35 @@ def test_a_resumed_run_continues_in_the_phase_of_its_step(tiny_model_dir: Path, 
 # ---- continual learning -------------------------------------------------------------------------
 
 
+def _full_run(model: Path, out: Path, data_file: str, steps: int, **extra: Any) -> Any:
+    """A full fine-tune of ``model`` on one demo file, all rows trained, no checkpoint on the way."""
+    cfg = tiny_config(
+        model,
+        out,
+        data_file,
+        dataset={"path": str(DATA / data_file), "validation_split": 0},
+        peft={"method": "full"},
+        training_parameters={"epochs": 3, "batch_size": 8, "learning_rate": 3e-3, "logging_steps": 5},
+        checkpoint={"every_steps": 1000, "keep": 1},
+        max_steps=steps,
+        **extra,
+    )
+    run = run_job(cfg)
+    assert run.terminal.type == "completed", run.terminal.payload
+    return run
+
+
 @pytest.fixture(scope="module")
 def pretrained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model that knows the reference data (text.jsonl): forgetting can then be measured."""
     out = tmp_path_factory.mktemp("pretrained") / "model"
-    cfg = tiny_config(
-        tiny_model_dir,
-        out,
-        "text.jsonl",
-        dataset={"path": str(DATA / "text.jsonl"), "validation_split": 0},
-        peft={"method": "full"},
-        training_parameters={"epochs": 3, "batch_size": 8, "learning_rate": 3e-3, "logging_steps": 10},
-        checkpoint={"every_steps": 1000, "keep": 1},
-        max_steps=60,
-    )
-    run = run_job(cfg)
-    assert run.terminal.type == "completed", run.terminal.payload
+    _full_run(tiny_model_dir, out, "text.jsonl", 60)
     return out
 
 
 def _forgetting(model: Path, out: Path, continual: dict[str, Any]) -> dict[str, Any]:
-    cfg = tiny_config(
-        model,
-        out,
-        "instruction.jsonl",
-        dataset={"path": str(DATA / "instruction.jsonl"), "validation_split": 0},
-        peft={"method": "full"},
-        training_parameters={"epochs": 2, "batch_size": 8, "learning_rate": 3e-3, "logging_steps": 5},
-        checkpoint={"every_steps": 1000, "keep": 1},
-        continual={"reference": {"path": str(DATA / "text.jsonl")}, "reference_rows": 48, **continual},
-        max_steps=30,
-    )
-    run = run_job(cfg)
-    assert run.terminal.type == "completed", run.terminal.payload
+    reference = {"reference": {"path": str(DATA / "text.jsonl")}, "reference_rows": 48}
+    run = _full_run(model, out, "instruction.jsonl", 30, continual={**reference, **continual})
     summary = run.terminal.payload["summary"]
     return {**summary["continual"], "metrics": run.of("metrics"), "sources": summary["data"]["sources"]}
 
