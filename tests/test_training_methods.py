@@ -365,13 +365,36 @@ def test_the_penalty_is_its_formula(tiny_model_dir: Path) -> None:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     fisher = {n: torch.full_like(p, 2.0) for n, p in model.named_parameters() if p.requires_grad}
     penalty = ContinualPenalty(model, 0.5, 3.0, fisher)
-    assert float(penalty()) == 0.0
+    assert float(penalty().detach()) == 0.0
     with torch.no_grad():
         model.model.norm.weight.add_(0.1)  # one trained tensor moves by 0.1 everywhere
         model.model.embed_tokens.weight.add_(1.0)  # a frozen one: not in the penalty
     n = model.model.norm.weight.numel()
-    assert float(penalty()) == pytest.approx(0.5 * (0.5 + 3.0 * 2.0) * n * 0.01, rel=1e-4)
+    value = penalty()
+    assert float(value) == pytest.approx(0.5 * (0.5 + 3.0 * 2.0) * n * 0.01, rel=1e-4)
     assert "model.embed_tokens.weight" not in names
+    # Its gradient is coef x (w - w0), as autograd of the formula gives it.
+    (2.0 * value).backward()
+    expected = 2.0 * (0.5 + 3.0 * 2.0) * torch.full_like(model.model.norm.weight, 0.1)
+    assert torch.allclose(model.model.norm.weight.grad, expected, atol=1e-5)
+    assert model.model.embed_tokens.weight.grad is None
+    assert float(model.model.layers[0].mlp.up_proj.weight.grad.abs().max()) == 0.0  # it did not move
+
+
+def test_replayed_reference_rows_leave_out_the_measured_ones(tmp_path: Path) -> None:
+    from finetune_worker.config.train import TrainConfig
+
+    base = tiny_config(tmp_path, tmp_path / "out", "qa.jsonl")
+    reference = {"path": str(DATA / "text.jsonl")}
+    cfg = TrainConfig.model_validate(
+        {**base, "continual": {"reference": reference, "reference_rows": 48, "replay": {"share": 0.2}}}
+    )
+    replay = cfg.sources[-1]
+    assert replay.path == cfg.reference_source.path and replay.skip == 48 and replay.share == 0.2
+    small = {**base, "continual": {"reference": reference, "reference_rows": 1000, "replay": {"share": 0.2}}}
+    small["model_name"] = str(tmp_path)
+    found = issues_of(small)
+    assert any("no rows beyond its first 1000" in m for m in found.values()), found
 
 
 @pytest.mark.slow

@@ -268,6 +268,25 @@ defmodule FineTuning.PoolTest do
     assert Pool.status(pool).queue == [gpu]
   end
 
+  test "a running job cancelled through the pool ends once, cancelled, and a repeated join keeps it",
+       %{model: model, dir: dir} do
+    pool = start_pool(:pool_cancel, dir, [worker()])
+    {:ok, id} = Pool.submit(pool, train_config(model, Path.join(dir, "c")))
+    wait_event(id, :checkpoint)
+    [%{worker: w}] = Pool.status(pool).running
+    # A join the worker retried (its first reply came late) must not lose the job it runs.
+    :ok = GenServer.call(pool, {:join, w, %{devices: 1, labels: [], node: node()}})
+    assert [%{job_id: ^id, worker: ^w}] = Pool.status(pool).running
+    assert :ok = FineTuning.cancel(pool, id)
+    events = collect_events(id, 120_000)
+    assert {:cancelled, %{checkpoint: checkpoint}} = List.last(events)
+    assert checkpoint =~ "checkpoint-"
+    refute Enum.any?(events, &(elem(&1, 0) == :requeued))
+    refute_receive {:fine_tuning, ^id, _, _}, 500
+    assert {:error, {:not_supported_by_pool, :shutdown}} = FineTuning.shutdown(pool)
+    assert Process.alive?(Process.whereis(pool))
+  end
+
   test "a bad config is refused at submit, naming its field", %{dir: dir, model: model} do
     pool = start_pool(:pool_bad, dir, [worker()])
     config = Map.put(train_config(model, Path.join(dir, "bad")), "max_steps", -1)

@@ -88,7 +88,11 @@ defmodule FineTuning.Pool do
 
     # The workers' members depend on the scheduler being up; a scheduler restart leaves them be
     # (they join it again).
-    Supervisor.start_link([{FineTuning.Pool.Server, opts} | member], strategy: :one_for_one)
+    Supervisor.start_link([{FineTuning.Pool.Server, opts} | member],
+      strategy: :one_for_one,
+      max_restarts: 10,
+      max_seconds: 60
+    )
   end
 
   @doc """
@@ -105,20 +109,46 @@ defmodule FineTuning.Pool do
     unless is_pid(subscriber),
       do: raise(ArgumentError, "option :subscriber must be a pid, got: #{inspect(subscriber)}")
 
+    check_option!(
+      opts,
+      :key,
+      nil,
+      &(is_nil(&1) or (is_binary(&1) and &1 != "")),
+      "a non-empty binary"
+    )
+
+    check_option!(opts, :priority, 0, &is_integer/1, "an integer")
+    check_option!(opts, :devices, 1, &(is_integer(&1) and &1 > 0), "a positive integer")
+
+    check_option!(
+      opts,
+      :labels,
+      [],
+      &(is_list(&1) and Enum.all?(&1, fn l -> is_binary(l) end)),
+      "a list of binaries"
+    )
+
     with {:ok, term} <- Protocol.config_term(config) do
       GenServer.call(pool, {:pool_submit, term, subscriber, opts}, :infinity)
     end
   end
 
+  defp check_option!(opts, key, default, valid?, what) do
+    value = Keyword.get(opts, key, default)
+
+    unless valid?.(value),
+      do: raise(ArgumentError, "option #{inspect(key)} must be #{what}, got: #{inspect(value)}")
+  end
+
   @doc "The workers (node, devices, labels, job), the queue (job ids in order) and the running jobs."
   @spec status(GenServer.server()) :: map()
-  def status(pool), do: GenServer.call(pool, :status)
+  def status(pool), do: GenServer.call(pool, :status, 30_000)
 
   @doc "Accept and start no more jobs; the running ones finish."
   @spec drain(GenServer.server()) :: :ok
-  def drain(pool), do: GenServer.call(pool, {:drain, true})
+  def drain(pool), do: GenServer.call(pool, {:drain, true}, 30_000)
 
   @doc "End `drain/1`: accept jobs again and start the queued ones."
   @spec undrain(GenServer.server()) :: :ok
-  def undrain(pool), do: GenServer.call(pool, {:drain, false})
+  def undrain(pool), do: GenServer.call(pool, {:drain, false}, 30_000)
 end

@@ -518,6 +518,10 @@ class TrainConfig(_Section):
         for i, entry in enumerate(data["dataset"].get("sources") or [data["dataset"]]):
             if entry.get("path") is not None:
                 entry["path"] = str(self.paths.datasets[i])
+        continual = data.get("continual") or {}
+        for section in (continual.get("reference"), (continual.get("replay") or {}).get("dataset")):
+            if section and section.get("path") is not None:
+                section["path"] = str(self.resolved(section["path"]))
         data["output_dir"] = str(self.resolved(self.output_dir))
         if data.get("distributed"):
             # Where the rendezvous happens and which node this is do not change what is trained.
@@ -669,6 +673,14 @@ class TrainConfig(_Section):
                 ConfigIssue(
                     "continual",
                     "sets nothing: give a reference, a penalty strength (l2_to_base, ewc) or replay",
+                )
+            )
+        if self.peft.method == "adalora":
+            issues.append(
+                ConfigIssue(
+                    "continual",
+                    "adalora adds its orthogonality regulariser to every loss its model returns, so the "
+                    "reference loss and the Fisher would measure it too: use another adapter method",
                 )
             )
         return issues + self._refused_with("continual", "continual learning")
@@ -933,8 +945,13 @@ class TrainConfig(_Section):
         if replay is None:
             return None
         if replay.dataset is None:
+            # The reference data beyond the rows the reference loss measures: replaying those
+            # would hide the forgetting it reports.
             ref = self.reference_source  # None only in a config semantic_issues refuses
-            return replace(ref, share=replay.share) if ref is not None else None
+            if ref is None or self.continual is None:
+                return None
+            skip = self.continual.reference_rows
+            return replace(ref, share=replay.share, skip=skip, where="continual.replay")
         return replace(
             self.data.source(
                 self.resolved(replay.dataset.path),

@@ -42,6 +42,8 @@ class Source:
     validation_split: float = 0.0
     #: A fixed share of all training rows (continual learning's replayed rows), whatever the others'.
     share: float | None = None
+    #: Rows left out at the start (replayed reference rows skip the ones the reference loss measures).
+    skip: int = 0
 
     def files(self) -> list[DataFile]:
         return resolve_files(self.path, file_format=self.file_format, split=self.split)
@@ -49,7 +51,12 @@ class Source:
 
 def iter_examples(source: Source, files: list[DataFile], *, label_files: bool) -> Iterator[AnyExample | str]:
     """Every row of ``files`` as an Example, or as the error message of a bad row (which names
-    the file too when ``label_files``). Raises :class:`SourceProblem` for a whole-file problem."""
+    the file too when ``label_files``), after the source's first ``skip``. Raises
+    :class:`SourceProblem` for a whole-file problem."""
+    return itertools.islice(_examples(source, files, label_files=label_files), source.skip, None)
+
+
+def _examples(source: Source, files: list[DataFile], *, label_files: bool) -> Iterator[AnyExample | str]:
     for file in files:
         if file.format == "txt" and source.spec.format not in ("auto", "text"):
             raise SourceProblem(
@@ -88,6 +95,11 @@ def preview_issues(source: Source) -> list[str]:
     except SourceProblem as exc:
         return [exc.message]
     if rows == 0 and len(shown) == len(files):
+        if source.skip:
+            return [
+                f"{source.path} has no rows beyond its first {source.skip}, which measure the reference loss "
+                "and are never replayed: give continual.replay.dataset, or lower continual.reference_rows"
+            ]
         return [f"{source.path} has no rows (it is empty)"]
     return []
 

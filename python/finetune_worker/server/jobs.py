@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import os
+import secrets
 import threading
 import time
 import traceback
@@ -127,7 +128,9 @@ class JobManager:
         self._ids = itertools.count(1)
         self._requests: dict[tuple[str, int], _Pending] = {}
         self._request_ids = itertools.count(1)
-        self._prefix = job_prefix or f"job-{os.getpid()}-{int(time.time()) % 100000}"
+        # Unique across processes and machines (a pool relays several workers' jobs by their
+        # ids): the pid alone repeats across containers, the second of the start across a rollout.
+        self._prefix = job_prefix or f"job-{os.getpid()}-{secrets.token_hex(4)}"
         self._runner = threading.Thread(target=self._run_loop, name="finetune-runner", daemon=True)
         self._runner.start()
 

@@ -23,6 +23,7 @@ import torch
 
 from finetune_worker.config.train import TrainConfig
 from finetune_worker.data.sources import load_examples
+from finetune_worker.errors import JobFailed
 from finetune_worker.training.data_collate import make_collator
 
 
@@ -91,6 +92,12 @@ def diagonal_fisher(
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+    if not used:
+        raise JobFailed(
+            "bad_dataset_row",
+            "continual.reference: no reference row has a trained token to estimate EWC's Fisher on",
+            hint="Give reference rows that train some tokens (plain text, or answers to train on).",
+        )
     elements = sum(s.numel() for s in sums.values())
     mean = sum(float(s.sum()) for s in sums.values()) / max(elements, 1) / max(used, 1)
     scale = 1.0 / (max(used, 1) * mean) if mean > 0 else 0.0
@@ -98,7 +105,11 @@ def diagonal_fisher(
 
 
 class ContinualPenalty:
-    """``1/2 x sum(coef x (w - w0)^2)`` over the trained weights (see the module doc)."""
+    """``1/2 x sum(coef x (w - w0)^2)`` over the trained weights (see the module doc).
+
+    Its value comes from :class:`_PenaltyFunction`, which saves nothing for backward: the
+    gradient ``coef x (w - w0)`` is computed one weight at a time when backward reaches it, so
+    the penalty costs its anchors (and coefficients) and no activation memory."""
 
     def __init__(self, model: Any, l2: float, ewc: float, fisher: dict[str, torch.Tensor] | None):
         self.terms: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor | float]] = []
@@ -107,14 +118,33 @@ class ContinualPenalty:
                 continue
             coef: torch.Tensor | float = l2
             if ewc and fisher is not None:
-                coef = fisher[name].to(p.device).mul_(ewc).add_(l2)
+                coef = fisher.pop(name).to(device=p.device, dtype=p.dtype) * ewc + l2
             self.terms.append((p, p.detach().clone(), coef))
 
     def __call__(self) -> torch.Tensor:
-        total: torch.Tensor | None = None
-        for p, anchor, coef in self.terms:
-            if not p.requires_grad:  # frozen in this phase of progressive unfreezing
-                continue
-            term = (coef * (p.float() - anchor.float()).pow(2)).sum()
-            total = term if total is None else total + term
-        return total / 2 if total is not None else torch.zeros(())
+        # Weights frozen in this phase of progressive unfreezing stay out (they do not move).
+        live = [term for term in self.terms if term[0].requires_grad]
+        if not live:
+            return torch.zeros(())
+        value: torch.Tensor = _PenaltyFunction.apply(live, *(p for p, _, _ in live))
+        return value
+
+
+class _PenaltyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, terms: list[Any], *params: torch.Tensor) -> torch.Tensor:
+        ctx.terms = terms
+        with torch.no_grad():
+            total = sum(
+                float((coef * (p.detach().float() - anchor.float()).pow(2)).sum())
+                for p, anchor, coef in terms
+            )
+        return torch.tensor(total / 2, device=params[0].device, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        grads = []
+        with torch.no_grad():
+            for p, anchor, coef in ctx.terms:
+                grads.append((p.detach() - anchor).mul_(coef).mul_(grad.to(p.dtype)))
+        return (None, *grads)

@@ -158,7 +158,6 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     tokenizer = load_tokenizer(cfg.paths.model, "model_name")
     weighting = cfg.loss_weights
     token_ids = token_weight_ids(weighting.tokens, tokenizer) if weighting is not None else {}
-    reference = reference_rows(cfg, tokenizer) if cfg.reference_source is not None else None
     keep = cfg.evaluation.max_rows if cfg.evaluation is not None and cfg.evaluation.dataset is None else 0
     data_started = time.monotonic()
     data: PreparedData | PreferenceData
@@ -205,21 +204,20 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     )
     ctx.check_cancelled()
 
-    continual = cfg.continual
-    penalty, reference_before = None, None
-    if reference is not None:
-        ctx.phase("evaluating")
-        batch = cfg.eval.batch_size or cfg.training_parameters.batch_size
-        reference_before = reference_loss(model, reference, tokenizer, batch, ctx.check_cancelled)
-        ctx.log(f"reference data: {len(reference)} rows, loss {_rounded(reference_before)} before training")
-    if continual is not None and (continual.l2_to_base or continual.ewc):
-        fisher = None
-        if continual.ewc and reference is not None:
-            fisher = diagonal_fisher(model, reference, tokenizer, ctx.check_cancelled)
-        penalty = ContinualPenalty(model, continual.l2_to_base, continual.ewc, fisher)
     extra_callbacks: list[Any] = []
     if cfg.peft.unfreeze:
         phases = cfg.peft.unfreeze
+        steps = planned_steps(cfg, len(train_rows))
+        end = ("step", steps) if phases[0].start[0] == "step" else ("epoch", cfg.training_parameters.epochs)
+        for i, phase in enumerate(phases):
+            if (
+                phase.start[0] == end[0]
+                and phase.start[1] >= end[1]
+                and not (end[0] == "epoch" and cfg.max_steps)
+            ):
+                warn(
+                    f"peft.unfreeze[{i}] starts at {end[0]} {phase.start[1]:g}, after the run's last ({end[1]:g})"
+                )
         extra_callbacks.append(
             ProgressiveUnfreezing(model, phases, cfg.training_parameters.learning_rate, ctx.emit)
         )
@@ -254,7 +252,6 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
             [callback, *trackers, *extra_callbacks],
             out,
             token_weights=token_weight_table(token_ids, vocabulary) if token_ids else None,
-            penalty=penalty,
         )
     finished = resume_from is not None and _already_trained(trainer, resume_from)
     if finished and resume_from is not None:
@@ -268,6 +265,21 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
             )
             return stored
         ctx.log(f"{resume_from} is this run's final step: finishing from it without training")
+    continual = cfg.continual
+    reference, reference_before = None, None
+    if cfg.reference_source is not None:
+        # After the already-complete check: a finished run needs none of this. The model is still
+        # the base here (a resumed run loads its checkpoint when training starts).
+        reference = reference_rows(cfg, tokenizer)
+        ctx.phase("evaluating")
+        batch = cfg.eval.batch_size or cfg.training_parameters.batch_size
+        reference_before = reference_loss(model, reference, tokenizer, batch, ctx.check_cancelled)
+        ctx.log(f"reference data: {len(reference)} rows, loss {_rounded(reference_before)} before training")
+    if continual is not None and (continual.l2_to_base or continual.ewc):
+        fisher = None
+        if continual.ewc and reference is not None:
+            fisher = diagonal_fisher(model, reference, tokenizer, ctx.check_cancelled)
+        trainer.penalty = ContinualPenalty(model, continual.l2_to_base, continual.ewc, fisher)
     if resume_from is not None:
         run_state = read_run_state(resume_from)
         if run_state is not None:

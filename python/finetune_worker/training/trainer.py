@@ -535,7 +535,6 @@ def build_trainer(
     output_dir: Path,
     *,
     token_weights: torch.Tensor | None = None,
-    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> AtomicCheckpointTrainer:
     has_eval = eval_rows is not None and len(eval_rows) > 0
     args = training_arguments(cfg, plan, output_dir, has_eval)
@@ -550,7 +549,6 @@ def build_trainer(
         keep=cfg.checkpoint.keep,
         chunked_loss=cfg.training_parameters.chunked_loss,
         token_weights=token_weights,
-        penalty=penalty,
     )
     # With tqdm off the Trainer prints every log dict; our events already carry them.
     trainer.remove_callback(PrinterCallback)

@@ -112,12 +112,15 @@ defmodule FineTuning.Pool.Joiner do
       end)
 
     meta = %{devices: opts.devices, labels: opts.labels, node: node()}
+    # Watch the scheduler before joining it: one that restarts in between is then noticed.
+    ref = Process.monitor(GenServer.whereis(opts.pool) || opts.pool)
 
     try do
       :ok = GenServer.call(opts.pool, {:join, worker, meta}, 10_000)
-      {:noreply, %{state | pool_ref: Process.monitor(resolve(opts.pool))}}
+      {:noreply, %{state | pool_ref: ref}}
     catch
       :exit, _ ->
+        Process.demonitor(ref, [:flush])
         Process.send_after(self(), :join, @retry_ms)
         {:noreply, state}
     end
@@ -129,6 +132,4 @@ defmodule FineTuning.Pool.Joiner do
   end
 
   def handle_info(_message, state), do: {:noreply, state}
-
-  defp resolve(pool), do: GenServer.whereis(pool) || pool
 end

@@ -7,6 +7,12 @@ defmodule FineTuning.Pool.Server do
   # a job whose worker died, or that was cancelled without anybody asking (its worker stopped),
   # or that yielded to a higher priority, goes back to the queue and resumes from its last
   # checkpoint on the next worker that fits.
+  #
+  # A worker job that may still be running where the pool cannot see it (the scheduler
+  # restarted, or the worker's node was cut off) is remembered as the job's `adopt` id: when
+  # that worker joins (again), the pool asks it for its jobs and takes the job back instead of
+  # running it twice. A job cancelled while it waits so is remembered in `orphans`, and its
+  # worker job is cancelled when it shows up.
 
   use GenServer
   require Logger
@@ -15,10 +21,12 @@ defmodule FineTuning.Pool.Server do
   alias FineTuning.Protocol
 
   @submit_timeout 60_000
+  @worker_call_timeout 10_000
   # A restarted job whose output folder is still locked by its previous worker (a process that
-  # is still saving its checkpoint while it dies) is tried again after this long, a few times.
+  # is still saving its checkpoint while it dies, or one cut off from us that still runs) is
+  # tried again after this long, up to @max_conflicts times.
   @retry_ms 1_000
-  @max_conflicts 30
+  @max_conflicts 60
   # How long a job that was running when the scheduler went down waits for its worker to join
   # again (and be adopted) before it is placed anew.
   @adopt_ms 5_000
@@ -31,6 +39,7 @@ defmodule FineTuning.Pool.Server do
             workers: %{},
             jobs: %{},
             by_worker_job: %{},
+            orphans: MapSet.new(),
             seq: 0,
             telemetry?: false
 
@@ -45,7 +54,7 @@ defmodule FineTuning.Pool.Server do
   def init(opts) do
     Process.flag(:trap_exit, true)
 
-    case Store.open(Keyword.get(opts, :data_dir), Keyword.get(opts, :name, self())) do
+    case Store.open(Keyword.get(opts, :data_dir)) do
       {:ok, store} ->
         state = %__MODULE__{
           name: Keyword.get(opts, :name),
@@ -60,35 +69,32 @@ defmodule FineTuning.Pool.Server do
     end
   end
 
-  # A job the store knew: finished ones are kept (for idempotent resubmission), the others
-  # go back to the queue. A running one may still run on its worker (only this scheduler went
-  # down): for @adopt_ms it waits for that worker to join again and is adopted (see join/3);
-  # after that it is placed anew and resumes from its checkpoint.
+  # A job the store knew: ended ones are kept (for idempotent resubmission); queued ones queue
+  # again; a running one waits @adopt_ms for its worker to join again and be adopted, then is
+  # placed anew and resumes from its checkpoint.
   defp restore(record, state) do
     job = Map.merge(new_job_fields(), record)
 
     job =
-      case job.state do
-        :running ->
-          %{
-            job
-            | state: :queued,
-              restarts: job.restarts + 1,
-              adopt: job.worker_job,
-              not_before: now() + @adopt_ms
-          }
+      if job.state == :running do
+        Process.send_after(self(), :dispatch, @adopt_ms + 10)
 
-        :queued ->
+        %{
           job
-
-        _ended ->
-          job
+          | state: :queued,
+            restarts: job.restarts + 1,
+            adopt: job.worker_job,
+            not_before: monotonic() + @adopt_ms
+        }
+      else
+        job
       end
 
-    job = %{job | worker_job: nil}
-    if job.not_before, do: Process.send_after(self(), :dispatch, @adopt_ms + 10)
-
-    %{state | jobs: Map.put(state.jobs, job.id, job), seq: max(state.seq, job.seq)}
+    %{
+      state
+      | jobs: Map.put(state.jobs, job.id, %{job | worker_job: nil}),
+        seq: max(state.seq, job.seq)
+    }
   end
 
   defp new_job_fields do
@@ -104,21 +110,20 @@ defmodule FineTuning.Pool.Server do
       percent: nil,
       conflicts: 0,
       not_before: nil,
-      adopt: nil
+      adopt: nil,
+      queued_at: monotonic()
     }
   end
 
   # ---- calls ------------------------------------------------------------------------------------
 
   @impl true
-  def handle_call({:pool_submit, config, subscriber, opts}, _from, state) do
-    submit(state, config, subscriber, opts)
-  end
+  def handle_call({:pool_submit, config, subscriber, opts}, _from, state),
+    do: submit(state, config, subscriber, opts)
 
   # FineTuning.submit/3 on a pool: a job with the default priority and needs.
-  def handle_call({:submit, config, subscriber, _timeout}, _from, state) do
-    submit(state, config, subscriber, [])
-  end
+  def handle_call({:submit, config, subscriber, _timeout}, _from, state),
+    do: submit(state, config, subscriber, [])
 
   def handle_call({:subscribe, id, pid}, _from, state) do
     case Map.fetch(state.jobs, id) do
@@ -156,15 +161,11 @@ defmodule FineTuning.Pool.Server do
   def handle_call({:call, :rewards, [id, request, rewards], timeout}, from, state) do
     case state.jobs[id] do
       %{state: :running, worker: pid, worker_job: wid} ->
-        spawn(fn ->
-          reply =
-            try do
-              GenServer.call(pid, {:call, :rewards, [wid, request, rewards], timeout}, :infinity)
-            catch
-              :exit, _ -> {:error, :not_found}
-            end
-
-          GenServer.reply(from, reply)
+        Task.start(fn ->
+          GenServer.reply(
+            from,
+            safe_call(pid, {:call, :rewards, [wid, request, rewards], timeout}, :infinity)
+          )
         end)
 
         {:noreply, state}
@@ -174,9 +175,6 @@ defmodule FineTuning.Pool.Server do
     end
   end
 
-  def handle_call({:call, function, _args, _timeout}, _from, state),
-    do: {:reply, {:error, {:not_supported_by_pool, function}}, state}
-
   def handle_call(:status, _from, state), do: {:reply, pool_status(state), state}
 
   def handle_call({:drain, on?}, _from, state) do
@@ -184,62 +182,83 @@ defmodule FineTuning.Pool.Server do
     {:reply, :ok, if(on?, do: state, else: dispatch(state))}
   end
 
-  def handle_call({:join, pid, meta}, _from, state) when is_pid(pid) do
-    state = forget_worker(state, pid, :rejoined)
-    worker = Map.merge(meta, %{pid: pid, ref: Process.monitor(pid), job: nil})
+  # A worker that is already known (a join retried after a slow reply) keeps what it runs.
+  def handle_call({:join, pid, _meta}, _from, %{workers: workers} = state)
+      when is_map_key(workers, pid),
+      do: {:reply, :ok, state}
+
+  def handle_call({:join, pid, meta}, _from, state) when is_pid(pid) and is_map(meta) do
+    worker = Map.merge(meta, %{pid: pid, ref: Process.monitor(pid), job: nil, stopping: false})
     Logger.info("FineTuning.Pool: worker #{inspect(pid)} joined from #{meta.node}")
-    state = adopt(%{state | workers: Map.put(state.workers, pid, worker)}, pid)
-    {:reply, :ok, dispatch(state)}
+
+    {:reply, :ok, %{state | workers: Map.put(state.workers, pid, worker)},
+     {:continue, {:joined, pid}}}
   end
 
-  # A worker that joins may be running a job this scheduler's previous life placed there: take
-  # it back (its events come here again) instead of starting it a second time.
+  # FineTuning.info/validate/shutdown/os_pid and anything else a pool does not take.
+  def handle_call({:call, function, _args, _timeout}, _from, state),
+    do: {:reply, {:error, {:not_supported_by_pool, function}}, state}
+
+  def handle_call(other, _from, state),
+    do: {:reply, {:error, {:not_supported_by_pool, elem_or(other)}}, state}
+
+  defp elem_or(message) when is_tuple(message), do: elem(message, 0)
+  defp elem_or(message), do: message
+
+  @impl true
+  def handle_continue({:joined, pid}, state), do: {:noreply, state |> adopt(pid) |> dispatch()}
+
+  # A worker that joins may be running jobs the pool lost sight of (see the module doc): take
+  # them back, and cancel the ones that were cancelled meanwhile.
   defp adopt(state, pid) do
     waiting =
       for {id, %{adopt: wid, state: :queued}} <- state.jobs, wid != nil, into: %{}, do: {wid, id}
 
-    running =
-      if waiting == %{} do
-        []
-      else
-        try do
-          GenServer.call(pid, {:call, :jobs, [], 10_000}, 11_000)
-        catch
-          :exit, _ -> []
-        end
-      end
+    if waiting == %{} and MapSet.size(state.orphans) == 0 do
+      state
+    else
+      listed =
+        safe_call(pid, {:call, :jobs, [], @worker_call_timeout}, @worker_call_timeout + 1_000)
 
-    running
-    |> List.wrap()
-    |> Enum.filter(
-      &(is_map(&1) and &1[:state] in ["queued", "running"] and Map.has_key?(waiting, &1[:job_id]))
-    )
-    |> Enum.reduce(state, fn %{job_id: wid}, state ->
-      job = state.jobs[waiting[wid]]
-      # One that ended meanwhile: its terminal event is handled as if it had just come.
-      with {:ok, {:finished, event}} <- FineTuning.subscribe(pid, wid, self()),
-           do: send(self(), event)
+      for %{job_id: wid} <- List.wrap(listed),
+          MapSet.member?(state.orphans, wid),
+          do: ask_cancel(%{worker: pid, worker_job: wid, id: nil})
 
-      job = %{
-        job
-        | state: :running,
-          worker: pid,
-          worker_job: wid,
-          adopt: nil,
-          not_before: nil,
-          restarts: job.restarts - 1
-      }
+      listed
+      |> List.wrap()
+      |> Enum.filter(&(is_map(&1) and Map.has_key?(waiting, &1[:job_id])))
+      |> Enum.reduce(state, fn %{job_id: wid}, state ->
+        adopt_one(state, pid, wid, waiting[wid])
+      end)
+    end
+  end
 
-      worker = %{state.workers[pid] | job: job.id}
+  defp adopt_one(state, pid, wid, id) do
+    job = state.jobs[id]
 
-      state = %{
-        state
-        | workers: Map.put(state.workers, pid, worker),
-          by_worker_job: Map.put(state.by_worker_job, wid, job.id)
-      }
+    job = %{
+      job
+      | state: :running,
+        worker: pid,
+        worker_job: wid,
+        adopt: nil,
+        not_before: nil,
+        restarts: max(job.restarts - 1, 0)
+    }
 
-      store(put_job(state, job), job)
-    end)
+    state = %{
+      state
+      | workers: Map.update!(state.workers, pid, &%{&1 | job: job.id}),
+        by_worker_job: Map.put(state.by_worker_job, wid, job.id)
+    }
+
+    # A job that ended meanwhile: its terminal event is handled as if it had just come.
+    case safe_call(pid, {:subscribe, wid, self()}, @worker_call_timeout) do
+      {:ok, {:finished, event}} -> send(self(), event)
+      _ -> :ok
+    end
+
+    store(put_job(state, job), job)
   end
 
   defp submit(state, config, subscriber, opts) do
@@ -249,7 +268,7 @@ defmodule FineTuning.Pool.Server do
       key != nil and Map.has_key?(state.jobs, key) ->
         # Idempotent: the same key attaches to the job that already has it.
         job = state.jobs[key]
-        if job.terminal, do: send(subscriber, job.terminal), else: nil
+        if job.terminal, do: send(subscriber, job.terminal)
 
         {:reply, {:ok, key},
          put_job(state, %{job | subscribers: MapSet.put(job.subscribers, subscriber)})}
@@ -258,61 +277,62 @@ defmodule FineTuning.Pool.Server do
         {:reply, {:error, :draining}, state}
 
       true ->
-        with {:ok, term} <- Protocol.config_term(config),
-             :ok <- validate(state, term) do
-          seq = state.seq + 1
-          id = key || "pool-#{System.unique_integer([:positive])}-#{seq}"
-
-          job =
-            Map.merge(new_job_fields(), %{
-              id: id,
-              key: key,
-              seq: seq,
-              config: term,
-              priority: Keyword.get(opts, :priority, 0),
-              needs: needs(opts),
-              state: :queued,
-              checkpoint: nil,
-              terminal: nil,
-              attempts: 0,
-              restarts: 0,
-              submitted_at: System.system_time(:millisecond)
-            })
-
-          job = %{job | subscribers: MapSet.new([subscriber])}
-          state = store(put_job(%{state | seq: seq}, job), job)
-          notify(job, :queued, %{position: queue_position(state, id), kind: kind(term)})
-          {:reply, {:ok, id}, dispatch(state)}
-        else
+        case accept(state, config, subscriber, opts) do
+          {:ok, id, state} -> {:reply, {:ok, id}, dispatch(state)}
           {:error, issues} -> {:reply, {:error, issues}, state}
         end
     end
   end
 
-  defp needs(opts) do
-    %{devices: Keyword.get(opts, :devices, 1), labels: List.wrap(Keyword.get(opts, :labels, []))}
+  defp accept(state, config, subscriber, opts) do
+    key = Keyword.get(opts, :key)
+
+    with {:ok, term} <- Protocol.config_term(config),
+         :ok <- validate(state, term) do
+      seq = state.seq + 1
+      id = key || "pool-#{System.unique_integer([:positive])}-#{seq}"
+
+      job =
+        Map.merge(new_job_fields(), %{
+          id: id,
+          key: key,
+          seq: seq,
+          config: term,
+          priority: Keyword.get(opts, :priority, 0),
+          needs: %{
+            devices: Keyword.get(opts, :devices, 1),
+            labels: Keyword.get(opts, :labels, [])
+          },
+          state: :queued,
+          checkpoint: nil,
+          terminal: nil,
+          attempts: 0,
+          restarts: 0,
+          submitted_at: System.system_time(:millisecond),
+          subscribers: MapSet.new([subscriber])
+        })
+
+      state = store(put_job(%{state | seq: seq}, job), job)
+      notify(job, :queued, %{position: queue_position(state, id), kind: kind(term)})
+      {:ok, id, state}
+    end
   end
 
   # The config is checked by a worker (any: validation is a call, answered while a job runs);
-  # with none joined yet the job is queued unchecked and its first worker checks it.
+  # with none reachable the job is queued unchecked and the worker it is placed on checks it.
   defp validate(state, term) do
-    case Map.keys(state.workers) do
+    case state.workers |> Map.values() |> Enum.reject(& &1.stopping) do
       [] ->
         :ok
 
-      [pid | _] ->
-        try do
-          case GenServer.call(
-                 pid,
-                 {:call, :validate, [term], @submit_timeout},
-                 @submit_timeout + 1_000
-               ) do
-            :ok -> :ok
-            {:error, issues} when is_list(issues) -> {:error, issues}
-            _other -> :ok
-          end
-        catch
-          :exit, _ -> :ok
+      [worker | _] ->
+        case safe_call(
+               worker.pid,
+               {:call, :validate, [term], @worker_call_timeout},
+               @worker_call_timeout + 1_000
+             ) do
+          {:error, issues} when is_list(issues) -> {:error, issues}
+          _ok_or_unreachable -> :ok
         end
     end
   end
@@ -330,16 +350,23 @@ defmodule FineTuning.Pool.Server do
         {:reply, :ok, put_job(state, %{job | cancel_requested: true})}
 
       {:ok, job} ->
+        # A job waiting to be adopted may still run on a worker that has not joined yet.
+        state =
+          if job.adopt, do: %{state | orphans: MapSet.put(state.orphans, job.adopt)}, else: state
+
         {:reply, :ok, finish(state, job, :cancelled, %{step: 0, checkpoint: job.checkpoint})}
     end
   end
 
-  defp ask_cancel(%{worker: pid, worker_job: wid}) do
-    spawn(fn ->
-      try do
-        FineTuning.cancel(pid, wid)
-      catch
-        :exit, _ -> :ok
+  # Asks the worker to cancel; a refusal (the worker is gone, or the job ended) comes back as
+  # {:cancel_refused, id}, so a preemption that cannot happen is forgotten.
+  defp ask_cancel(%{worker: pid, worker_job: wid} = job) do
+    me = self()
+
+    Task.start(fn ->
+      case safe_call(pid, {:call, :cancel, [wid], @worker_call_timeout}, :infinity) do
+        :ok -> :ok
+        _refused -> if job[:id], do: send(me, {:cancel_refused, job.id, wid})
       end
     end)
   end
@@ -354,8 +381,17 @@ defmodule FineTuning.Pool.Server do
     end
   end
 
-  def handle_info({:DOWN, _ref, :process, pid, reason}, state) do
-    {:noreply, state |> forget_worker(pid, reason) |> dispatch()}
+  def handle_info({:DOWN, _ref, :process, pid, reason}, state),
+    do: {:noreply, state |> forget_worker(pid, reason) |> dispatch()}
+
+  def handle_info({:cancel_refused, id, wid}, state) do
+    case state.jobs[id] do
+      %{worker_job: ^wid, preempting: true} = job ->
+        {:noreply, put_job(state, %{job | preempting: false, preempted_for: nil})}
+
+      _ ->
+        {:noreply, state}
+    end
   end
 
   def handle_info(:dispatch, state), do: {:noreply, dispatch(state)}
@@ -388,27 +424,36 @@ defmodule FineTuning.Pool.Server do
   defp worker_event(state, job, :completed, payload),
     do: finish(release(state, job), job, :completed, payload)
 
-  defp worker_event(state, %{preempting: true} = job, :cancelled, payload) do
-    requeue(release(state, job), job, :preempted, payload[:checkpoint])
-  end
-
+  # A cancel the user asked for wins over everything else that could have stopped the job.
   defp worker_event(state, %{cancel_requested: true} = job, :cancelled, payload),
     do: finish(release(state, job), job, :cancelled, payload)
 
+  defp worker_event(state, %{preempting: true} = job, :cancelled, payload),
+    do: requeue(release(state, job), job, :preempted, payload[:checkpoint])
+
   # Cancelled without anybody asking: its worker is stopping (its node shuts down). It saved a
-  # checkpoint; the job goes on elsewhere.
+  # checkpoint; the job goes on elsewhere, and the worker takes no new job.
   defp worker_event(state, job, :cancelled, payload),
-    do: requeue(release(state, job), job, :worker_stopped, payload[:checkpoint])
+    do:
+      state
+      |> release(job)
+      |> stopping(job.worker)
+      |> requeue(job, :worker_stopped, payload[:checkpoint])
 
   defp worker_event(state, job, :failed, %{error: :worker_exit} = payload),
-    do: requeue(release(state, job), job, {:worker_exit, payload[:status]}, job.checkpoint)
+    do:
+      state
+      |> release(job)
+      |> stopping(job.worker)
+      |> requeue(job, {:worker_exit, payload[:status]}, nil)
 
-  defp worker_event(state, job, :failed, %{error: :output_dir_conflict} = payload)
-       when job.restarts > 0 and job.conflicts < @max_conflicts do
-    # The previous worker of this job still holds its folder's lock (it is dying): try again.
-    job = %{job | conflicts: job.conflicts + 1, not_before: now() + @retry_ms}
+  defp worker_event(state, job, :failed, %{error: :output_dir_conflict})
+       when job.restarts > 0 and job.conflicts < @max_conflicts and not job.cancel_requested do
+    # The previous run of this job still holds its folder's lock (a worker that is dying, or
+    # one cut off from us: it is adopted if it joins again). Try again shortly.
     Process.send_after(self(), :dispatch, @retry_ms)
-    state |> release(job) |> back_to_queue(job, nil, payload)
+    job = %{job | conflicts: job.conflicts + 1, not_before: monotonic() + @retry_ms}
+    state |> release(job) |> back_to_queue(job)
   end
 
   defp worker_event(state, job, :failed, payload),
@@ -424,48 +469,45 @@ defmodule FineTuning.Pool.Server do
   defp dispatch(%{draining: true} = state), do: state
 
   defp dispatch(state) do
-    queued = for job <- sorted_jobs(state), job.state == :queued, ready?(job), do: job
-    Enum.reduce(queued, state, &place/2)
+    now = monotonic()
+    queued = for job <- sorted_jobs(state), job.state == :queued, ready?(job, now), do: job.id
+    {state, _skipped} = Enum.reduce(queued, {state, MapSet.new()}, &place/2)
+    state
   end
 
-  defp ready?(%{not_before: nil}), do: true
-  defp ready?(%{not_before: t}), do: now() >= t
+  defp ready?(%{not_before: nil}, _now), do: true
+  defp ready?(%{not_before: t}, now), do: now >= t
 
-  defp place(job, state) do
-    job = state.jobs[job.id]
+  # `skipped`: workers that did not answer during this dispatch (not tried again in it).
+  defp place(id, {state, skipped}) do
+    job = state.jobs[id]
 
-    case Enum.find(idle_workers(state), &fits?(&1, job.needs)) do
-      nil -> maybe_preempt(state, job)
-      worker -> start_on(state, job, worker)
+    case Enum.find(idle_workers(state, skipped), &fits?(&1, job.needs)) do
+      nil -> {maybe_preempt(state, job), skipped}
+      worker -> start_on(state, job, worker, skipped)
     end
   end
 
-  defp idle_workers(state) do
+  defp idle_workers(state, skipped) do
     state.workers
     |> Map.values()
-    |> Enum.filter(&(&1.job == nil))
-    |> Enum.sort_by(&{&1.node, inspect(&1.pid)})
+    |> Enum.filter(&(&1.job == nil and not &1.stopping and not MapSet.member?(skipped, &1.pid)))
+    |> Enum.sort_by(&{&1.node, &1.pid})
   end
 
   defp fits?(worker, needs),
     do: worker.devices >= needs.devices and Enum.all?(needs.labels, &(&1 in worker.labels))
 
-  defp start_on(state, job, worker) do
+  defp start_on(state, job, worker, skipped) do
     config = if job.attempts > 0 or job.restarts > 0, do: resumable(job.config), else: job.config
+    tracked = state.by_worker_job
 
-    result =
-      try do
-        GenServer.call(
-          worker.pid,
-          {:submit, config, self(), @submit_timeout},
-          @submit_timeout + 1_000
-        )
-      catch
-        :exit, reason -> {:unreachable, reason}
-      end
-
-    case result do
-      {:ok, wid} ->
+    case safe_call(
+           worker.pid,
+           {:submit, config, self(), @submit_timeout},
+           @submit_timeout + 1_000
+         ) do
+      {:ok, wid} when not is_map_key(tracked, wid) ->
         job = %{
           job
           | state: :running,
@@ -476,7 +518,7 @@ defmodule FineTuning.Pool.Server do
             not_before: nil
         }
 
-        telemetry(state, [:placement], %{queue_time_ms: now() - job.submitted_at}, %{
+        telemetry(state, [:placement], %{queue_time_ms: monotonic() - job.queued_at}, %{
           job_id: job.id,
           node: worker.node,
           worker: worker.pid,
@@ -489,27 +531,25 @@ defmodule FineTuning.Pool.Server do
             by_worker_job: Map.put(state.by_worker_job, wid, job.id)
         }
 
-        store(put_job(state, job), job)
-
-      {:unreachable, _} ->
-        # It went down between joining and now; its :DOWN will remove it.
-        state
+        {store(put_job(state, job), job), skipped}
 
       {:error, issues} when is_list(issues) ->
-        finish(state, job, :failed, %{
-          error: :invalid_config,
-          message: "the config was refused by the worker it was placed on",
-          hint: nil,
-          details: %{"issues" => Enum.map(issues, &Map.new/1)}
-        })
+        details = %{"issues" => Enum.map(issues, &Map.new/1)}
+        message = "the config was refused by the worker it was placed on"
+        payload = %{error: :invalid_config, message: message, hint: nil, details: details}
+        {finish(state, job, :failed, payload), skipped}
 
-      {:error, other} ->
-        finish(state, job, :failed, %{
-          error: :internal_error,
-          message: inspect(other),
-          hint: nil,
-          details: %{}
-        })
+      {:error, {:python, _class, message, _trace}} ->
+        payload = %{error: :invalid_config, message: to_string(message), hint: nil, details: %{}}
+        {finish(state, job, :failed, payload), skipped}
+
+      _unreachable_or_busy ->
+        # The worker is going down, timed out or answered with a job id we already track: the
+        # job stays queued and is tried again shortly, on another worker if one is free.
+        Process.send_after(self(), :dispatch, @retry_ms)
+
+        {put_job(state, %{job | not_before: monotonic() + @retry_ms}),
+         MapSet.put(skipped, worker.pid)}
     end
   end
 
@@ -534,7 +574,7 @@ defmodule FineTuning.Pool.Server do
     victim =
       state.workers
       |> Map.values()
-      |> Enum.filter(&(&1.job != nil and fits?(&1, job.needs)))
+      |> Enum.filter(&(&1.job != nil and not &1.stopping and fits?(&1, job.needs)))
       |> Enum.map(&state.jobs[&1.job])
       |> Enum.filter(
         &(&1.priority < job.priority and not &1.preempting and not &1.cancel_requested)
@@ -573,20 +613,40 @@ defmodule FineTuning.Pool.Server do
     %{state | workers: workers, by_worker_job: Map.delete(state.by_worker_job, job.worker_job)}
   end
 
-  defp requeue(state, job, reason, checkpoint) do
-    telemetry(state, [:requeue], %{}, %{job_id: job.id, reason: reason, checkpoint: checkpoint})
-
-    notify(job, :requeued, %{
-      reason: reason,
-      checkpoint: checkpoint || job.checkpoint,
-      attempts: job.attempts
-    })
-
-    job = %{job | restarts: job.restarts + 1, checkpoint: checkpoint || job.checkpoint}
-    back_to_queue(state, job, reason, nil)
+  defp stopping(state, pid) do
+    case Map.fetch(state.workers, pid) do
+      {:ok, w} -> %{state | workers: Map.put(state.workers, pid, %{w | stopping: true})}
+      :error -> state
+    end
   end
 
-  defp back_to_queue(state, job, _reason, _payload) do
+  # `adopt`: the worker job id to take back if its worker joins again (see the module doc).
+  defp requeue(state, job, reason, checkpoint, adopt \\ nil)
+
+  defp requeue(state, %{cancel_requested: true} = job, _reason, checkpoint, _adopt),
+    do:
+      finish(state, job, :cancelled, %{
+        step: job.step || 0,
+        checkpoint: checkpoint || job.checkpoint
+      })
+
+  defp requeue(state, job, reason, checkpoint, adopt) do
+    checkpoint = checkpoint || job.checkpoint
+    telemetry(state, [:requeue], %{}, %{job_id: job.id, reason: reason, checkpoint: checkpoint})
+    notify(job, :requeued, %{reason: reason, checkpoint: checkpoint, attempts: job.attempts})
+
+    job = %{
+      job
+      | restarts: job.restarts + 1,
+        checkpoint: checkpoint,
+        adopt: adopt,
+        queued_at: monotonic()
+    }
+
+    back_to_queue(state, job)
+  end
+
+  defp back_to_queue(state, job) do
     job = %{
       job
       | state: :queued,
@@ -596,20 +656,20 @@ defmodule FineTuning.Pool.Server do
         preempted_for: nil
     }
 
-    state = store(put_job(state, job), job)
     send(self(), :dispatch)
-    state
+    store(put_job(state, job), job)
   end
 
   defp finish(state, job, type, payload) do
     event = {:fine_tuning, job.id, type, payload}
     Enum.each(job.subscribers, &send(&1, event))
-    job = %{job | state: type, terminal: event, worker: nil, worker_job: nil}
-    state = store(put_job(state, job), job)
+    job = %{job | state: type, terminal: event, worker: nil, worker_job: nil, adopt: nil}
     send(self(), :dispatch)
-    state
+    store(put_job(state, job), job)
   end
 
+  # A worker that went away. Its running job goes back to the queue; when the worker may still
+  # be running it (its node was cut off, not known dead), its job id is kept for adoption.
   defp forget_worker(state, pid, reason) do
     case Map.pop(state.workers, pid) do
       {nil, _} ->
@@ -621,17 +681,11 @@ defmodule FineTuning.Pool.Server do
 
         case worker.job && state.jobs[worker.job] do
           %{state: :running, worker: ^pid} = job ->
-            why =
-              if reason == :noconnection,
-                do: {:node_down, worker.node},
-                else: {:worker_down, reason}
+            state = %{state | by_worker_job: Map.delete(state.by_worker_job, job.worker_job)}
 
-            requeue(
-              %{state | by_worker_job: Map.delete(state.by_worker_job, job.worker_job)},
-              job,
-              why,
-              nil
-            )
+            if reason == :noconnection,
+              do: requeue(state, job, {:node_down, worker.node}, nil, job.worker_job),
+              else: requeue(state, job, {:worker_down, reason}, nil)
 
           _ ->
             state
@@ -646,7 +700,14 @@ defmodule FineTuning.Pool.Server do
       draining: state.draining,
       workers:
         for w <- Map.values(state.workers) do
-          %{pid: w.pid, node: w.node, devices: w.devices, labels: w.labels, job: w.job}
+          %{
+            pid: w.pid,
+            node: w.node,
+            devices: w.devices,
+            labels: w.labels,
+            job: w.job,
+            stopping: w.stopping
+          }
         end,
       queue: for(job <- sorted_jobs(state), job.state == :queued, do: job.id),
       running: for(job <- sorted_jobs(state), job.state == :running, do: job_map(state, job))
@@ -661,14 +722,12 @@ defmodule FineTuning.Pool.Server do
   end
 
   defp job_map(state, job) do
-    node = if job.worker, do: state.workers[job.worker][:node]
-
     %{
       job_id: job.id,
       state: Atom.to_string(job.state),
       priority: job.priority,
       needs: job.needs,
-      node: node,
+      node: job.worker && get_in(state.workers, [job.worker, :node]),
       worker: job.worker,
       attempts: job.attempts,
       restarts: job.restarts,
@@ -681,6 +740,12 @@ defmodule FineTuning.Pool.Server do
   end
 
   # ---- helpers -----------------------------------------------------------------------------------
+
+  defp safe_call(server, message, timeout) do
+    GenServer.call(server, message, timeout)
+  catch
+    :exit, reason -> {:unreachable, reason}
+  end
 
   # Highest priority first, then first come.
   defp sorted_jobs(state), do: state.jobs |> Map.values() |> Enum.sort_by(&{-&1.priority, &1.seq})
@@ -708,7 +773,7 @@ defmodule FineTuning.Pool.Server do
   defp kind(%{"job" => kind}) when is_binary(kind), do: kind
   defp kind(_config), do: nil
 
-  defp now, do: System.system_time(:millisecond)
+  defp monotonic, do: System.monotonic_time(:millisecond)
 
   defp telemetry(%{telemetry?: false}, _event, _measurements, _meta), do: :ok
 

@@ -5,21 +5,34 @@ defmodule FineTuning.Pool.Store do
   # through on every change and synced, so a pool restarted after a crash (or started on another
   # node that sees the same folder) finds every job it had accepted.
 
+  require Logger
+
   @file_name "fine_tuning_pool.dets"
 
   @type t :: :dets.tab_name() | nil
 
-  @doc "Open (or create) the store in `dir`; nil keeps the queue in memory only."
-  @spec open(Path.t() | nil, term()) :: {:ok, t()} | {:error, term()}
-  def open(nil, _name), do: {:ok, nil}
+  @doc """
+  Open (or create) the store in `dir`; nil keeps the queue in memory only. The table is named
+  after its file, so a second pool on the same folder in this VM is refused instead of sharing
+  (or repairing) the file under the first one. Pools on other nodes must not share it either:
+  DETS has no lock across VMs (and does not belong on NFS).
+  """
+  @spec open(Path.t() | nil) :: {:ok, t()} | {:error, term()}
+  def open(nil), do: {:ok, nil}
 
-  def open(dir, name) do
-    File.mkdir_p!(dir)
-    path = dir |> Path.join(@file_name) |> String.to_charlist()
+  def open(dir) do
+    path = dir |> Path.join(@file_name) |> Path.expand()
+    name = {__MODULE__, path}
 
-    case :dets.open_file({__MODULE__, name, make_ref()}, file: path, type: :set, repair: true) do
-      {:ok, table} -> {:ok, table}
+    with :ok <- File.mkdir_p(dir),
+         :undefined <- :dets.info(name, :owner) do
+      case :dets.open_file(name, file: String.to_charlist(path), type: :set, repair: true) do
+        {:ok, table} -> {:ok, table}
+        {:error, reason} -> {:error, {:pool_store, path, reason}}
+      end
+    else
       {:error, reason} -> {:error, {:pool_store, path, reason}}
+      _owner -> {:error, {:pool_store, path, :already_open}}
     end
   end
 
@@ -37,8 +50,18 @@ defmodule FineTuning.Pool.Store do
   def put(nil, _record), do: :ok
 
   def put(table, record) do
-    :ok = :dets.insert(table, {record.id, record})
-    :dets.sync(table)
+    with :ok <- :dets.insert(table, {record.id, record}),
+         :ok <- :dets.sync(table) do
+      :ok
+    else
+      {:error, reason} ->
+        # The queue goes on in memory; what it could not write is lost only if the pool restarts.
+        Logger.error(
+          "FineTuning.Pool could not write job #{inspect(record.id)} to its store: #{inspect(reason)}"
+        )
+
+        :ok
+    end
   end
 
   @spec close(t()) :: :ok
