@@ -439,8 +439,26 @@ def test_packed_per_example_losses_equal_padded(tiny_model_dir: Path, tok: Any) 
         # Without position_ids the examples attend to each other: the check below can fail.
         leaky = split_losses(model(input_ids=packed["input_ids"], use_cache=False).logits)
 
+        # Each example alone (no padding, no neighbours), and a length-grouped batch ("group"
+        # mode: padded rows of similar length, the padding masked out).
+        alone = []
+        for row in rows:
+            one = make_collator(tok, "pad")([row])
+            ce1, mask1 = token_losses(
+                model(input_ids=one["input_ids"], use_cache=False).logits, one["labels"]
+            )
+            alone.append((ce1 * mask1).sum() / mask1.sum())
+        grouped = make_collator(tok, "group")(rows)
+        ce_g, mask_g = token_losses(
+            model(**{k: grouped[k] for k in ("input_ids", "attention_mask")}, use_cache=False).logits,
+            grouped["labels"],
+        )
+        grouped_losses = (ce_g * mask_g).sum(1) / mask_g.sum(1)
+
     torch.testing.assert_close(packed_losses, padded_losses, atol=1e-5, rtol=0)
     assert (leaky - padded_losses).abs().max() > 1e-3
+    torch.testing.assert_close(grouped_losses, torch.stack(alone), atol=1e-4, rtol=0)
+    torch.testing.assert_close(packed_losses, torch.stack(alone), atol=1e-4, rtol=0)
 
 
 def test_template_problems_are_named(tok: Any) -> None:
