@@ -178,15 +178,19 @@ class ExportConfig(StrictModel):
         return [("model_path", base), ("adapter_path", adapter)]
 
     def environment_issues(self) -> list[ConfigIssue]:
-        from finetune_worker.extras import missing_extra
+        from finetune_worker.extras import EXTRAS, installed
 
         issues: list[ConfigIssue] = []
+        # One problem per extra to install, naming all its missing packages.
+        by_extra: dict[str, list[str]] = {}
         for module in _needed_modules(self.formats, self.verify):
-            missing = missing_extra(module)
-            if missing is not None and not any(i.message == missing for i in issues):
-                if module in _VERIFIERS:
-                    missing += ' (or set "verify": false to skip loading the export back)'
-                issues.append(ConfigIssue("job", missing))
+            if not installed(module):
+                by_extra.setdefault(EXTRAS[module][0], []).append(module)
+        for extra, modules in by_extra.items():
+            message = f"this export needs {', '.join(modules)}, not installed: pip install 'finetune-worker[{extra}]'"
+            if all(m in _VERIFIERS for m in modules):
+                message += ' (or set "verify": false to skip loading the export back)'
+            issues.append(ConfigIssue("job", message))
         model_issues = self._model_issues()
         issues += model_issues
         if "gguf" in self.formats and not model_issues:
