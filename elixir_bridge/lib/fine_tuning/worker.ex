@@ -91,10 +91,7 @@ defmodule FineTuning.Worker do
   def start_link(opts \\ []) do
     opts = opts |> Options.seal_secrets() |> Keyword.drop(@child_spec_keys)
 
-    case Keyword.get(opts, :name) do
-      nil -> GenServer.start_link(__MODULE__, opts)
-      name -> GenServer.start_link(__MODULE__, opts, name: name)
-    end
+    GenServer.start_link(__MODULE__, opts, Keyword.take(opts, [:name]))
   end
 
   @impl true

@@ -29,10 +29,7 @@ defmodule FineTuning.Pool.Member do
 
   @spec start_link(keyword()) :: Supervisor.on_start()
   def start_link(opts) do
-    case Keyword.get(opts, :name) do
-      nil -> Supervisor.start_link(__MODULE__, opts)
-      name -> Supervisor.start_link(__MODULE__, opts, name: name)
-    end
+    Supervisor.start_link(__MODULE__, opts, Keyword.take(opts, [:name]))
   end
 
   @doc "Start a member not linked to the caller (for a remote call: `:erpc.call(node, FineTuning.Pool.Member, :start, [opts])`)."

@@ -44,10 +44,7 @@ defmodule FineTuning.Pool.Server do
             telemetry?: false
 
   def start_link(opts) do
-    case Keyword.get(opts, :name) do
-      nil -> GenServer.start_link(__MODULE__, opts)
-      name -> GenServer.start_link(__MODULE__, opts, name: name)
-    end
+    GenServer.start_link(__MODULE__, opts, Keyword.take(opts, [:name]))
   end
 
   @impl true
