@@ -92,6 +92,10 @@ def test_each_trial_trains_with_its_own_values_and_the_table_says_so(
     tagged = [e.payload.get("trial") for e in trained_events if e.payload.get("unit") != "trials"]
     assert set(tagged) == {0, 1, 2}
     assert [p["done"] for p in run.of("progress") if p.get("unit") == "trials"] == [1, 2, 3]
+    # the first trial tokenized the data, the others reused it; the shared cache went at the end
+    reused = [p.get("trial") for p in run.of("log") if "reused from the data cache" in p["message"]]
+    assert reused == [1, 2]
+    assert not (out / ".data-cache").exists()
     # the best trial is the one with the lowest held-out loss, and its adapter is the output
     best = min(table, key=lambda t: t["eval_loss"])
     assert summary["best_trial"] == best["trial"]

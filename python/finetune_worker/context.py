@@ -35,6 +35,9 @@ class JobContext:
     cancel_event: CancelFlag
     rank: int | None = None
     resume_from: Path | None = None  # a rank's checkpoint to resume from (the launcher chose it)
+    #: Where a train job keeps its tokenized data; None: its output folder's ``.data-cache``. A
+    #: sweep's trials share one (they differ in hyperparameters only, never in their data).
+    data_cache: Path | None = None
 
     @property
     def cancelled(self) -> bool:

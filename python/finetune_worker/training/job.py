@@ -160,16 +160,17 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     token_ids = token_weight_ids(weighting.tokens, tokenizer) if weighting is not None else {}
     keep = cfg.evaluation.max_rows if cfg.evaluation is not None and cfg.evaluation.dataset is None else 0
     data_started = time.monotonic()
+    cache = ctx.data_cache or out / DATA_CACHE
     data: PreparedData | PreferenceData
     if cfg.preference is not None:
-        data = prepare_preference_data(cfg, tokenizer, out / DATA_CACHE, check_cancelled=ctx.check_cancelled)
+        data = prepare_preference_data(cfg, tokenizer, cache, check_cancelled=ctx.check_cancelled)
     else:
         data = prepare_data(
             cfg.data,
             tokenizer,
             cfg.sources,
             seed=cfg.seed,
-            cache_dir=out / DATA_CACHE,
+            cache_dir=cache,
             warn=warn,
             keep_examples=keep,
             check_cancelled=ctx.check_cancelled_alone,  # one rank builds while the others wait

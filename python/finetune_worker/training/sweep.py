@@ -35,7 +35,7 @@ from finetune_worker.config.sweep import (
 )
 from finetune_worker.context import JobContext
 from finetune_worker.errors import JobCancelled, JobFailed
-from finetune_worker.outputs import LOCK_FILE, Busy, exclusive_lock, write_text_atomic
+from finetune_worker.outputs import DATA_CACHE, LOCK_FILE, Busy, exclusive_lock, write_text_atomic
 from finetune_worker.training import checkpoints as ckpt
 from finetune_worker.training import job as train_job
 
@@ -71,6 +71,8 @@ class TrialContext(JobContext):
         self.pruned = threading.Event()
         self.cancel_event = _EitherFlag(parent.cancel_event, self.pruned)
         self.last_step = 0
+        # Every trial tokenizes the same rows the same way: the first builds the cache, the rest reuse it.
+        self.data_cache = parent.config.folder / DATA_CACHE
 
     def emit(self, type: str, **payload: Any) -> None:
         self._parent.emit(type, trial=self.number, **payload)
@@ -147,6 +149,7 @@ def _sweep(ctx: JobContext, cfg: SweepConfig, out: Path) -> dict[str, Any]:
             raise _all_failed(study, f"the first {failed_in_a_row} trials all failed; stopped")
     if not _succeeded(study):
         raise _all_failed(study, f"all {total} trials failed")
+    ckpt.clear_data_cache(out)  # the trials' shared data, kept while trials remained
     return _result(cfg, study, out)
 
 
