@@ -195,7 +195,8 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     ctx.phase("loading_model")
     set_seed(cfg.seed)  # adapter init is random: seed it like the Trainer seeds everything else
     plan = plan_hardware(cfg, warn)
-    model = load_model(cfg, plan, warn, planned_steps(cfg, len(train_rows)))
+    steps = planned_steps(cfg, len(train_rows))
+    model = load_model(cfg, plan, warn, steps)
     initial_adapter = save_initial_adapter(cfg, model, out) if rank in (None, 0) else None
     trainable, total = trainable_parameters(model)
     ctx.log(
@@ -208,17 +209,13 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
     extra_callbacks: list[Any] = []
     if cfg.peft.unfreeze:
         phases = cfg.peft.unfreeze
-        steps = planned_steps(cfg, len(train_rows))
-        end = ("step", steps) if phases[0].start[0] == "step" else ("epoch", cfg.training_parameters.epochs)
+        # The run's end in each unit (in epochs unknown here when max_steps decides it).
+        run_end = {"step": steps, "epoch": None if cfg.max_steps else cfg.training_parameters.epochs}
         for i, phase in enumerate(phases):
-            if (
-                phase.start[0] == end[0]
-                and phase.start[1] >= end[1]
-                and not (end[0] == "epoch" and cfg.max_steps)
-            ):
-                warn(
-                    f"peft.unfreeze[{i}] starts at {end[0]} {phase.start[1]:g}, after the run's last ({end[1]:g})"
-                )
+            unit, start = phase.start
+            end = run_end[unit]
+            if end is not None and start >= end:
+                warn(f"peft.unfreeze[{i}] starts at {unit} {start:g}, after the run's last ({end:g})")
         extra_callbacks.append(
             ProgressiveUnfreezing(model, phases, cfg.training_parameters.learning_rate, ctx.emit)
         )
@@ -268,13 +265,13 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
         ctx.log(f"{resume_from} is this run's final step: finishing from it without training")
     continual = cfg.continual
     reference, reference_before = None, None
+    reference_batch = cfg.eval.batch_size or cfg.training_parameters.batch_size
     if cfg.reference_source is not None:
         # After the already-complete check: a finished run needs none of this. The model is still
         # the base here (a resumed run loads its checkpoint when training starts).
         reference = reference_rows(cfg, tokenizer)
         ctx.phase("evaluating")
-        batch = cfg.eval.batch_size or cfg.training_parameters.batch_size
-        reference_before = reference_loss(model, reference, tokenizer, batch, ctx.check_cancelled)
+        reference_before = reference_loss(model, reference, tokenizer, reference_batch, ctx.check_cancelled)
         ctx.log(f"reference data: {len(reference)} rows, loss {_rounded(reference_before)} before training")
     if continual is not None and (continual.l2_to_base or continual.ewc):
         fisher = None
@@ -345,8 +342,9 @@ def _run(ctx: JobContext, cfg: TrainConfig, trackers: list[Any]) -> dict[str, An
 
     reference_after = None
     if reference is not None:
-        batch = cfg.eval.batch_size or cfg.training_parameters.batch_size
-        reference_after = reference_loss(trainer.model, reference, tokenizer, batch, ctx.check_cancelled)
+        reference_after = reference_loss(
+            trainer.model, reference, tokenizer, reference_batch, ctx.check_cancelled
+        )
 
     ctx.phase("saving")
     trainer.check_finite_weights()

@@ -171,15 +171,15 @@ class AtomicCheckpointTrainer(AtomicCheckpoints, Trainer):
         keep: int,
         chunked_loss: str | bool = False,
         token_weights: torch.Tensor | None = None,
-        penalty: Callable[[], torch.Tensor] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, keep=keep, **kwargs)
         self._chunked_loss = chunked_loss
         #: loss_weights.tokens as a vocabulary-sized table (training.loss_weights), or None.
         self._token_table = token_weights
-        #: continual learning's penalty (training.continual.ContinualPenalty), or None.
-        self.penalty = penalty
+        #: continual learning's penalty (training.continual.ContinualPenalty), set by the job once
+        #: it knows the run is not already complete; None: no penalty.
+        self.penalty: Callable[[], torch.Tensor] | None = None
         self._penalties: list[float] = []  # its values since the last log
         self._group_by_length = bool(getattr(self.data_collator, "groups_by_length", False))
         self._eval_sums: list[torch.Tensor] | None = None
