@@ -6,8 +6,8 @@ Each run is ``finetune-worker run`` in its own process, 3 steps of 8 long-chat r
 (``packing: pad``, so every run holds the same batch shapes), and its peak RSS read from
 ``wait4``. Per token: the slope, (peak at batch 8 - peak at batch 2) / (tokens per step at 8 -
 at 2), so what the libraries and weights cost is not counted as the batch's. Rows: LoRA, QLoRA
-and full with ``chunked_loss`` off (the model's own loss) at both batch sizes, then LoRA and full
-with it on at batch 8; the saving is the difference of the two peaks.
+and full with ``chunked_loss`` off (the model's own loss) at both batch sizes, then each of the
+three with it on at batch 8; the saving is the difference of the two peaks.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def run(opts: Options) -> list[Row]:
         ("lora", True, 8),
         ("qlora", False, 2),
         ("qlora", False, 8),
+        ("qlora", True, 8),
         ("full", False, 2),
         ("full", False, 8),
         ("full", True, 8),
@@ -99,7 +100,7 @@ def run(opts: Options) -> list[Row]:
                 data={"peak_rss": big[0], "peak_rss_batch2": small[0], "bytes_per_token": slope},
             )
         )
-    for method in ("lora", "full"):
+    for method in ("lora", "qlora", "full"):
         plain, chunked = results[(method, False, 8)][0], results[(method, True, 8)][0]
         rows.append(
             Row(

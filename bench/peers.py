@@ -10,7 +10,7 @@ dropout 0.05 on all linear layers, batch 8, the same learning rate, schedule and
 padded batches (its default). Order: L W W L (L LLaMA-Factory, W the worker with its defaults),
 each run its own process. Reported: real tokens/s over ``train()`` (LLaMA-Factory's own
 ``train_runtime`` and ``num_input_tokens_seen``), whole-process time per real token (spawn to
-exit), peak RSS (``wait4``), and W/L. Unsloth and TRL's ``SFTTrainer`` with Liger kernels need
+exit), peak RSS (``wait4``), and W/L against issue 15's goal of 1.2x. Unsloth and TRL's ``SFTTrainer`` with Liger kernels need
 CUDA: without it their rows say so.
 """
 
@@ -28,6 +28,8 @@ from bench import batching
 from bench.common import Options, Row, fmt_mib, median, worker_env
 
 PART = "peers"
+#: Issue 15's goal: at least this much faster than LLaMA-Factory on the same work, whole process.
+GOAL = 1.2
 LLAMAFACTORY = "llamafactory==0.9.5"
 
 
@@ -185,8 +187,8 @@ def run(opts: Options) -> list[Row]:
             "long chat: worker / LLaMA-Factory speed, train() and whole process",
             f"{train_ratio:.2f}x / {wall_ratio:.2f}x",
             "L W W L",
-            target=">= 1.0x both",
-            met=train_ratio >= 1.0 and wall_ratio >= 1.0,
+            target=f">= {GOAL}x both",
+            met=None if opts.quick else train_ratio >= GOAL and wall_ratio >= GOAL,
             data={"train_ratio": train_ratio, "wall_ratio": wall_ratio},
         )
     )

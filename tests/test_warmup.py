@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
+import weakref
 from pathlib import Path
 
+import pytest
+
+from finetune_worker.config import parse_job_config
+from finetune_worker.server.jobs import JobManager
 from finetune_worker.testing import WorkerHarness
+from finetune_worker.wire.vocabulary import Event
 from test_train_helpers import tiny_config
 
 
@@ -56,3 +63,51 @@ def test_no_warm_and_the_env_switch_leave_the_stack_unimported() -> None:
 def test_an_explicit_warm_flag_beats_the_env() -> None:
     with WorkerHarness(("--warm",), env=_env("0")) as w:
         assert str(w.call("info")["warm"]) in ("warming", "ready")
+
+
+def test_the_warm_up_does_the_first_model_loads_one_time_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5 compiles its weight-renaming table on a process's first from_pretrained
+    (0.4 s of a fresh worker's first job); the warm-up builds it instead."""
+    from transformers import conversion_mapping
+
+    from finetune_worker.server.warmup import Warmup
+
+    monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
+    warmup = Warmup(True)
+    warmup.start()
+    assert warmup.wait(timeout=300) and warmup.state == "ready"
+    assert conversion_mapping._checkpoint_conversion_mapping_cache is not None
+
+
+def test_a_job_runs_with_the_older_heap_frozen_and_everything_is_collected_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The collections made during a job (the Trainer's gc.collect at the start of train(), each
+    ~0.3 s over the imported stack) skip the objects that were alive before it; after its
+    terminal event they are unfrozen and collected, so a cycle that died meanwhile is freed."""
+    monkeypatch.setenv("FINETUNE_WORKER_TEST_JOBS", "1")
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.me = cycle  # type: ignore[attr-defined]  # only the cyclic collector frees it
+    alive = weakref.ref(cycle)
+    events: list[Event] = []
+    manager = JobManager(lambda record, event: events.append(event), job_prefix="gc")
+    try:
+        manager.submit(*parse_job_config({"job": "test_steps", "steps": 40, "step_seconds": 0.02}))
+        deadline = time.monotonic() + 30
+        while not any(e.type == "progress" for e in events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        del cycle
+        gc.collect()
+        assert gc.get_freeze_count() > 0
+        assert alive() is not None, "the job's collections scanned the heap from before it"
+        while alive() is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert events[-1].type == "completed", events[-1]
+        assert alive() is None, "the cycle was never collected after the job"
+        assert gc.get_freeze_count() == 0
+    finally:
+        manager.close(5)

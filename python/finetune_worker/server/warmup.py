@@ -3,7 +3,8 @@
 A fresh worker's first job used to wait about 7 s from ``submit`` to its first ``progress`` event
 on a 2-core machine: its runner thread imported torch, transformers, peft, datasets and
 accelerate first (the second job in the same worker waits about 1 s). The warm-up thread imports
-them right after the worker starts serving, so a job submitted a few seconds later finds them
+them right after the worker starts serving, and does the one-time work of the first model load
+(:func:`_prime`), so a job submitted a few seconds later finds them
 loaded, and one submitted sooner waits only for what is left (Python's per-module import locks
 make the runner wait for a module the warm-up is importing, never import it twice).
 
@@ -42,6 +43,17 @@ MODULES = (
 ENV = "FINETUNE_WORKER_WARM"
 
 
+def _prime() -> None:
+    """What the first ``from_pretrained`` of a process does once, whatever the model: transformers
+    5 compiles its table of checkpoint weight renamings (~1,000 regular expressions, 0.4 s of a
+    fresh worker's first job here). A transformers without that table has nothing to prime."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return
+    get_checkpoint_conversion_mapping("llama")
+
+
 def enabled_by_env(default: bool = True) -> bool:
     """``FINETUNE_WORKER_WARM``: ``0``/``false``/``no``/``off`` turn the warm-up off."""
     value = os.environ.get(ENV)
@@ -76,6 +88,7 @@ class Warmup:
         try:
             for name in MODULES:
                 importlib.import_module(name)
+            _prime()
         except BaseException as exc:  # a broken install: the job that needs it will say what is wrong
             self.state = "failed"
             log.warning("warm-up import failed (%s: %s); jobs import on their own", type(exc).__name__, exc)

@@ -8,12 +8,10 @@ Every failure leaves as a :class:`JobFailed` with a code and a hint; a cancel le
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 import traceback
 from contextlib import nullcontext
@@ -82,8 +80,6 @@ def _train(ctx: JobContext, cfg: TrainConfig) -> dict[str, Any]:
         log.error("train job %s failed (%s)", ctx.job_id, failure.error, exc_info=exc)
         _drop_frames(exc)
         raise failure from None
-    finally:
-        _release_memory()
 
 
 def _drop_frames(exc: BaseException) -> None:
@@ -94,14 +90,6 @@ def _drop_frames(exc: BaseException) -> None:
         seen.add(id(cur))
         traceback.clear_frames(cur.__traceback__)
         cur = cur.__cause__ or cur.__context__
-
-
-def _release_memory() -> None:
-    # The worker outlives the job: the next job must get the memory this one held.
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _close_tracking(trackers: list[Any], status: str) -> None:
