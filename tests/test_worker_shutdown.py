@@ -93,3 +93,46 @@ def test_sigint_is_ignored_in_port_mode() -> None:
         assert w.call("ping", timeout=30) == "pong"
         w.proc.send_signal(signal.SIGINT)
         assert w.call("ping") == "pong"
+
+
+PROBE = """
+import atexit
+import os
+
+
+class _Finalized:
+    def __init__(self, path):
+        self.path = path
+
+    def __del__(self, open=open):  # os and the builtins may be gone by then
+        with open(self.path, "w") as f:
+            f.write("the interpreter tore the modules down")
+
+
+def _hook():
+    with open(os.environ["PROBE_DIR"] + "/atexit", "w") as f:
+        f.write("ran")
+
+
+atexit.register(_hook)
+_finalized = _Finalized(os.environ["PROBE_DIR"] + "/finalized")
+"""
+
+
+def test_a_clean_exit_runs_the_exit_hooks_and_skips_finalization(tmp_path) -> None:
+    """The libraries' exit hooks (tracking clients, temporary folders) run as in a normal exit;
+    the interpreter's module-by-module teardown (~1.5 s with torch and transformers loaded, every
+    restart waiting on it) does not."""
+    (tmp_path / "exit_probe.py").write_text(PROBE)
+    env = dict(os.environ)
+    env.update(
+        PROBE_DIR=str(tmp_path),
+        FINETUNE_WORKER_KIND_MODULES="exit_probe",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")])),
+    )
+    with WorkerHarness(["--grace", str(GRACE)], env=env) as w:
+        w.call("validate", json.dumps({"job": "no_such_kind"}), timeout=30)  # imports the probe
+        w.close_stdin()
+        assert_gone(w)
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "finalized").exists()
