@@ -67,8 +67,13 @@ EXPECTED = {
         "long chat: W worker, packing auto",
         "long chat: W/A speed",
         "short Q&A: W/A speed",
+        "short Q&A: issue 15's goal, whole process",
     ],
-    "memory": ["LoRA r=8, chunked loss off: peak RSS", "full fine-tuning: memory the chunked loss saves"],
+    "memory": [
+        "LoRA r=8, chunked loss off: peak RSS",
+        "4-bit QLoRA r=8: memory the chunked loss saves",
+        "full fine-tuning: memory the chunked loss saves",
+    ],
     "data": ["peak anonymous RSS, training on 1,000 rows", "peak anonymous RSS, training on 5,000 rows"],
     "gpu": ["lora, A plain script", "lora, B worker runner", "lora, C worker runner", "full, C", "qlora, C"],
 }
