@@ -20,6 +20,9 @@ from test_train_helpers import tiny_config
         ("auto", "eager", False, "group", "dense mask"),
         ("auto", "flash_attention_2", False, "flatten", "separate sequences"),
         ("auto", "flash_attention_3", False, "flatten", "separate sequences"),
+        ("auto", "flex_attention", False, "flatten", "separate sequences"),
+        ("auto", "kernels-community/flash-attn3", False, "flatten", "separate sequences"),
+        ("flatten", "flex_attention", False, "flatten", "packing flatten"),
         ("auto", "flash_attention_2", True, "group", "virtual tokens"),
         (True, "sdpa", False, "group", "packing auto"),
         (False, "flash_attention_2", False, "pad", "packing pad"),
@@ -35,7 +38,7 @@ def test_what_each_packing_value_resolves_to(
     got, why, warn = choose_batching(requested, attn, virtual)
     assert got == mode and says in why, (got, why)
     # The user is warned exactly when what they asked for is slow here or not possible.
-    assert warn == (requested == "flatten" and (virtual or attn != "flash_attention_2")), (got, why)
+    assert warn == (requested == "flatten" and (virtual or attn in ("sdpa", "eager"))), (got, why)
 
 
 def test_auto_flattens_short_rows_whatever_the_kernel() -> None:

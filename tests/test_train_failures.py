@@ -180,3 +180,22 @@ def test_damaged_weights(model_copy: Path, tmp_path: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:1000])  # a copy that was cut short
     p = fail_after_submit(tiny_config(model_copy, tmp_path / "o"))
     assert p["error"] == "unsupported_model" and "damaged" in p["message"], p
+
+
+@pytest.mark.parametrize("kernel", ["flex_attention", "flash_attention_3"])
+def test_attention_kernels_that_need_cuda(tiny_model_dir: Path, tmp_path: Path, kernel: str) -> None:
+    """flash_attention_3 is refused at submit without its package; on a CPU machine both fail the
+    job before the model loads, naming the field."""
+    cfg = tiny_config(tiny_model_dir, tmp_path / "o", attn_implementation=kernel)
+    if kernel == "flash_attention_3":
+        with pytest.raises(ConfigError) as caught:
+            parse_job_config(json.dumps(cfg))
+        assert "flash_attn_interface" in str(caught.value)
+    run = Run(cfg, env_checks=False)  # as if its package were there
+    try:
+        p = run.wait(120).payload
+    finally:
+        run.close()
+    assert p["error"] == "invalid_config", p
+    assert f"attn_implementation {kernel!r} needs a CUDA GPU" in p["message"]
+    assert "sdpa" in p["hint"]

@@ -137,6 +137,9 @@ class TrainingParameters(_Section):
     logging_steps: int = Field(10, gt=0, description="Send a metrics event every N optimizer steps.")
 
 
+#: The module each attention kernel needs (transformers imports it when the model loads).
+ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
 #: Each schedule's own settings (``training_parameters.lr_scheduler_kwargs``): name -> (type,
 #: lowest, highest, choices). transformers raises deep in the Trainer for a missing or unknown
 #: one; checking here makes it a config issue at submit.
@@ -406,8 +409,14 @@ class TrainConfig(_Section):
     tracking: TrackingConfig | None = Field(
         None, description="Experiment tracking (MLflow, TensorBoard, W&B); failures only warn."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel; flash_attention_2 needs the flash_attn package and CUDA."
+    attn_implementation: Literal[
+        "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"
+    ] = Field(
+        "sdpa",
+        description="Attention kernel. flash_attention_2 (the flash_attn package) and flash_attention_3 "
+        "(flash_attn_interface, Hopper GPUs) need CUDA; flex_attention (torch's FlexAttention) needs CUDA "
+        "to train. All three take packed rows as separate sequences, so data.packing auto flattens "
+        "batches with them.",
     )
     preference: PreferenceSection | None = Field(
         None,
@@ -591,11 +600,12 @@ class TrainConfig(_Section):
             )
         if self.eval.load_best_model_at_end:
             issues.extend(self._best_model_issues())
-        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        package = ATTENTION_PACKAGES.get(self.attn_implementation)
+        if package is not None and importlib.util.find_spec(package) is None:
             issues.append(
                 ConfigIssue(
                     "attn_implementation",
-                    "flash_attention_2 needs the flash_attn package, which is not installed; use 'sdpa'",
+                    f"{self.attn_implementation} needs the {package} package, which is not installed; use 'sdpa'",
                     self.attn_implementation,
                 )
             )

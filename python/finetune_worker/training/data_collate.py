@@ -5,7 +5,7 @@
 - ``flatten``: transformers' ``DataCollatorWithFlattening``: a batch becomes one row of all
   examples back to back, ``position_ids`` restart at 0 for each, and the first label of each is
   -100 so no example learns to predict across the seam. With a varlen attention kernel
-  (``flash_attention_2``/``_3``) attention then costs the sum of each row's length squared and no
+  (``flash_attention_2``/``_3``, or ``flex_attention``'s block-sparse mask) attention then costs the sum of each row's length squared and no
   compute goes to padding. With any other kernel (``sdpa``, ``eager``) transformers builds a dense
   block-diagonal mask over the whole flattened batch, so attention costs (sum of lengths)^2 and,
   on a GPU, as much memory: slower than plain padding on long rows (issue 15 measured 0.71x).
@@ -61,9 +61,15 @@ class PaddedCollator:
         }
 
 
-#: Attention kernels that take a flattened batch as separate sequences (cu_seqlens from the
-#: restarting position_ids), with no mask over the whole batch.
-VARLEN_KERNELS = frozenset({"flash_attention_2", "flash_attention_3"})
+def packs_without_dense_mask(attn_implementation: str) -> bool:
+    """True for attention kernels that take a flattened batch as separate sequences, with no
+    mask over the whole batch: every flash attention (transformers' own test, any name holding
+    "flash": FA2/3/4 and hub kernels; cu_seqlens from the restarting position_ids) and
+    FlexAttention (a block-sparse mask built from the same position_ids: blocks across two
+    sequences are skipped, not computed)."""
+    return "flash" in attn_implementation or attn_implementation == "flex_attention"
+
+
 #: Columns of the prepared rows that are not model inputs (the collator drops them).
 _ROW_COLUMNS = ("loss_weight", "length")
 
@@ -96,7 +102,7 @@ def choose_batching(
     mode = (
         {True: "auto", False: "pad"}.get(requested, requested) if isinstance(requested, bool) else requested
     )
-    varlen = attn_implementation in VARLEN_KERNELS
+    varlen = packs_without_dense_mask(attn_implementation)
     if mode == "auto":
         if varlen and not virtual_tokens:
             return Batching(

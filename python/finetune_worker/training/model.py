@@ -61,6 +61,17 @@ def plan_hardware(cfg: TrainConfig, warn: Warn) -> Plan:
     if not cuda and optimizer in CUDA_ONLY_OPTIMIZERS:
         warn(f"training_parameters.optimizer {optimizer} needs CUDA; using adamw_torch on CPU")
         optimizer = "adamw_torch"
+    if not cuda and cfg.attn_implementation != "sdpa" and cfg.attn_implementation != "eager":
+        raise JobFailed(
+            "invalid_config",
+            f"attn_implementation {cfg.attn_implementation!r} needs a CUDA GPU"
+            + (
+                " (FlexAttention has no backward pass on CPU)"
+                if cfg.attn_implementation == "flex_attention"
+                else ""
+            ),
+            hint="On CPU use 'sdpa'; data.packing auto then groups long rows by length instead of flattening them.",
+        )
     if cfg.peft.method == "loftq" and not cuda:
         raise JobFailed(
             "invalid_config",
