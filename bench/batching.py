@@ -90,11 +90,15 @@ def model_flops_per_token(model: Path, mean_len: float, full: bool = False) -> f
     return (6 if full else 4) * n_matmul + 12 * layers * h * mean_len
 
 
-def run_plain(model: Path, data: Path, out: Path, steps: int) -> Run:
+def run_plain(
+    model: Path, data: Path, out: Path, steps: int, script: str = "bench.hf_baseline", variant: str = "A"
+) -> Run:
+    """One run of a baseline script (the plain one, or a peer's with the same arguments and result
+    line) in its own process."""
     from bench.hf_baseline import RESULT_PREFIX
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "bench.hf_baseline", "--model", str(model), "--data", str(data)]
+    cmd = [sys.executable, "-m", script, "--model", str(model), "--data", str(data)]
     cmd += ["--output", str(out), "--steps", str(steps)]
     started = time.monotonic()
     with out.with_suffix(".log").open("w") as log:
@@ -102,9 +106,9 @@ def run_plain(model: Path, data: Path, out: Path, steps: int) -> Run:
     wall = time.monotonic() - started
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"the plain script failed (exit {proc.returncode}); see {out.with_suffix('.log')}")
+        raise RuntimeError(f"{script} failed (exit {proc.returncode}); see {out.with_suffix('.log')}")
     r = json.loads(lines[-1][len(RESULT_PREFIX) :])
-    return Run("A", int(r["tokens_seen"]), float(r["train_seconds"]), wall, int(r["peak_rss_bytes"]))
+    return Run(variant, int(r["tokens_seen"]), float(r["train_seconds"]), wall, int(r["peak_rss_bytes"]))
 
 
 def run_worker(model: Path, data: Path, out: Path, steps: int, packing: str, variant: str) -> Run:

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_runtime": result.metrics.get("train_runtime"),
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "losses": losses,
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
     }
     print(RESULT_PREFIX + json.dumps(report), flush=True)
@@ -147,7 +147,7 @@ def tokenize(row: dict, tokenizer: AutoTokenizer) -> dict:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
             if line.startswith("VmHWM:"):

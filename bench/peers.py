@@ -7,10 +7,11 @@ worker's torch 2.13.0, so the two cannot share one); the row names the versions.
 ``llamafactory-cli train`` with a YAML made for the run: the same model (the small tiny Llama),
 the same long-chat rows (alpaca columns, ChatML, loss on the answers only), LoRA r=8 alpha 16
 dropout 0.05 on all linear layers, batch 8, the same learning rate, schedule and step count,
-padded batches (its default). Order: L W W L (L LLaMA-Factory, W the worker with its defaults),
-each run its own process. Reported: real tokens/s over ``train()`` (LLaMA-Factory's own
+padded batches (its default). TRL's ``SFTTrainer`` (T, ``bench.trl_baseline``: its defaults, in
+the worker's virtualenv) runs the same work. Order: L W T T W L (L LLaMA-Factory, W the worker
+with its defaults), each run its own process. Reported: real tokens/s over ``train()`` (LLaMA-Factory's own
 ``train_runtime`` and ``num_input_tokens_seen``), whole-process time per real token (spawn to
-exit), peak RSS (``wait4``), and W/L against issue 15's goal of 1.2x. Unsloth and TRL's ``SFTTrainer`` with Liger kernels need
+exit), peak RSS (``wait4``), W/L against issue 15's goal of 1.2x, and W/T. Unsloth and TRL's ``SFTTrainer`` with Liger kernels need
 CUDA: without it their rows say so.
 """
 
@@ -151,11 +152,15 @@ def run(opts: Options) -> list[Row]:
     )
     mean_len = data.total_tokens / len(data.lengths)
     work = opts.work_dir / "peers"
-    runs: dict[str, list[batching.Run]] = {"L": [], "W": []}
-    for i, variant in enumerate(["L", "W"] if opts.quick else ["L", "W", "W", "L"]):
+    runs: dict[str, list[batching.Run]] = {"L": [], "W": [], "T": []}
+    for i, variant in enumerate(["L", "W", "T"] if opts.quick else ["L", "W", "T", "T", "W", "L"]):
         out = work / f"{variant.lower()}-{i}"
         if variant == "L":
             result = run_llamafactory(cli, model, data.path, out, steps)
+        elif variant == "T":
+            result = batching.run_plain(
+                model, data.path, out, steps, script="bench.trl_baseline", variant="T"
+            )
         else:
             result = batching.run_worker(model, data.path, out, steps, "auto", "W")
         runs[variant].append(result)
@@ -164,7 +169,12 @@ def run(opts: Options) -> list[Row]:
             f"process, peak RSS {fmt_mib(result.peak_rss)}"
         )
     rows = []
-    for variant, label in (("L", f"LLaMA-Factory ({versions})"), ("W", "the worker, packing auto")):
+    labels = (
+        ("L", f"LLaMA-Factory ({versions})"),
+        ("T", f"TRL SFTTrainer, its defaults (trl {_trl_version()}, no Liger: CPU)"),
+        ("W", "the worker, packing auto"),
+    )
+    for variant, label in labels:
         results = runs[variant]
         rows.append(
             Row(
@@ -186,9 +196,21 @@ def run(opts: Options) -> list[Row]:
             PART,
             "long chat: worker / LLaMA-Factory speed, train() and whole process",
             f"{train_ratio:.2f}x / {wall_ratio:.2f}x",
-            "L W W L",
+            "L W ... W L",
             target=f">= {GOAL}x both",
             met=None if opts.quick else train_ratio >= GOAL and wall_ratio >= GOAL,
+            data={"train_ratio": train_ratio, "wall_ratio": wall_ratio},
+        )
+    )
+    train_ratio, wall_ratio = batching.speed_ratios(runs["T"], runs["W"])
+    rows.append(
+        Row(
+            PART,
+            "long chat: worker / TRL SFTTrainer speed, train() and whole process",
+            f"{train_ratio:.2f}x / {wall_ratio:.2f}x",
+            "W T T W",
+            target=">= 1.0x both",
+            met=None if opts.quick else train_ratio >= 1.0 and wall_ratio >= 1.0,
             data={"train_ratio": train_ratio, "wall_ratio": wall_ratio},
         )
     )
@@ -203,6 +225,12 @@ def run(opts: Options) -> list[Row]:
             )
         )
     return rows
+
+
+def _trl_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("trl")
 
 
 def _cuda() -> bool:
