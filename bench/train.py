@@ -57,23 +57,26 @@ def run_script(
     steps: int,
     method: str = "lora",
     extra_args: tuple[str, ...] = (),
+    script: str = "bench.hf_baseline",
+    variant: str = "A",
 ) -> Result:
-    """Variant A: ``bench.hf_baseline`` in its own process."""
+    """Variant A: ``bench.hf_baseline`` in its own process (or a peer's ``script`` that takes the
+    same arguments and prints the same result line)."""
     from bench.hf_baseline import RESULT_PREFIX
 
     log_path = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "bench.hf_baseline", "--model", str(model), "--data", str(data)]
+    cmd = [sys.executable, "-m", script, "--model", str(model), "--data", str(data)]
     cmd += ["--output", str(out), "--steps", str(steps), "--method", method, *extra_args]
     with log_path.open("w") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=log, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the plain HF script failed (exit {proc.returncode}); {log_path}:\n{tail}")
+        raise RuntimeError(f"{script} failed (exit {proc.returncode}); {log_path}:\n{tail}")
     r = json.loads(lines[-1][len(RESULT_PREFIX) :])
     return Result(
-        variant="A",
+        variant=variant,
         tokens=int(r["tokens_seen"]),
         seconds=float(r["train_seconds"]),
         peak_rss=int(r["peak_rss_bytes"]),
