@@ -66,6 +66,19 @@ test-slow: setup-dev elixir
 bench: setup-dev $(TINY)/config.json
 	$(PY) -m bench.run
 
+# Wheels for bench/gpu_device.sh on a lent GPU machine (Python 3.12, no registry). A run carries
+# at most 64 MiB: the default set is what is small (~10 MB); add the big ones that machine lacks,
+# e.g. `make gpu-wheels GPU_WHEELS_BIG="pyarrow pandas"` (~67 MB) or "bitsandbytes" (~43 MB), not all.
+GPU_WHEELS_PY ?= 3.12
+GPU_WHEELS_BIG ?=
+gpu-wheels: setup-dev
+	rm -rf .gpu-wheels && mkdir -p .gpu-wheels
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_WHEELS_PY) \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_24_x86_64 --platform any -d .gpu-wheels \
+	  $$($(PY) bench/gpu_wheels.py $(GPU_WHEELS_BIG))
+	du -sh .gpu-wheels
+
 lint: setup-dev elixir
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU part of `make bench` on a lent GPU machine that reaches no package registry, as one script.
+#
+# Here (with the registry):   make gpu-wheels      # fills .gpu-wheels/ for the machine's Python (3.12)
+# There (the device's run):   bash bench/gpu_device.sh            with carry [".gpu-wheels"]
+#
+# It uses the machine's own torch and transformers (a virtualenv with its site packages), installs
+# from the carried wheels only what that Python cannot import, runs `bench.run --part gpu` (the
+# 1.1B Llama matrix: LoRA, full and QLoRA in bf16, against the plain HF + peft script, and TRL +
+# Liger) and leaves its table, raw rows and the device's description under $OUT (or runs/gpu-out).
+# GPU_BENCH_STEPS (default 60) and GPU_BENCH_ROUNDS (default 1) keep it within about 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-runs/gpu-out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
+python3 -m venv --system-site-packages /tmp/ftw-gpu-venv
+py=/tmp/ftw-gpu-venv/bin/python
+# module -> wheel (distribution) name, in the order pip should install them.
+missing=$("$py" - <<'EOF'
+import importlib.util
+
+needed = {
+    "annotated_types": "annotated-types", "typing_inspection": "typing-inspection",
+    "pydantic_core": "pydantic-core", "pydantic": "pydantic", "msgpack": "msgpack", "yaml": "PyYAML",
+    "mdurl": "mdurl", "markdown_it": "markdown-it-py", "pygments": "pygments", "rich": "rich",
+    "accelerate": "accelerate", "peft": "peft", "dill": "dill", "multiprocess": "multiprocess",
+    "xxhash": "xxhash", "pyarrow": "pyarrow", "pandas": "pandas", "datasets": "datasets",
+    "trl": "trl", "liger_kernel": "liger-kernel", "bitsandbytes": "bitsandbytes",
+}
+print(" ".join(dist for module, dist in needed.items() if importlib.util.find_spec(module) is None))
+EOF
+)
+echo "missing on this machine: ${missing:-nothing}" | tee -a "$out/device.txt"
+for dist in $missing; do
+  # One at a time and without dependencies: a wheel that was not carried (too big for this
+  # run) is reported and skipped; the rows that need it say so.
+  "$py" -m pip install -q --no-index --no-deps --find-links .gpu-wheels "$dist" \
+    || echo "not installed: $dist (not among the carried wheels)" | tee -a "$out/device.txt"
+done
+"$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$out/device.txt"
+export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$py" -m bench.run --part gpu --rounds "${GPU_BENCH_ROUNDS:-1}" --steps "${GPU_BENCH_STEPS:-60}" \
+  --work-dir /tmp/ftw-gpu-work --record "$out/BENCHMARKS.md" --json "$out/gpu.json"
