@@ -205,9 +205,8 @@ def run(opts: Options) -> list[Row]:
             except Exception as exc:  # a peer that does not install or run here: its row says why
                 failed.append(Row(PART, "TRL SFTTrainer + Liger kernels", "failed", note=str(exc)[-300:]))
                 continue
-            results.setdefault((variant, method), []).append(r)
-            continue
-        r = fn()
+        else:
+            r = fn()
         results.setdefault((variant, method), []).append(r)
         opts.log(f"gpu: {variant} {method}: {r.tokens_per_s:,.0f} tok/s, peak GPU {_gib(r.peak_gpu)}")
 

@@ -14,8 +14,11 @@ cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
-python3 -m venv --system-site-packages /tmp/ftw-gpu-venv
+python3 -m venv --system-site-packages /tmp/ftw-gpu-venv \
+  || python3 -m venv --system-site-packages --without-pip /tmp/ftw-gpu-venv  # no ensurepip there
 py=/tmp/ftw-gpu-venv/bin/python
+[ -x "$py" ] || py=python3  # no venv at all: the machine's Python, its user site for the wheels
+"$py" -m pip --version >/dev/null 2>&1 || { echo "no pip for $py: installing nothing" | tee -a "$out/device.txt"; }
 # module -> wheel (distribution) name, in the order pip should install them.
 missing=$("$py" - <<'EOF'
 import importlib.util
@@ -35,7 +38,7 @@ echo "missing on this machine: ${missing:-nothing}" | tee -a "$out/device.txt"
 for dist in $missing; do
   # One at a time and without dependencies: a wheel that was not carried (too big for this
   # run) is reported and skipped; the rows that need it say so.
-  "$py" -m pip install -q --no-index --no-deps --find-links .gpu-wheels "$dist" \
+  "$py" -m pip install -q --no-index --no-deps --find-links .gpu-wheels "$dist" $([ "$py" = python3 ] && echo --user) \
     || echo "not installed: $dist (not among the carried wheels)" | tee -a "$out/device.txt"
 done
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \

@@ -171,7 +171,7 @@ def run(opts: Options) -> list[Row]:
     rows = []
     labels = (
         ("L", f"LLaMA-Factory ({versions})"),
-        ("T", f"TRL SFTTrainer, its defaults (trl {_trl_version()}, no Liger: CPU)"),
+        ("T", f"TRL SFTTrainer, its defaults (trl {_trl_version()}, no Liger kernels here)"),
         ("W", "the worker, packing auto"),
     )
     for variant, label in labels:

@@ -6,7 +6,7 @@ plain script do; the model gets the same LoRA (r=8, alpha 16, dropout 0.05, all 
 through ``peft_config``. Everything else is ``SFTConfig``'s default: padded batches in a shuffled
 order (no packing, no padding-free batches, which TRL supports only with flash attention), except
 what must match the other runs (steps, batch, learning rate and schedule, seed, optimizer, no
-saving) and ``use_liger_kernel`` on CUDA (Liger's kernels are Triton: GPU only). Its result line
+saving, no gradient checkpointing) and ``use_liger_kernel`` on CUDA (Liger's kernels are Triton: GPU only). Its result line
 is the plain script's (``bench.hf_baseline``).
 
     python -m bench.trl_baseline --model M --data rows.jsonl --output out --steps 40 [--liger]
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         learning_rate=args.learning_rate,
         lr_scheduler_type="linear",
         optim="adamw_torch",  # as the other runs (transformers 5 defaults to the fused one)
+        # SFTConfig turns gradient checkpointing on by default; the other runs (the worker, the plain
+        # script, LLaMA-Factory as the bench sets it) do not recompute: compare like with like.
+        gradient_checkpointing=False,
         max_length=1024,  # above the longest row: nothing is truncated
         logging_steps=1,
         save_strategy="no",

@@ -96,7 +96,8 @@ def test_a_job_runs_with_the_older_heap_frozen_and_everything_is_collected_after
     events: list[Event] = []
     manager = JobManager(lambda record, event: events.append(event), job_prefix="gc")
     try:
-        manager.submit(*parse_job_config({"job": "test_steps", "steps": 40, "step_seconds": 0.02}))
+        # Long enough (6 s) that it is still running when the test looks, on a loaded machine.
+        manager.submit(*parse_job_config({"job": "test_steps", "steps": 300, "step_seconds": 0.02}))
         deadline = time.monotonic() + 30
         while not any(e.type == "progress" for e in events) and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -1,8 +1,6 @@
 """``python -m finetune_worker``: the same entry point as the ``finetune-worker`` console script."""
 
-import sys
-
-from finetune_worker.cli import main
+from finetune_worker.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

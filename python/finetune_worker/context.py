@@ -9,6 +9,8 @@ process's rank inside a torchrun group.
 
 from __future__ import annotations
 
+import gc
+import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,3 +95,16 @@ class JobContext:
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit("log", level=level, message=message)
+
+
+def release_memory(*, unfreeze: bool = False) -> None:
+    """Collect garbage and hand cached GPU memory back: the worker outlives a job, and the next
+    job (or another process) needs what this one held. During a job the runner keeps the heap
+    from before it frozen (``server.jobs``), so this collects the job's own objects only, in
+    milliseconds; ``unfreeze``: the runner's once the job is over, everything."""
+    if unfreeze:
+        gc.unfreeze()
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -28,7 +28,7 @@ import platform
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 import finetune_worker
 
@@ -204,6 +204,15 @@ def _setup_logging() -> None:
     )
 
 
+def entry() -> NoReturn:
+    """The ``finetune-worker`` program: :func:`main`, then an exit without the interpreter's
+    finalization (``server.worker.exit_process``: ~1.5 s once torch is loaded, after every run)."""
+    code = main()
+    from finetune_worker.server.worker import exit_process
+
+    exit_process(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["-V"]:
@@ -223,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "port":
         return cmd_port(args)
     if command == "run":
-        code = cmd_run(args)
-        from finetune_worker.server.worker import exit_process
-
-        exit_process(code)  # the job is over: no 1.5 s of interpreter teardown after it
+        return cmd_run(args)
     if command == "validate":
         return cmd_validate(args)
     if command == "chat":

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import secrets
-import sys
 import threading
 import time
 import traceback
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_worker import kinds
-from finetune_worker.context import JobContext, RequestTimeout
+from finetune_worker.context import JobContext, RequestTimeout, release_memory
 from finetune_worker.errors import JobCancelled, JobFailed
 from finetune_worker.failures import classify_exception
 from finetune_worker.wire.vocabulary import TERMINAL_TYPES as TERMINAL_STATES
@@ -173,6 +172,11 @@ class JobManager:
         with self._lock:
             return len(self._queue)
 
+    def runner_busy(self) -> bool:
+        """Whether the runner thread still runs: after :meth:`close`, a job (or its clean-up)
+        that outlived the grace period."""
+        return self._runner.is_alive()
+
     def running(self) -> str | None:
         with self._lock:
             return self._current[0].job_id if self._current else None
@@ -292,17 +296,19 @@ class JobManager:
                         self._emit(other, "queued", {"position": i + 1, "kind": other.kind})
             # Everything alive before the job (the imported training stack: hundreds of thousands
             # of objects) is frozen out of the cyclic collector while it runs, so the full
-            # collections made during it (the Trainer's own at the start of train(), Python's
-            # automatic ones) skip that heap: ~0.3 s each here. Unfrozen and collected after the
-            # terminal event, so a cycle that died meanwhile is still freed and the next job gets
-            # this one's memory, without delaying the event.
+            # collections made during it (the Trainer's own at the start of train(), the job's
+            # own when it ends, Python's automatic ones) skip that heap: ~0.3 s each here. After
+            # the terminal event it is unfrozen and collected once, so a cycle among those older
+            # objects that died meanwhile is freed too; not when the worker is closing (it exits).
             gc.freeze()
             try:
                 self._run_one(record, ctx)
             finally:
                 with self._lock:
                     self._current = None
-                release_memory()
+                    closing = self._closing
+                if not closing:
+                    self._release_memory()
 
     def _run_one(self, record: JobRecord, ctx: WorkerJobContext) -> None:
         self._emit(record, "started", {"kind": record.kind})
@@ -335,6 +341,12 @@ class JobManager:
                 )
             else:
                 self._finish(record, "completed", result)
+
+    def _release_memory(self) -> None:
+        try:
+            release_memory(unfreeze=True)
+        except Exception as exc:  # a CUDA fault that sticks: the next job reports it, as its failure
+            log.warning("could not release memory after a job: %s: %s", type(exc).__name__, exc)
 
     def _finish(self, record: JobRecord, type: str, payload: dict[str, Any]) -> None:
         with self._lock:
@@ -427,13 +439,3 @@ def _load_handler(kind: str) -> Callable[[JobContext], dict[str, Any] | None]:
         raise JobFailed("invalid_config", f"no handler for job kind {kind!r}")
     handler: Callable[[JobContext], dict[str, Any] | None] = found.handler()
     return handler
-
-
-def release_memory() -> None:
-    """After a job: unfreeze what :meth:`JobManager._run_loop` froze, collect, and hand cached GPU
-    memory back (the worker outlives the job: the next job, or another process, needs it)."""
-    gc.unfreeze()
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()

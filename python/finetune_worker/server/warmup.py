@@ -3,10 +3,11 @@
 A fresh worker's first job used to wait about 7 s from ``submit`` to its first ``progress`` event
 on a 2-core machine: its runner thread imported torch, transformers, peft, datasets and
 accelerate first (the second job in the same worker waits about 1 s). The warm-up thread imports
-them right after the worker starts serving, and does the one-time work of the first model load
-(:func:`_prime`), so a job submitted a few seconds later finds them
-loaded, and one submitted sooner waits only for what is left (Python's per-module import locks
-make the runner wait for a module the warm-up is importing, never import it twice).
+them right after the worker starts serving, then does the one-time work of the first model load
+(:func:`_prime`), so a job submitted a few seconds later finds them loaded, and one submitted
+sooner waits only for the imports that are left (Python's per-module import locks make the
+runner wait for a module the warm-up is importing, never import it twice; the first model load
+of a job that starts meanwhile may do :func:`_prime`'s work a second time, harmlessly).
 
 What it costs, and who turns it off: the modules stay loaded, about 400 MiB of resident memory
 that the process cannot give back (``make bench``, part ``startup``, measures it), and a few
@@ -88,12 +89,16 @@ class Warmup:
         try:
             for name in MODULES:
                 importlib.import_module(name)
-            _prime()
         except BaseException as exc:  # a broken install: the job that needs it will say what is wrong
             self.state = "failed"
             log.warning("warm-up import failed (%s: %s); jobs import on their own", type(exc).__name__, exc)
             return
         finally:
             self.seconds = round(time.monotonic() - started, 3)
+        try:
+            _prime()
+        except Exception as exc:  # another transformers: the first model load does it, as before
+            log.warning("warm-up: could not prepare the first model load (%s: %s)", type(exc).__name__, exc)
+        self.seconds = round(time.monotonic() - started, 3)
         self.state = "ready"
         log.info("warm-up: training stack imported in %.1f s", self.seconds)

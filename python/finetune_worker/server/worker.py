@@ -200,7 +200,9 @@ class Worker:
 
     @property
     def runner_alive(self) -> bool:
-        return self.manager.running() is not None
+        """After :meth:`shutdown`: whether the runner thread is still busy (a job that ignored its
+        cancel, or native code that did not return)."""
+        return self.manager.runner_busy()
 
     # ---- one frame -----------------------------------------------------------------------------
 

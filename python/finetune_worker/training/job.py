@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_worker.config.train import VIRTUAL_TOKEN_METHODS, TrainConfig
-from finetune_worker.context import JobContext
+from finetune_worker.context import JobContext, release_memory
 from finetune_worker.errors import JobCancelled, JobFailed
 from finetune_worker.outputs import DATA_CACHE, share_files, write_text_atomic
 from finetune_worker.security import redact
@@ -47,6 +47,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
     cfg: TrainConfig = ctx.config
     if ctx.rank is not None:
         return _train(ctx, cfg)  # a torchrun rank: the launching worker holds the output lock
+    from finetune_worker.training.model import check_attention_kernel
+
+    check_attention_kernel(cfg)  # before the output folder, the data, or a torchrun launch
     # One job per output_dir, across workers and machines sharing it. The workers of the other nodes
     # of one multi-node job write into the same (shared) folder as node 0's: node 0 holds the lock.
     lock = (
@@ -80,6 +83,8 @@ def _train(ctx: JobContext, cfg: TrainConfig) -> dict[str, Any]:
         log.error("train job %s failed (%s)", ctx.job_id, failure.error, exc_info=exc)
         _drop_frames(exc)
         raise failure from None
+    finally:
+        release_memory()  # before the terminal event: the GPU memory is free once a BEAM sees it
 
 
 def _drop_frames(exc: BaseException) -> None:

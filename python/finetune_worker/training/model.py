@@ -61,17 +61,6 @@ def plan_hardware(cfg: TrainConfig, warn: Warn) -> Plan:
     if not cuda and optimizer in CUDA_ONLY_OPTIMIZERS:
         warn(f"training_parameters.optimizer {optimizer} needs CUDA; using adamw_torch on CPU")
         optimizer = "adamw_torch"
-    if not cuda and cfg.attn_implementation != "sdpa" and cfg.attn_implementation != "eager":
-        raise JobFailed(
-            "invalid_config",
-            f"attn_implementation {cfg.attn_implementation!r} needs a CUDA GPU"
-            + (
-                " (FlexAttention has no backward pass on CPU)"
-                if cfg.attn_implementation == "flex_attention"
-                else ""
-            ),
-            hint="On CPU use 'sdpa'; data.packing auto then groups long rows by length instead of flattening them.",
-        )
     if cfg.peft.method == "loftq" and not cuda:
         raise JobFailed(
             "invalid_config",
@@ -79,6 +68,18 @@ def plan_hardware(cfg: TrainConfig, warn: Warn) -> Plan:
             hint="On CPU use 'pissa' (also an SVD-based init) or plain 'lora'.",
         )
     return Plan(device=device, precision=precision, load_dtype=load_dtype, optimizer=optimizer)
+
+
+def check_attention_kernel(cfg: TrainConfig) -> None:
+    """Refuse, before any work, an attention kernel this machine cannot train with."""
+    kernel = cfg.attn_implementation
+    if kernel not in ("sdpa", "eager") and not torch.cuda.is_available():
+        why = " (FlexAttention has no backward pass on CPU)" if kernel == "flex_attention" else ""
+        raise JobFailed(
+            "invalid_config",
+            f"attn_implementation {kernel!r} needs a CUDA GPU{why}",
+            hint="On CPU use 'sdpa'; data.packing auto then groups long rows by length instead of flattening them.",
+        )
 
 
 def load_model(cfg: TrainConfig, plan: Plan, warn: Warn, total_steps: int | None = None) -> nn.Module:
