@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 import torch
 from datasets import load_dataset
@@ -86,24 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     # 4. Train.
-    training_args = TrainingArguments(
-        output_dir=args.output,
-        per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="linear",
-        # The worker's default. transformers 5 defaults to adamw_torch_fused, which made a whole CPU
-        # step about 2x slower here; B/A is meant to measure the worker, not the optimizer.
-        optim="adamw_torch",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=not cuda,
-        bf16=args.precision == "bf16",
-        seed=args.seed,
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",  # benchmark only: real tokens, as the worker counts them
-    )
+    training_args = TrainingArguments(**run_arguments(args, cuda))
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -111,27 +95,53 @@ def main(argv: list[str] | None = None) -> int:
         data_collator=collator,
         processing_class=tokenizer,
     )
+    train_and_report(trainer, args.method, cuda, save_to=args.output)
+    return 0
+
+
+def run_arguments(args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
+    """The ``TrainingArguments`` every baseline shares (a peer's script passes them on too)."""
+    return {
+        "output_dir": args.output,
+        "per_device_train_batch_size": args.batch_size,
+        "max_steps": args.steps,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": "linear",
+        # The worker's default. transformers 5 defaults to adamw_torch_fused, which made a whole CPU
+        # step about 2x slower here; B/A is meant to measure the worker, not the optimizer.
+        "optim": "adamw_torch",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": not cuda,
+        "bf16": args.precision == "bf16",
+        "seed": args.seed,
+        "disable_tqdm": True,
+        "include_num_input_tokens_seen": "non_padding",  # benchmark only: real tokens, as the worker counts them
+    }
+
+
+def train_and_report(trainer: Any, method: str, cuda: bool, save_to: str | None = None) -> None:
+    """``trainer.train()``, timed, then (``save_to``) the model saved and the result line the harness
+    reads back."""
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - started
-    trainer.save_model(args.output)
-
-    # Benchmark only: what the harness reads back.
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    if save_to:
+        trainer.save_model(save_to)
     report = {
-        "method": args.method,
+        "method": method,
         "steps": trainer.state.global_step,
         "train_seconds": train_seconds,
         "train_runtime": result.metrics.get("train_runtime"),
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "losses": losses,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "peak_rss_bytes": peak_rss(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
     }
     print(RESULT_PREFIX + json.dumps(report), flush=True)
-    return 0
 
 
 def tokenize(row: dict, tokenizer: AutoTokenizer) -> dict:

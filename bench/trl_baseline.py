@@ -15,9 +15,7 @@ is the plain script's (``bench.hf_baseline``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 
 import torch
 from datasets import load_dataset
@@ -25,7 +23,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from bench.hf_baseline import RESULT_PREFIX, peak_rss
+from bench.hf_baseline import run_arguments, train_and_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,25 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_dataset("json", data_files=args.data, split="train")
     dataset = dataset.map(prompt_completion, remove_columns=dataset.column_names)
     config = SFTConfig(
-        output_dir=args.output,
-        per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="linear",
-        optim="adamw_torch",  # as the other runs (transformers 5 defaults to the fused one)
+        **run_arguments(args, cuda),
+        max_length=1024,  # above the longest row: nothing is truncated
         # SFTConfig turns gradient checkpointing on by default; the other runs (the worker, the plain
         # script, LLaMA-Factory as the bench sets it) do not recompute: compare like with like.
         gradient_checkpointing=False,
-        max_length=1024,  # above the longest row: nothing is truncated
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=not cuda,
-        bf16=args.precision == "bf16",
-        seed=args.seed,
-        disable_tqdm=True,
         use_liger_kernel=args.liger,
-        include_num_input_tokens_seen="non_padding",  # benchmark only: real tokens, as the worker counts them
     )
     lora = LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
@@ -78,22 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
     )
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    result = trainer.train()
-    train_seconds = time.perf_counter() - started
-    report = {
-        "method": "lora",
-        "steps": trainer.state.global_step,
-        "train_seconds": train_seconds,
-        "train_runtime": result.metrics.get("train_runtime"),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
-        "peak_rss_bytes": peak_rss(),
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-    }
-    print(RESULT_PREFIX + json.dumps(report), flush=True)
+    train_and_report(trainer, args.method, cuda)
     return 0
 
 
