@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -112,3 +113,32 @@ def test_a_job_runs_with_the_older_heap_frozen_and_everything_is_collected_after
         assert gc.get_freeze_count() == 0
     finally:
         manager.close(5)
+
+
+def test_a_job_waits_for_the_warm_up_instead_of_importing_beside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads importing transformers at once can each wait on a module the other holds; Python
+    then hands one a half-initialized module and the job fails ("cannot import name
+    'TrainerCallback' from 'transformers'"). So the runner starts the warm-up if it has not
+    started (a job can be the first call) and waits for it before the job runs."""
+    from finetune_worker.server import warmup as warmup_module
+
+    monkeypatch.setenv("FINETUNE_WORKER_TEST_JOBS", "1")
+    monkeypatch.setattr(warmup_module, "_prime", lambda: time.sleep(1.0))  # a warm-up that takes a while
+    warmup = warmup_module.Warmup(True)  # not started: the job comes first
+    seen: list[str] = []
+    done = threading.Event()
+
+    def sink(record: object, event: Event) -> None:
+        seen.append(f"{event.type}:{warmup.state}")
+        if event.terminal:
+            done.set()
+
+    manager = JobManager(sink, job_prefix="w", before_job=warmup.before_job)
+    try:
+        manager.submit(*parse_job_config({"job": "test_steps", "steps": 2, "step_seconds": 0.0}))
+        assert done.wait(60), seen
+    finally:
+        manager.close(5)
+    started = [e for e in seen if e.startswith("started:")]
+    assert started == ["started:ready"], seen
+    assert seen[-1] == "completed:ready", seen

@@ -113,8 +113,12 @@ REQUEST_POLL_S = 0.1
 class JobManager:
     """The FIFO, the runner thread and the job table."""
 
-    def __init__(self, sink: Sink, *, job_prefix: str | None = None):
+    def __init__(
+        self, sink: Sink, *, job_prefix: str | None = None, before_job: Callable[[], object] | None = None
+    ):
         self._sink = sink
+        #: Called on the runner thread before each job (the worker's: wait for the warm-up).
+        self._before_job = before_job
         self._lock = threading.Lock()
         # Every event goes out under this lock, so a job's events keep their order even when two
         # threads report on it (the runner re-sending queue positions, a cancel from the main
@@ -300,6 +304,11 @@ class JobManager:
             # own when it ends, Python's automatic ones) skip that heap: ~0.3 s each here. After
             # the terminal event it is unfrozen and collected once, so a cycle among those older
             # objects that died meanwhile is freed too; not when the worker is closing (it exits).
+            if self._before_job is not None:
+                try:
+                    self._before_job()
+                except Exception as exc:  # the job imports what it needs itself, as without it
+                    log.warning("before job %s: %s: %s", record.job_id, type(exc).__name__, exc)
             gc.freeze()
             try:
                 self._run_one(record, ctx)

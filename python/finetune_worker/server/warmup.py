@@ -5,11 +5,9 @@ on a 2-core machine: its runner thread imported torch, transformers, peft, datas
 accelerate first (the second job in the same worker waits about 1 s). The warm-up thread imports
 them right after the worker starts serving, then does the one-time work of the first model load
 (:func:`_prime`), so a job submitted a few seconds later finds them loaded, and one submitted
-sooner waits only for the imports that are left (Python's per-module import locks make the
-runner wait for a module the warm-up is importing, never import it twice; the first model load
-of a job that starts meanwhile may do :func:`_prime`'s work a second time, harmlessly).
+sooner waits for the warm-up to finish (:meth:`Warmup.before_job`) rather than import beside it.
 
-What it costs, and who turns it off: the modules stay loaded, about 400 MiB of resident memory
+What it costs, and who turns it off: the modules stay loaded, about 500 MiB of resident memory
 that the process cannot give back (``make bench``, part ``startup``, measures it), and a few
 seconds of one core at start-up. ``info`` is answered meanwhile, the import thread holding the
 GIL only in short stretches; nothing touches a GPU (importing torch does not initialize CUDA).
@@ -77,6 +75,15 @@ class Warmup:
             return
         self._thread = threading.Thread(target=self._run, name="finetune-warmup", daemon=True)
         self._thread.start()
+
+    def before_job(self) -> None:
+        """What the runner calls before each job: start the warm-up if it has not started, and
+        wait for it. A job never imports the training stack beside it: two threads importing the
+        same packages at once can each wait on a module the other holds, and Python then hands
+        one of them a half-initialized module ("cannot import name 'TrainerCallback' from
+        'transformers'"); on 2 cores it was also slower than importing alone."""
+        self.start()
+        self.wait()
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once the warm-up has finished (or was never on)."""

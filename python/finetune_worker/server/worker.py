@@ -100,8 +100,9 @@ class Worker:
         self.port = port
         self.grace_s = grace_s
         self.max_depth = max_depth
-        self.manager = JobManager(self._deliver)
-        self.runtime = api.Runtime(manager=self.manager, warmup=Warmup(warm))
+        warmup = Warmup(warm)
+        self.manager = JobManager(self._deliver, before_job=warmup.before_job)
+        self.runtime = api.Runtime(manager=self.manager, warmup=warmup)
         self._terminating = False
         self._reading = False
         self._watchdog: threading.Timer | None = None
