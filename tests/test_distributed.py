@@ -349,3 +349,38 @@ def test_the_first_failure_is_judged_from_real_process_deaths(tmp_path: Path) ->
             proc.kill()
             proc.wait()
         server.close()
+
+
+def test_ranks_seen_dead_together_blame_the_one_not_ended_by_the_agent(tmp_path: Path) -> None:
+    """A SIGKILLed rank and the peer torchrun's agent then SIGTERMs can both be gone by the next
+    poll: which died first cannot be told from here, so the one the agent did not end is named
+    (the agent's own "root cause" may be either)."""
+    import io
+    import signal
+    import subprocess
+
+    from finetune_worker.training.distributed.launcher import Group, _failure, _StderrTee
+
+    report = AGENT_REPORT.replace(b"exitcode  : 1 (pid: 26877)", b"exitcode  : -15 (pid: 26877)")
+    tee = _StderrTee(io.BytesIO(report))
+    tee.run()
+    assert tee.exits() == [(0, -15), (1, -9)]  # the agent saw rank 0 first
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    server = RelayServer(tmp_path / "relay.sock")
+    try:
+        group = Group(_Events(), procs[0], server, tee)  # type: ignore[arg-type]
+        for rank, proc in enumerate(procs):
+            group._handle({"type": "hello", "rank": rank, "payload": {"pid": proc.pid, "world_size": 2}})
+        procs[1].send_signal(signal.SIGKILL)
+        procs[0].send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait()
+        group._watch_pids()
+        failure = _failure(group, group.culprit(), -15)
+        assert failure.message == f"rank 1 (pid {procs[1].pid}) exited with signal 9 (SIGKILL)"
+        assert failure.details == {"rank": 1}
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        server.close()

@@ -139,6 +139,8 @@ class Group:
         #: rank 0 (multi-node) the first one of its own ranks.
         self.outcome: dict[str, Any] | None = None
         self.step = 0
+        #: rank -> the silent ranks first seen dead in the same poll as it (itself included).
+        self.seen_with: dict[int, list[int]] = {}
 
     def pump(self, timeout: float) -> None:
         for frame in self.server.poll(timeout):
@@ -187,9 +189,10 @@ class Group:
         while frames := self.server.poll(0):
             for frame in frames:
                 self._handle(frame)
-        for rank in dead:
-            if not self._reported(rank):
-                self.signs.append(("died", rank))
+        silent = [rank for rank in dead if not self._reported(rank)]
+        for rank in silent:
+            self.signs.append(("died", rank))
+            self.seen_with[rank] = silent
 
     def _reported(self, rank: int) -> bool:
         return rank in self.ended or any(f["rank"] == rank for f in self.failures)
@@ -347,6 +350,15 @@ def _failure(group: Group, culprit: tuple[str, Any] | None, code: int) -> JobFai
     exits = group.tee.exits()
     if culprit is not None and culprit[0] == "died":
         rank = culprit[1]
+        # Ranks first seen dead in the same poll died in an order this process cannot tell (a
+        # SIGKILLed rank, then the peers torchrun's agent SIGTERMs at once). The agent lists the
+        # first exit it observed first; a rank it ended with SIGTERM is a survivor, not the cause.
+        together = group.seen_with.get(rank, [rank])
+        candidates = sorted(
+            ((r, c) for r, c in exits if r in together), key=lambda e: e[1] == -signal.SIGTERM
+        )
+        if candidates:
+            rank = candidates[0][0]
         codes = [code for r, code in exits if r == rank]
         how = _describe_exit(codes[0]) if codes else "died without reporting an error"
         return JobFailed(
