@@ -99,6 +99,16 @@ def test_schema_prints_json() -> None:
     assert schema["oneOf"] and "test_steps" not in out.stdout
 
 
+def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    """`finetune-worker schema | head`: the closed pipe ends the program quietly."""
+    proc = subprocess.Popen([*FW, "schema"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10)
+    proc.stdout.close()  # as `head -c 10` does
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""
+
+
 def test_validate_exit_codes(tmp_path: Path) -> None:
     good = write(tmp_path / "good.json", {"job": "test_steps", "steps": 2})
     bad = write(tmp_path / "bad.json", {"job": "test_steps", "steps": -2, "oops": True})

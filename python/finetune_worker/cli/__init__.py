@@ -207,7 +207,13 @@ def _setup_logging() -> None:
 def entry() -> NoReturn:
     """The ``finetune-worker`` program: :func:`main`, then an exit without the interpreter's
     finalization (``server.worker.exit_process``: ~1.5 s once torch is loaded, after every run)."""
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:
+        # The reader went away (`finetune-worker schema | head`): nothing to report. Later writes
+        # (the flush on exit) go nowhere instead of failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
     from finetune_worker.server.worker import exit_process
 
     exit_process(code)
