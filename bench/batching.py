@@ -24,14 +24,12 @@ whole process are 1.4x on long chat and 1.6x on short Q&A (a row each).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import jobs
-from bench.common import REPO, Options, Row, fmt_mib, median, worker_env
+from bench.common import Options, Row, fmt_mib, median, run_baseline
 
 PART = "batching"
 TARGET = 1.0  # never slower than the plain script, on any distribution
@@ -93,21 +91,8 @@ def model_flops_per_token(model: Path, mean_len: float, full: bool = False) -> f
 def run_plain(
     model: Path, data: Path, out: Path, steps: int, script: str = "bench.hf_baseline", variant: str = "A"
 ) -> Run:
-    """One run of a baseline script (the plain one, or a peer's with the same arguments and result
-    line) in its own process."""
-    from bench.hf_baseline import RESULT_PREFIX
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", script, "--model", str(model), "--data", str(data)]
-    cmd += ["--output", str(out), "--steps", str(steps)]
-    started = time.monotonic()
-    with out.with_suffix(".log").open("w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=log, text=True)
-    wall = time.monotonic() - started
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{script} failed (exit {proc.returncode}); see {out.with_suffix('.log')}")
-    r = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    """One run of a baseline script (the plain one, or a peer's) in its own process."""
+    r, wall = run_baseline(script, model, data, out, steps)
     return Run(variant, int(r["tokens_seen"]), float(r["train_seconds"]), wall, int(r["peak_rss_bytes"]))
 
 

@@ -7,8 +7,11 @@ is decided here, in code, not by whoever reads the numbers.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,6 +131,28 @@ def worker_env(test_jobs: bool = False) -> dict[str, str]:
     if test_jobs:
         env["FINETUNE_WORKER_TEST_JOBS"] = "1"
     return env
+
+
+def run_baseline(
+    script: str, model: Path, data: Path, out: Path, steps: int, extra_args: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], float]:
+    """A baseline script (``bench.hf_baseline``, or a peer's taking the same arguments and printing
+    the same result line) in its own process: ``(its result, wall seconds from spawn to exit)``."""
+    from bench.hf_baseline import RESULT_PREFIX  # imports torch: only when a baseline runs
+
+    log_path = out.with_suffix(".log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", script, "--model", str(model), "--data", str(data)]
+    cmd += ["--output", str(out), "--steps", str(steps), *extra_args]
+    started = time.monotonic()
+    with log_path.open("w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=log, text=True)
+    wall = time.monotonic() - started
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{script} failed (exit {proc.returncode}); {log_path}:\n{tail}")
+    return json.loads(lines[-1][len(RESULT_PREFIX) :]), wall
 
 
 @dataclass

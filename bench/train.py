@@ -17,15 +17,12 @@ losses with trained weights.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import jobs
-from bench.common import REPO, Options, Row, median, worker_env
+from bench.common import Options, Row, median, run_baseline
 
 PART = "train"
 TARGET_B = 0.97
@@ -62,19 +59,7 @@ def run_script(
 ) -> Result:
     """Variant A: ``bench.hf_baseline`` in its own process (or a peer's ``script`` that takes the
     same arguments and prints the same result line)."""
-    from bench.hf_baseline import RESULT_PREFIX
-
-    log_path = out.with_suffix(".log")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", script, "--model", str(model), "--data", str(data)]
-    cmd += ["--output", str(out), "--steps", str(steps), "--method", method, *extra_args]
-    with log_path.open("w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=log, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{script} failed (exit {proc.returncode}); {log_path}:\n{tail}")
-    r = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    r, _ = run_baseline(script, model, data, out, steps, ("--method", method, *extra_args))
     return Result(
         variant=variant,
         tokens=int(r["tokens_seen"]),
