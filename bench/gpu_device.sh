@@ -19,21 +19,8 @@ python3 -m venv --system-site-packages /tmp/ftw-gpu-venv \
 py=/tmp/ftw-gpu-venv/bin/python
 [ -x "$py" ] || py=python3  # no venv at all: the machine's Python, its user site for the wheels
 "$py" -m pip --version >/dev/null 2>&1 || { echo "no pip for $py: installing nothing" | tee -a "$out/device.txt"; }
-# module -> wheel (distribution) name, in the order pip should install them.
-missing=$("$py" - <<'EOF'
-import importlib.util
-
-needed = {
-    "annotated_types": "annotated-types", "typing_inspection": "typing-inspection",
-    "pydantic_core": "pydantic-core", "pydantic": "pydantic", "msgpack": "msgpack", "yaml": "PyYAML",
-    "mdurl": "mdurl", "markdown_it": "markdown-it-py", "pygments": "pygments", "rich": "rich",
-    "accelerate": "accelerate", "peft": "peft", "dill": "dill", "multiprocess": "multiprocess",
-    "xxhash": "xxhash", "pyarrow": "pyarrow", "pandas": "pandas", "datasets": "datasets",
-    "trl": "trl", "liger_kernel": "liger-kernel", "bitsandbytes": "bitsandbytes",
-}
-print(" ".join(dist for module, dist in needed.items() if importlib.util.find_spec(module) is None))
-EOF
-)
+# What this Python cannot import, by distribution name (bench/gpu_wheels.py holds the one list).
+missing=$("$py" bench/gpu_wheels.py --missing)
 echo "missing on this machine: ${missing:-nothing}" | tee -a "$out/device.txt"
 for dist in $missing; do
   # One at a time and without dependencies: a wheel that was not carried (too big for this
