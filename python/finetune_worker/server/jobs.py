@@ -298,17 +298,17 @@ class JobManager:
                 for i, other in enumerate(waiting, start=1):
                     if other.state == "queued":  # not cancelled since the snapshot: no queued after its end
                         self._emit(other, "queued", {"position": i + 1, "kind": other.kind})
+            if self._before_job is not None:
+                try:
+                    self._before_job()
+                except Exception as exc:  # the job imports what it needs itself, as without it
+                    log.warning("before job %s: %s: %s", record.job_id, type(exc).__name__, exc)
             # Everything alive before the job (the imported training stack: hundreds of thousands
             # of objects) is frozen out of the cyclic collector while it runs, so the full
             # collections made during it (the Trainer's own at the start of train(), the job's
             # own when it ends, Python's automatic ones) skip that heap: ~0.3 s each here. After
             # the terminal event it is unfrozen and collected once, so a cycle among those older
             # objects that died meanwhile is freed too; not when the worker is closing (it exits).
-            if self._before_job is not None:
-                try:
-                    self._before_job()
-                except Exception as exc:  # the job imports what it needs itself, as without it
-                    log.warning("before job %s: %s: %s", record.job_id, type(exc).__name__, exc)
             gc.freeze()
             try:
                 self._run_one(record, ctx)

@@ -5,8 +5,8 @@
 - ``flatten``: transformers' ``DataCollatorWithFlattening``: a batch becomes one row of all
   examples back to back, ``position_ids`` restart at 0 for each, and the first label of each is
   -100 so no example learns to predict across the seam. With a varlen attention kernel
-  (``flash_attention_2``/``_3``, or ``flex_attention``'s block-sparse mask) attention then costs the sum of each row's length squared and no
-  compute goes to padding. With any other kernel (``sdpa``, ``eager``) transformers builds a dense
+  (``flash_attention_2``/``_3``, or ``flex_attention``'s block-sparse mask) attention then costs
+  the sum of each row's length squared and no compute goes to padding. With any other kernel (``sdpa``, ``eager``) transformers builds a dense
   block-diagonal mask over the whole flattened batch, so attention costs (sum of lengths)^2 and,
   on a GPU, as much memory: slower than plain padding on long rows (issue 15 measured 0.71x).
 - ``group``: padded rows, but each batch holds rows of similar length (:class:`LengthGroupedBatches`),
